@@ -1,0 +1,176 @@
+"""Autograd for attention, and the choice of backend.
+
+CUDA tensors run the Triton kernels. CPU tensors run the exact PyTorch path (cpu.py), or, when
+TRITON_INTERPRET=1, the same Triton kernels through Triton's interpreter.
+The low-level `attention_forward` / `attention_backward` are usable without autograd (context
+parallelism merges partial results through them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashtron import env
+from flashtron.options import AttnOptions
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and env.triton_interpret() and not env.force_cpu_path()
+
+
+def _check_supported(opts: AttnOptions, block_table) -> None:
+    if opts.dropout_p > 0:
+        raise NotImplementedError("dropout_p > 0 is not implemented yet")
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged KV) for flash_attn_varlen_func is not implemented yet")
+
+
+def attention_forward(
+    q,
+    k,
+    v,
+    opts: AttnOptions,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqused_k=None,
+):
+    """out, lse = attention(q, k, v) without autograd. Shapes as in flash_attn_func /
+    flash_attn_varlen_func; lse is fp32 in natural-log units, (batch, nheads, seqlen_q) or
+    (nheads, total_q)."""
+    varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
+    if uses_triton(q):
+        from flashtron import launch
+
+        return launch.attention_forward(q, k, v, opts, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **varlen)
+    from flashtron import cpu
+
+    return cpu.attention_forward(q, k, v, opts, **varlen)
+
+
+def attention_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    opts: AttnOptions,
+    *,
+    dlse=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqused_k=None,
+):
+    """(dq, dk, dv, dsink) given dout (and optionally dlse, the gradient on lse). dsink is None
+    without a learnable sink."""
+    varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if uses_triton(q):
+        from flashtron import launch
+
+        dq, dk, dv, delta = launch.attention_backward(
+            dout, q, k, v, out, lse, opts, dlse=dlse, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **varlen
+        )
+        dsink = None
+        if opts.learnable_sink is not None:
+            dsink = _sink_grad(opts.learnable_sink, lse, delta, varlen=cu_seqlens_q is not None)
+        return dq, dk, dv, dsink
+    from flashtron import cpu
+
+    return cpu.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse, **varlen)
+
+
+def _sink_grad(sink, lse, delta, varlen):
+    """dL/dsink_h = -sum over rows of exp(sink_h - lse) * delta, with delta = rowsum(dO*O) - dlse."""
+    head_axis = 0 if varlen else 1
+    shape = [1] * lse.dim()
+    shape[head_axis] = -1
+    p_sink = torch.exp(sink.float().view(shape) - lse)
+    dims = [d for d in range(lse.dim()) if d != head_axis]
+    return -(p_sink * delta).sum(dim=dims).to(sink.dtype)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sink, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k):
+        out, lse = attention_forward(
+            q,
+            k,
+            v,
+            opts,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            seqused_k=seqused_k,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k)
+        ctx.opts = opts
+        ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dsink = attention_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            ctx.opts,
+            dlse=dlse,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=ctx.max_seqlens[0],
+            max_seqlen_k=ctx.max_seqlens[1],
+            seqused_k=seqused_k,
+        )
+        return dq, dk, dv, dsink, None, None, None, None, None, None
+
+
+def attention(
+    q,
+    k,
+    v,
+    opts: AttnOptions,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqused_k=None,
+    block_table=None,
+    return_probs=False,
+):
+    """Differentiable attention: (out, lse, S_dmask or None). Gradients reach q, k, v and
+    opts.learnable_sink; lse is differentiable too."""
+    _check_supported(opts, block_table)
+    out, lse = _AttentionFunction.apply(
+        q, k, v, opts.learnable_sink, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k
+    )
+    probs = None
+    if return_probs:
+        from flashtron.probs import attention_probs
+
+        probs = attention_probs(
+            q.detach(),
+            k.detach(),
+            lse.detach(),
+            opts,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            seqused_k=seqused_k,
+        )
+    return out, lse, probs

@@ -1,0 +1,31 @@
+"""Every environment variable flashtron reads, in one place. Read at call time, never at import."""
+
+from __future__ import annotations
+
+import os
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1: CPU tensors run the real Triton kernels in Triton's interpreter."""
+    return _flag("TRITON_INTERPRET")
+
+
+def force_cpu_path() -> bool:
+    """FLASHTRON_FORCE_CPU_PATH=1: CPU tensors take the PyTorch path even under TRITON_INTERPRET=1."""
+    return _flag("FLASHTRON_FORCE_CPU_PATH")
+
+
+def autotune() -> bool:
+    """FLASHTRON_AUTOTUNE=1: autotune the GPU kernels over the config table instead of taking its pick."""
+    return _flag("FLASHTRON_AUTOTUNE")
+
+
+VARIABLES = {
+    "TRITON_INTERPRET": "1 runs the Triton kernels on CPU tensors through Triton's interpreter (tests).",
+    "FLASHTRON_FORCE_CPU_PATH": "1 keeps CPU tensors on the PyTorch path even when TRITON_INTERPRET=1.",
+    "FLASHTRON_AUTOTUNE": "1 autotunes the GPU kernels over the config table (first call per shape bucket is slow).",
+}

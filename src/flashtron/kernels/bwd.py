@@ -1,0 +1,679 @@
+"""Attention backward, without atomics, so it is deterministic.
+
+1. `attention_bwd_preprocess_kernel`: delta = rowsum(dO * O), per query row.
+2. `attention_bwd_dkdv_kernel`: grid (key blocks, nheads_k, batch). A program owns BLOCK_N keys of one
+   KV head, loops over the query heads of its GQA group and the query blocks that see its keys, and
+   accumulates dK and dV in registers.
+3. `attention_bwd_dq_kernel`: grid (query blocks, nheads, batch). A program owns BLOCK_M query rows
+   and loops over the KV blocks they see, as in the forward pass.
+P is recomputed from the saved LSE: P = exp2(s - lse * log2(e)). dS = P * (dP - delta), chained through
+the softcap's tanh and the softmax scale.
+"""
+
+import triton
+import triton.language as tl
+
+from flashtron.kernels.common import LOG2E, kv_block_bounds, q_block_bounds, scores_log2, visible
+
+
+@triton.jit(do_not_specialize=["seqlen_q"])
+def attention_bwd_preprocess_kernel(
+    Out,
+    DOut,
+    Delta,
+    CuSeqlensQ,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    seqlen_q,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row0 = (q_start + start_m).to(tl.int64)
+    mask = (start_m + offs_r[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(
+        Out
+        + off_b.to(tl.int64) * stride_ob
+        + row0 * stride_om
+        + off_h.to(tl.int64) * stride_oh
+        + offs_r[:, None] * stride_om
+        + offs_dv[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DOut
+        + off_b.to(tl.int64) * stride_dob
+        + row0 * stride_dom
+        + off_h.to(tl.int64) * stride_doh
+        + offs_r[:, None] * stride_dom
+        + offs_dv[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
+    tl.store(
+        Delta + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + (row0 + offs_r) * stride_lm,
+        delta,
+        mask=start_m + offs_r < seqlen_q,
+    )
+
+
+@triton.jit
+def _dkdv_over_q_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    Delta,
+    stride_qm,
+    stride_dom,
+    stride_lm,
+    start,
+    end,
+    offs_n,
+    offs_d,
+    offs_dv,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_log2,
+    alibi_slope_log2,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate one query head's contribution to dK, dV of this key block from query blocks
+    [start, end). Everything is computed transposed ([BLOCK_N, BLOCK_M]) so P^T comes out directly."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seqlen_q
+        q_mask = offs_d[None, :] < HEAD_DIM
+        do_mask = offs_dv[None, :] < HEAD_DIM_V
+        if MASK:
+            q_mask = q_mask & row_ok[:, None]
+            do_mask = do_mask & row_ok[:, None]
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=do_mask, other=0.0)
+        if MASK:
+            lse = tl.load(LSE + offs_m * stride_lm, mask=row_ok, other=0.0)
+            delta = tl.load(Delta + offs_m * stride_lm, mask=row_ok, other=0.0)
+        else:
+            lse = tl.load(LSE + offs_m * stride_lm)
+            delta = tl.load(Delta + offs_m * stride_lm)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        s, t = scores_log2(
+            qk, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, softcap_log2, alibi_slope_log2, HAS_SOFTCAP, HAS_ALIBI
+        )
+        p = tl.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N]
+        if MASK:
+            keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(keep, p, 0.0)
+        pt = tl.trans(p)  # [BLOCK_N, BLOCK_M]
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:
+            tt = tl.trans(t)
+            dst = dst * (1.0 - tt * tt)
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+def attention_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DK,
+    DV,
+    AlibiSlopes,
+    CuSeqlensQ,
+    CuSeqlensK,
+    SequsedK,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    stride_dvb,
+    stride_dvn,
+    stride_dvh,
+    stride_ab,
+    stride_ah,
+    seqlen_q,
+    seqlen_k,
+    group_size,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_log2,
+    dk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    if HAS_SEQUSED_K:
+        seqlen_k_used = tl.load(SequsedK + off_b)
+    else:
+        seqlen_k_used = seqlen_k
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    K += off_b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + off_hk.to(tl.int64) * stride_kh
+    V += off_b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + off_hk.to(tl.int64) * stride_vh
+    DK += off_b.to(tl.int64) * stride_dkb + k_start.to(tl.int64) * stride_dkn + off_hk.to(tl.int64) * stride_dkh
+    DV += off_b.to(tl.int64) * stride_dvb + k_start.to(tl.int64) * stride_dvn + off_hk.to(tl.int64) * stride_dvh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # keys past seqused_k take part in nothing: their gradients are written as 0
+    if start_n < seqlen_k_used:
+        kv_row_ok = offs_n[:, None] < seqlen_k_used
+        k = tl.load(
+            K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_row_ok & (offs_d[None, :] < HEAD_DIM), other=0.0
+        )  # [BLOCK_N, BLOCK_D]
+        v = tl.load(
+            V + offs_n[:, None] * stride_vn + offs_dv[None, :],
+            mask=kv_row_ok & (offs_dv[None, :] < HEAD_DIM_V),
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_DV]
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        lo, full_lo, full_hi, hi = q_block_bounds(
+            start_n, seqlen_q, seqlen_k_used, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+        )
+        for g in range(0, group_size):
+            off_h = off_hk * group_size + g
+            Qh = Q + off_b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm + off_h.to(tl.int64) * stride_qh
+            DOh = (
+                DO
+                + off_b.to(tl.int64) * stride_dob
+                + q_start.to(tl.int64) * stride_dom
+                + off_h.to(tl.int64) * stride_doh
+            )
+            LSEh = (
+                LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
+            )
+            Deltah = (
+                Delta
+                + off_b.to(tl.int64) * stride_lb
+                + off_h.to(tl.int64) * stride_lh
+                + q_start.to(tl.int64) * stride_lm
+            )
+            alibi_slope_log2 = 0.0
+            if HAS_ALIBI:
+                alibi_slope_log2 = tl.load(AlibiSlopes + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
+            dk, dv = _dkdv_over_q_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                Qh,
+                DOh,
+                LSEh,
+                Deltah,
+                stride_qm,
+                stride_dom,
+                stride_lm,
+                full_lo,
+                full_hi,
+                offs_n,
+                offs_d,
+                offs_dv,
+                seqlen_q,
+                seqlen_k_used,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_log2,
+                alibi_slope_log2,
+                HEAD_DIM,
+                HEAD_DIM_V,
+                BLOCK_M,
+                False,
+                HAS_LEFT,
+                HAS_RIGHT,
+                HAS_SOFTCAP,
+                HAS_ALIBI,
+                DOT_FP32,
+                PRECISION,
+            )
+            dk, dv = _dkdv_over_q_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                Qh,
+                DOh,
+                LSEh,
+                Deltah,
+                stride_qm,
+                stride_dom,
+                stride_lm,
+                lo,
+                full_lo,
+                offs_n,
+                offs_d,
+                offs_dv,
+                seqlen_q,
+                seqlen_k_used,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_log2,
+                alibi_slope_log2,
+                HEAD_DIM,
+                HEAD_DIM_V,
+                BLOCK_M,
+                True,
+                HAS_LEFT,
+                HAS_RIGHT,
+                HAS_SOFTCAP,
+                HAS_ALIBI,
+                DOT_FP32,
+                PRECISION,
+            )
+            dk, dv = _dkdv_over_q_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                Qh,
+                DOh,
+                LSEh,
+                Deltah,
+                stride_qm,
+                stride_dom,
+                stride_lm,
+                full_hi,
+                hi,
+                offs_n,
+                offs_d,
+                offs_dv,
+                seqlen_q,
+                seqlen_k_used,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_log2,
+                alibi_slope_log2,
+                HEAD_DIM,
+                HEAD_DIM_V,
+                BLOCK_M,
+                True,
+                HAS_LEFT,
+                HAS_RIGHT,
+                HAS_SOFTCAP,
+                HAS_ALIBI,
+                DOT_FP32,
+                PRECISION,
+            )
+    dk = dk * dk_scale
+    n_ok = offs_n[:, None] < seqlen_k
+    tl.store(
+        DK + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=n_ok & (offs_d[None, :] < HEAD_DIM),
+    )
+    tl.store(
+        DV + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=n_ok & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+
+
+@triton.jit
+def _dq_over_kv_blocks(
+    dq,
+    q,
+    do,
+    lse_log2,
+    delta,
+    K,
+    V,
+    stride_kn,
+    stride_vn,
+    start,
+    end,
+    offs_m,
+    offs_d,
+    offs_dv,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_log2,
+    alibi_slope_log2,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_mask = offs_d[None, :] < HEAD_DIM
+        v_mask = offs_dv[None, :] < HEAD_DIM_V
+        if MASK:
+            k_mask = k_mask & (offs_n[:, None] < seqlen_k)
+            v_mask = v_mask & (offs_n[:, None] < seqlen_k)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=k_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        s, t = scores_log2(
+            qk, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, softcap_log2, alibi_slope_log2, HAS_SOFTCAP, HAS_ALIBI
+        )
+        p = tl.exp2(s - lse_log2[:, None])
+        if MASK:
+            keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # [BLOCK_M, BLOCK_D]
+    return dq
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+def attention_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    AlibiSlopes,
+    CuSeqlensQ,
+    CuSeqlensK,
+    SequsedK,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    stride_dqb,
+    stride_dqm,
+    stride_dqh,
+    stride_ab,
+    stride_ah,
+    seqlen_q,
+    seqlen_k,
+    group_size,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_log2,
+    dq_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    if HEAVY_FIRST:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    if HAS_SEQUSED_K:
+        seqlen_k = tl.load(SequsedK + off_b)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    off_hk = off_h // group_size
+    row0 = (q_start + start_m).to(tl.int64)
+    Q += off_b.to(tl.int64) * stride_qb + row0 * stride_qm + off_h.to(tl.int64) * stride_qh
+    DO += off_b.to(tl.int64) * stride_dob + row0 * stride_dom + off_h.to(tl.int64) * stride_doh
+    DQ += off_b.to(tl.int64) * stride_dqb + row0 * stride_dqm + off_h.to(tl.int64) * stride_dqh
+    LSE += off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + row0 * stride_lm
+    Delta += off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + row0 * stride_lm
+    K += off_b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + off_hk.to(tl.int64) * stride_kh
+    V += off_b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + off_hk.to(tl.int64) * stride_vh
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < seqlen_q
+    q = tl.load(
+        Q + offs_r[:, None] * stride_qm + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + offs_r[:, None] * stride_dom + offs_dv[None, :],
+        mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+        other=0.0,
+    )
+    lse = tl.load(LSE + offs_r * stride_lm, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + offs_r * stride_lm, mask=row_ok, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    alibi_slope_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope_log2 = tl.load(AlibiSlopes + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
+    lse_log2 = lse * LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = kv_block_bounds(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    dq = _dq_over_kv_blocks(
+        dq,
+        q,
+        do,
+        lse_log2,
+        delta,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        full_lo,
+        full_hi,
+        offs_m,
+        offs_d,
+        offs_dv,
+        seqlen_q,
+        seqlen_k,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_log2,
+        alibi_slope_log2,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_N,
+        False,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        DOT_FP32,
+        PRECISION,
+    )
+    dq = _dq_over_kv_blocks(
+        dq,
+        q,
+        do,
+        lse_log2,
+        delta,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        lo,
+        full_lo,
+        offs_m,
+        offs_d,
+        offs_dv,
+        seqlen_q,
+        seqlen_k,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_log2,
+        alibi_slope_log2,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_N,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        DOT_FP32,
+        PRECISION,
+    )
+    dq = _dq_over_kv_blocks(
+        dq,
+        q,
+        do,
+        lse_log2,
+        delta,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        full_hi,
+        hi,
+        offs_m,
+        offs_d,
+        offs_dv,
+        seqlen_q,
+        seqlen_k,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_log2,
+        alibi_slope_log2,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_N,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        DOT_FP32,
+        PRECISION,
+    )
+    dq = dq * dq_scale
+    tl.store(
+        DQ + offs_r[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+    )

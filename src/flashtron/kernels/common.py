@@ -1,0 +1,132 @@
+"""Pieces every attention kernel shares: which KV blocks a query block visits, the mask, the scores.
+
+Vocabulary: `shift = seqlen_k - seqlen_q` aligns query i with key i + shift (bottom-right). Query i
+sees key j iff  i + shift - window_left <= j <= i + shift + window_right  and  j < seqlen_k, where a
+side is unbounded unless HAS_LEFT / HAS_RIGHT (causal is HAS_RIGHT with window_right = 0).
+Scores are kept in log2 units so the softmax can use exp2.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def kv_block_bounds(
+    start_m,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+):
+    """KV range [lo, hi) that rows [start_m, start_m + BLOCK_M) visit, and its unmasked middle
+    [full_lo, full_hi): blocks there are inside the window for every row and inside seqlen_k.
+    Operands are clamped to >= 0 before division, since Triton and the interpreter round negative
+    integer division differently."""
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    full_lo = 0
+    hi = seqlen_k
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_LEFT:
+        lo = (tl.maximum(start_m + shift - window_left, 0) // BLOCK_N) * BLOCK_N
+        first_all = tl.maximum(start_m + BLOCK_M - 1 + shift - window_left, 0)
+        full_lo = ((first_all + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + shift + window_right, 0))
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_m + shift + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def q_block_bounds(
+    start_n,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+):
+    """Query range [lo, hi) whose rows see some key of [start_n, start_n + BLOCK_N), and its unmasked
+    middle [full_lo, full_hi): rows there see every key of the block and are < seqlen_q. A key block
+    that runs past seqlen_k has no unmasked middle."""
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    full_lo = 0
+    hi = seqlen_q
+    full_hi = (seqlen_q // BLOCK_M) * BLOCK_M
+    if HAS_RIGHT:
+        # row i sees key j only if j <= i + shift + right, i.e. i >= j - shift - right
+        lo = (tl.maximum(start_n - shift - window_right, 0) // BLOCK_M) * BLOCK_M
+        first_all = tl.maximum(start_n + BLOCK_N - 1 - shift - window_right, 0)
+        full_lo = ((first_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(hi, tl.maximum(start_n + BLOCK_N - shift + window_left, 0))
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_n - shift + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
+    if start_n + BLOCK_N > seqlen_k:
+        full_hi = full_lo
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def visible(
+    offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr
+):
+    """[BLOCK_M, BLOCK_N] True where query offs_m may attend to key offs_n (rows >= seqlen_q never)."""
+    keep = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    diag = offs_m[:, None] + (seqlen_k - seqlen_q)
+    if HAS_RIGHT:
+        keep = keep & (offs_n[None, :] <= diag + window_right)
+    if HAS_LEFT:
+        keep = keep & (offs_n[None, :] >= diag - window_left)
+    return keep
+
+
+@triton.jit
+def tanh(x):
+    # exp-based so that it runs on every backend and in the interpreter; saturates cleanly at +-1
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def scores_log2(
+    qk,
+    offs_m,
+    offs_n,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    softcap_log2,
+    alibi_slope_log2,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
+    """Scaled scores in log2 units, from raw q.k. Returns (scores, tanh) where tanh is the softcap's
+    tanh (needed by the backward) or a dummy when there is no softcap.
+    Without softcap qk_scale = softmax_scale * log2(e); with it qk_scale = softmax_scale / softcap and
+    softcap_log2 = softcap * log2(e)."""
+    if HAS_SOFTCAP:
+        t = tanh(qk * qk_scale)
+        s = t * softcap_log2
+    else:
+        t = qk
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - offs_n[None, :]
+        s = s - alibi_slope_log2 * tl.abs(dist).to(tl.float32)
+    return s, t

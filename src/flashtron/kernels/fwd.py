@@ -1,0 +1,301 @@
+"""Attention forward: online softmax over KV blocks, exp2, fp32 accumulation.
+
+Grid: (query blocks, nheads, batch). Each program owns BLOCK_M query rows of one head and streams
+the KV blocks they can see: edge blocks with a mask, the middle without (one helper, MASK flag).
+Features are constexpr flags: window/causal (HAS_LEFT/HAS_RIGHT), softcap, ALiBi, sinks, varlen.
+"""
+
+import triton
+import triton.language as tl
+
+from flashtron.kernels.common import LN2, LOG2E, kv_block_bounds, scores_log2, visible
+
+
+@triton.jit
+def _attend_kv_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    stride_kn,
+    stride_vn,
+    start,
+    end,
+    offs_m,
+    offs_d,
+    offs_dv,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_log2,
+    alibi_slope_log2,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fold KV blocks [start, end) into the running (acc, l_i, m_i). K, V point at key 0 of this
+    sequence and kv head. With MASK, out-of-window and out-of-range keys are excluded."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_mask = offs_d[None, :] < HEAD_DIM
+        v_mask = offs_dv[None, :] < HEAD_DIM_V
+        if MASK:
+            k_mask = k_mask & (offs_n[:, None] < seqlen_k)
+            v_mask = v_mask & (offs_n[:, None] < seqlen_k)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=k_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        s, _ = scores_log2(
+            qk, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, softcap_log2, alibi_slope_log2, HAS_SOFTCAP, HAS_ALIBI
+        )
+        if MASK:
+            keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(keep, s, float("-inf"))
+            # a row that has seen no key yet keeps m = -inf: subtract 0 instead of inf - inf
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_DV]
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+def attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    AlibiSlopes,
+    Sink,
+    CuSeqlensQ,
+    CuSeqlensK,
+    SequsedK,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    stride_ab,
+    stride_ah,
+    seqlen_q,
+    seqlen_k,
+    group_size,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_log2,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    if HEAVY_FIRST:
+        # with a right bound the last query blocks see the most keys: launch them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    if HAS_SEQUSED_K:
+        seqlen_k = tl.load(SequsedK + off_b)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    off_hk = off_h // group_size
+    # scalar offsets in int64: batch * stride and token * stride can pass 2**31
+    Q += off_b.to(tl.int64) * stride_qb + (q_start + start_m).to(tl.int64) * stride_qm + off_h.to(tl.int64) * stride_qh
+    K += off_b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + off_hk.to(tl.int64) * stride_kh
+    V += off_b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + off_hk.to(tl.int64) * stride_vh
+    Out += (
+        off_b.to(tl.int64) * stride_ob + (q_start + start_m).to(tl.int64) * stride_om + off_h.to(tl.int64) * stride_oh
+    )
+    LSE += (
+        off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + (q_start + start_m).to(tl.int64) * stride_lm
+    )
+
+    offs_r = tl.arange(0, BLOCK_M)  # row within this block
+    offs_m = start_m + offs_r  # row within the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + offs_r[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    alibi_slope_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope_log2 = tl.load(AlibiSlopes + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = kv_block_bounds(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    # unmasked middle first (the bulk), then the two masked edges
+    acc, l_i, m_i = _attend_kv_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        full_lo,
+        full_hi,
+        offs_m,
+        offs_d,
+        offs_dv,
+        seqlen_q,
+        seqlen_k,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_log2,
+        alibi_slope_log2,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_N,
+        False,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        DOT_FP32,
+        PRECISION,
+    )
+    acc, l_i, m_i = _attend_kv_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        lo,
+        full_lo,
+        offs_m,
+        offs_d,
+        offs_dv,
+        seqlen_q,
+        seqlen_k,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_log2,
+        alibi_slope_log2,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_N,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        DOT_FP32,
+        PRECISION,
+    )
+    acc, l_i, m_i = _attend_kv_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        full_hi,
+        hi,
+        offs_m,
+        offs_d,
+        offs_dv,
+        seqlen_q,
+        seqlen_k,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_log2,
+        alibi_slope_log2,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_N,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        DOT_FP32,
+        PRECISION,
+    )
+
+    if HAS_SINK:
+        # the sink is one more logit in the denominator, with no value row
+        sink_log2 = tl.load(Sink + off_h).to(tl.float32) * LOG2E
+        m_fin = tl.maximum(m_i, sink_log2)
+        alpha = tl.exp2(m_i - m_fin)
+        l_i = l_i * alpha + tl.exp2(sink_log2 - m_fin)
+        acc = acc * alpha[:, None]
+        m_i = m_fin
+
+    # rows that saw nothing have l_i == 0: out 0, lse -inf
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    o_mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    tl.store(Out + offs_r[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + offs_r * stride_lm, lse, mask=offs_m < seqlen_q)

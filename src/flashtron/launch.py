@@ -1,0 +1,275 @@
+"""Launchers for the Triton attention kernels: allocate outputs, pick the config, build the grid.
+
+Tensors arrive validated (api.py) with stride(-1) == 1. Dense tensors are (batch, seqlen, nheads, d);
+varlen tensors are (total, nheads, d) with cu_seqlens, which the kernels see as batch stride 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from flashtron.configs import bwd_configs, fwd_config
+from flashtron.kernels.bwd import (
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+    attention_bwd_preprocess_kernel,
+)
+from flashtron.kernels.fwd import attention_fwd_kernel
+from flashtron.options import AttnOptions
+
+LOG2E = math.log2(math.e)
+_poison_outputs = False
+
+
+def set_output_poisoning(enabled: bool) -> bool:
+    """Fill freshly allocated outputs with NaN (tests), so memory a kernel forgot to write fails.
+    Returns the previous setting."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, bool(enabled)
+    return previous
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
+def _seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; varlen tensors have no batch axis."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of an LSE-shaped tensor: (b, h, sq) dense, (h, total_q) varlen."""
+    if varlen:
+        return 0, lse.stride(0), lse.stride(1)
+    return lse.stride(0), lse.stride(1), lse.stride(2)
+
+
+def _score_args(q: torch.Tensor, opts: AttnOptions) -> dict:
+    has_softcap = opts.softcap > 0
+    return dict(
+        qk_scale=opts.softmax_scale / opts.softcap if has_softcap else opts.softmax_scale * LOG2E,
+        softcap_log2=opts.softcap * LOG2E if has_softcap else 0.0,
+        window_left=max(opts.window_left, 0),
+        window_right=max(opts.window_right, 0),
+        HAS_LEFT=opts.window_left >= 0,
+        HAS_RIGHT=opts.window_right >= 0,
+        HAS_SOFTCAP=has_softcap,
+        HAS_ALIBI=opts.alibi_slopes is not None,
+        # Triton's interpreter computes bf16 dots wrongly (NOTES.md): upcast there only.
+        DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        PRECISION="tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+    )
+
+
+def _alibi_strides(opts: AttnOptions) -> tuple[int, int]:
+    slopes = opts.alibi_slopes
+    if slopes is None:
+        return 0, 0
+    return (slopes.stride(0), slopes.stride(1)) if slopes.dim() == 2 else (0, slopes.stride(0))
+
+
+def _shape_info(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    nheads, head_dim = q.shape[-2], q.shape[-1]
+    nheads_k, head_dim_v = k.shape[-2], v.shape[-1]
+    return varlen, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, head_dim_v
+
+
+def attention_forward(
+    q,
+    k,
+    v,
+    opts: AttnOptions,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqused_k=None,
+):
+    """Returns out (like q, with v's head dim) and lse (fp32, natural log): (b, h, sq) or (h, total_q)."""
+    varlen, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, head_dim_v = _shape_info(
+        q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k
+    )
+    out = new_output((*q.shape[:-1], head_dim_v), q.dtype, q.device)
+    lse_shape = (nheads, q.shape[0]) if varlen else (batch, nheads, seqlen_q)
+    lse = new_output(lse_shape, torch.float32, q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    cfg = fwd_config(q.device, max(head_dim, head_dim_v))
+    score = _score_args(q, opts)
+    grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
+    attention_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        opts.alibi_slopes,
+        opts.learnable_sink,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        *_seq_strides(q, varlen),
+        *_seq_strides(k, varlen),
+        *_seq_strides(v, varlen),
+        *_seq_strides(out, varlen),
+        *_lse_strides(lse, varlen),
+        *_alibi_strides(opts),
+        seqlen_q,
+        seqlen_k,
+        nheads // nheads_k,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        HAS_SINK=opts.learnable_sink is not None,
+        IS_VARLEN=varlen,
+        HAS_SEQUSED_K=seqused_k is not None,
+        HEAVY_FIRST=opts.window_right >= 0,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **score,
+    )
+    return out, lse
+
+
+def attention_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    opts: AttnOptions,
+    *,
+    dlse=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqused_k=None,
+):
+    """Gradients of attention. dout like out; dlse (optional) is the gradient flowing into lse.
+    Returns (dq, dk, dv, delta) where delta = rowsum(dout * out) - dlse, shaped like lse (the sink's
+    gradient is -sum(exp(sink - lse) * delta))."""
+    varlen, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, head_dim_v = _shape_info(
+        q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k
+    )
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    delta = new_output(lse.shape, torch.float32, q.device)
+    if q.numel() == 0 or k.numel() == 0:
+        for t in (dq, dk, dv, delta):
+            t.zero_()
+        return dq, dk, dv, delta
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    lse_strides = _lse_strides(lse, varlen)
+    pre_block = 64 if q.device.type == "cuda" else 16
+    attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), nheads, batch)](
+        out,
+        dout,
+        delta,
+        cu_seqlens_q,
+        *_seq_strides(out, varlen),
+        *_seq_strides(dout, varlen),
+        *lse_strides,
+        seqlen_q,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_M=pre_block,
+        BLOCK_DV=block_dv,
+        IS_VARLEN=varlen,
+    )
+    if dlse is not None:
+        # d lse_i / d s_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse))
+        delta.sub_(dlse)
+    cfg_kv, cfg_q = bwd_configs(q.device, max(head_dim, head_dim_v))
+    score = _score_args(q, opts)
+    common = dict(
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        IS_VARLEN=varlen,
+        HAS_SEQUSED_K=seqused_k is not None,
+        **score,
+    )
+    seq_strides = (
+        *_seq_strides(q, varlen),
+        *_seq_strides(k, varlen),
+        *_seq_strides(v, varlen),
+        *_seq_strides(dout, varlen),
+        *lse_strides,
+    )
+    attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg_kv.block_n), nheads_k, batch)](
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        opts.alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        *seq_strides,
+        *_seq_strides(dk, varlen),
+        *_seq_strides(dv, varlen),
+        *_alibi_strides(opts),
+        seqlen_q,
+        seqlen_k,
+        nheads // nheads_k,
+        dk_scale=opts.softmax_scale,
+        BLOCK_M=cfg_kv.block_m,
+        BLOCK_N=cfg_kv.block_n,
+        num_warps=cfg_kv.num_warps,
+        num_stages=cfg_kv.num_stages,
+        **common,
+    )
+    attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg_q.block_m), nheads, batch)](
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        opts.alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        *seq_strides,
+        *_seq_strides(dq, varlen),
+        *_alibi_strides(opts),
+        seqlen_q,
+        seqlen_k,
+        nheads // nheads_k,
+        dq_scale=opts.softmax_scale,
+        BLOCK_M=cfg_q.block_m,
+        BLOCK_N=cfg_q.block_n,
+        HEAVY_FIRST=opts.window_right >= 0,
+        num_warps=cfg_q.num_warps,
+        num_stages=cfg_q.num_stages,
+        **common,
+    )
+    return dq, dk, dv, delta

@@ -1,0 +1,46 @@
+"""The normalised attention options that travel from the API down to every backend.
+
+The public functions take flash_attn's loose arguments (causal flag, window tuple, 0.0 meaning
+"off"); `api.py` checks them once and turns them into one `AttnOptions`. Everything below the API
+(autograd, launchers, the CPU path, the reference) reads only this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttnOptions:
+    """Options of one attention call, already validated.
+
+    softmax_scale: multiplies q.k (default 1/sqrt(headdim_qk), filled in by the API).
+    window_left, window_right: query i (0-based in its sequence) sees keys j with
+        i + sk - sq - window_left <= j <= i + sk - sq + window_right; -1 means unbounded on that side.
+        causal=True is window_right = 0 (bottom-right aligned), so there is no separate causal flag.
+    softcap: > 0 replaces the scaled scores s by softcap * tanh(s / softcap); 0 disables it.
+    alibi_slopes: fp32 (nheads,) or (batch, nheads), or None; adds -slope * |i + sk - sq - j|.
+    dropout_p: probability of dropping a normalised probability; survivors are scaled by 1/(1-p).
+    learnable_sink: (nheads,) logits added to each row's softmax denominator only, or None.
+    deterministic: the backward pass must be bitwise reproducible.
+    """
+
+    softmax_scale: float
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    learnable_sink: torch.Tensor | None = None
+    deterministic: bool = False
+
+    @property
+    def causal(self) -> bool:
+        """True when the window is exactly bottom-right causal (no left bound)."""
+        return self.window_right == 0 and self.window_left < 0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0

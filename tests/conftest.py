@@ -1,0 +1,59 @@
+"""Test tiers, seeds and output poisoning.
+
+Tiers:
+- default (`pytest`): reference, CPU path, validation, layers; CPU tensors take the PyTorch path.
+- `TRITON_INTERPRET=1 pytest -m interpret`: the real Triton kernels on CPU tensors, in Triton's
+  interpreter. Tests marked `interpret` are deselected unless TRITON_INTERPRET=1 is set, because the
+  interpreter must be chosen before the kernels are first imported.
+- `pytest -m gpu`: the full grid on a CUDA device; skipped (and reported as skipped) without one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    selected, deselected = [], []
+    for item in items:
+        if item.get_closest_marker("interpret") and not INTERPRET:
+            deselected.append(item)
+        else:
+            selected.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison():
+    """Fixed seed per test; launchers fill fresh outputs with NaN so unwritten memory fails."""
+    torch.manual_seed(0)
+    try:
+        from flashtron import launch
+    except ImportError:  # the package is not built yet in this checkout
+        yield
+        return
+    previous = launch.set_output_poisoning(True)
+    yield
+    launch.set_output_poisoning(previous)
+
+
+@pytest.fixture
+def kernel_device():
+    """The device whose tensors exercise the Triton kernels in this tier."""
+    if INTERPRET:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("the Triton kernels need TRITON_INTERPRET=1 or a CUDA device")

@@ -1,0 +1,41 @@
+"""The one tolerance rule, FlashAttention's.
+
+Our error against a high-precision reference may be at most `factor` times the error of the same
+PyTorch computation done in the input dtype (2 for outputs, 3 for gradients), plus a few fp32 ulps of
+the reference's magnitude so that exact-in-dtype cases do not demand bit-exactness.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FWD_FACTOR = 2.0
+BWD_FACTOR = 3.0
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_fa_close(ours, ref, pt, *, factor: float = FWD_FACTOR, name: str = "out") -> None:
+    """ours: tensor under test; ref: fp32/fp64 reference; pt: PyTorch in the input dtype."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    if ours.numel() == 0:
+        return
+    bad = ~torch.isfinite(ours)
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values, first at {bad.nonzero()[0].tolist()}"
+    err = max_abs_err(ours, ref)
+    err_pt = max_abs_err(pt, ref)
+    atol = 4 * torch.finfo(torch.float32).eps * max(1.0, ref.double().abs().max().item())
+    if err > factor * err_pt + atol:
+        where = (ours.double() - ref.double()).abs().flatten().argmax().item()
+        index = list(torch.unravel_index(torch.tensor(where), ours.shape))
+        raise AssertionError(
+            f"{name}: max error {err:.3e} > {factor} x PyTorch-in-dtype error {err_pt:.3e} + {atol:.1e} "
+            f"(worst at index {[int(i) for i in index]})"
+        )
+
+
+def assert_grads_close(ours, ref, pt, names=("dq", "dk", "dv")) -> None:
+    for g, r, p, n in zip(ours, ref, pt, names):
+        assert_fa_close(g, r, p, factor=BWD_FACTOR, name=n)
