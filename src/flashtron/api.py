@@ -1,0 +1,390 @@
+"""The public attention functions, with flash_attn 2.8's names, parameter order and defaults.
+
+Each function checks its inputs (checks.py), turns the loose flash_attn arguments into one
+`AttnOptions`, and hands over to `autograd.attention` (training functions) or to `inference`
+(KV cache, combine). Features from later FlashAttention versions are keyword-only arguments after
+the FA2 ones, so FA2's positional calls keep working.
+
+dtypes: fp16, bf16 and fp32. fp32 inputs use IEEE fp32 dot products unless
+`torch.backends.cuda.matmul.allow_tf32` is True. softmax_lse is fp32, natural log.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashtron import checks
+from flashtron.options import AttnOptions
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_with_kvcache",
+    "flash_attn_combine",
+]
+
+_QKV = ("q", "k", "v")
+_VARLEN_META = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+
+# The public functions pass their arguments on as `locals()` (read first thing, so it holds exactly
+# the parameters): the option plumbing is written once here instead of eight times over.
+
+
+def _options(fn, q, nheads, batch, args) -> AttnOptions:
+    """Checks the scalar options and per-head tensors in `args` and normalises them."""
+    dropout_p, scale, left, right, softcap = checks.check_options(
+        fn,
+        dropout_p=args.get("dropout_p", 0.0),
+        softmax_scale=args["softmax_scale"],
+        window_size=args["window_size"],
+        softcap=args["softcap"],
+    )
+    checks.check_alibi(fn, args["alibi_slopes"], nheads=nheads, batch=batch, device=q.device)
+    checks.check_sink(fn, args["learnable_sink"], nheads=nheads, device=q.device)
+    if args["causal"]:  # bottom-right causal is a window with no right side; a left window is kept
+        right = 0
+    return AttnOptions(
+        softmax_scale=scale if scale is not None else q.shape[-1] ** -0.5,
+        window_left=left,
+        window_right=right,
+        softcap=softcap,
+        alibi_slopes=args["alibi_slopes"],
+        dropout_p=dropout_p,
+        learnable_sink=args["learnable_sink"],
+        deterministic=bool(args.get("deterministic", False)),
+    )
+
+
+def _run(q, k, v, opts, args, **varlen):
+    # Imported here, after validation, so the checks work (and are tested) without the backends.
+    from flashtron import autograd
+
+    probs = bool(args["return_attn_probs"])
+    out, lse, s_dmask = autograd.attention(q, k, v, opts, return_probs=probs, **varlen)
+    if probs:
+        return out, lse, s_dmask
+    return (out, lse) if args["return_lse"] else out
+
+
+def _dense(fn, names, q, k, v, args):
+    nheads = checks.check_qkv(fn, q, k, v, names=names)[0]
+    return _run(q, k, v, _options(fn, q, nheads, q.shape[0], args), args)
+
+
+def _varlen(fn, names, meta_names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args):
+    block_table, seqused_k = args.get("block_table"), args["seqused_k"]
+    nheads = checks.check_qkv(fn, q, k, v, varlen=True, paged=block_table is not None, names=names)[0]
+    batch = checks.check_cu_seqlens(fn, cu_seqlens_q, cu_seqlens_k, device=q.device, names=meta_names[:2])
+    max_seqlen_q = checks.check_int(fn, meta_names[2], max_seqlen_q, minimum=0)
+    max_seqlen_k = checks.check_int(fn, meta_names[3], max_seqlen_k, minimum=0)
+    checks.check_batch_vector(fn, "seqused_k", seqused_k, batch=batch, device=q.device)
+    if block_table is not None:
+        checks.check_block_table(fn, block_table, batch=batch, device=q.device)
+    opts = _options(fn, q, nheads, batch, args)
+    return _run(
+        q,
+        k,
+        v,
+        opts,
+        args,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        seqused_k=seqused_k,
+        block_table=block_table,
+    )
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    learnable_sink=None,
+    return_lse=False,
+):
+    """Attention softmax(q k^T * softmax_scale) v, differentiable w.r.t. q, k, v and learnable_sink.
+
+    q: (batch_size, seqlen_q, nheads, headdim); k: (batch_size, seqlen_k, nheads_k, headdim);
+    v: (batch_size, seqlen_k, nheads_k, headdim_v). nheads_k must divide nheads (MQA/GQA): query
+    head i reads KV head i // (nheads // nheads_k). Only stride(-1) == 1 is required.
+    dropout_p: probability of dropping a probability. softmax_scale: default 1 / sqrt(headdim).
+    causal: bottom-right aligned. window_size (left, right): query i sees keys
+    [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 is unbounded.
+    softcap > 0: scores become softcap * tanh(scores / softcap). alibi_slopes: (nheads,) or
+    (batch_size, nheads), fp32. deterministic: bitwise reproducible backward.
+    learnable_sink (keyword): (nheads,) sink logit added to each row's softmax denominator.
+    fp32 inputs use IEEE fp32 dot products unless torch.backends.cuda.matmul.allow_tf32 is True.
+
+    Returns out: (batch_size, seqlen_q, nheads, headdim_v); with return_attn_probs=True
+    (out, softmax_lse, S_dmask), softmax_lse (batch_size, nheads, seqlen_q) fp32 and S_dmask the
+    probabilities (dropped entries negative); with return_lse=True (out, softmax_lse), where
+    softmax_lse is differentiable.
+    """
+    return _dense("flash_attn_func", _QKV, q, k, v, locals())
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    learnable_sink=None,
+    return_lse=False,
+):
+    """flash_attn_func on qkv: (batch_size, seqlen, 3, nheads, headdim); q, k, v are views of it.
+
+    Other arguments and the return value as flash_attn_func. fp32 inputs use IEEE fp32 dot products
+    unless torch.backends.cuda.matmul.allow_tf32 is True.
+    """
+    args, fn = locals(), "flash_attn_qkvpacked_func"
+    checks.check_packed(fn, "qkv", qkv, ndim=5, count=3, layout="(batch_size, seqlen, 3, nheads, headdim)")
+    return _dense(fn, ("qkv",) * 3, *qkv.unbind(2), args)
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    learnable_sink=None,
+    return_lse=False,
+):
+    """flash_attn_func with q: (batch_size, seqlen_q, nheads, headdim) and
+    kv: (batch_size, seqlen_k, 2, nheads_k, headdim); k and v are views of kv.
+
+    Other arguments and the return value as flash_attn_func. fp32 inputs use IEEE fp32 dot products
+    unless torch.backends.cuda.matmul.allow_tf32 is True.
+    """
+    args, fn = locals(), "flash_attn_kvpacked_func"
+    checks.check_packed(fn, "kv", kv, ndim=5, count=2, layout="(batch_size, seqlen_k, 2, nheads_k, headdim)")
+    return _dense(fn, ("q", "kv", "kv"), q, *kv.unbind(2), args)
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+    *,
+    seqused_k=None,
+    learnable_sink=None,
+    return_lse=False,
+):
+    """Attention over a batch of variable-length sequences packed along the token dimension.
+
+    q: (total_q, nheads, headdim); k: (total_k, nheads_k, headdim); v: (total_k, nheads_k,
+    headdim_v). cu_seqlens_q, cu_seqlens_k: (batch_size + 1,), int32, cumulative sequence lengths
+    starting at 0. max_seqlen_q, max_seqlen_k: int. block_table: (batch_size,
+    max_num_blocks_per_seq), int32, selects a paged KV cache, k and v then being
+    (num_blocks, page_block_size, nheads_k, headdim). seqused_k (keyword): (batch_size,), int32,
+    the number of keys actually used in each sequence. Causal and window positions are relative
+    to each sequence. Other arguments as flash_attn_func. fp32 inputs use IEEE fp32 dot products
+    unless torch.backends.cuda.matmul.allow_tf32 is True.
+
+    Returns out: (total_q, nheads, headdim_v); softmax_lse (when asked for) is (nheads, total_q).
+    """
+    args, fn = locals(), "flash_attn_varlen_func"
+    return _varlen(fn, _QKV, _VARLEN_META, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    seqused_k=None,
+    learnable_sink=None,
+    return_lse=False,
+):
+    """flash_attn_varlen_func on qkv: (total, 3, nheads, headdim), with cu_seqlens: (batch_size + 1,),
+    int32, and max_seqlen: int shared by queries and keys.
+
+    Other arguments and the return value as flash_attn_varlen_func. fp32 inputs use IEEE fp32 dot
+    products unless torch.backends.cuda.matmul.allow_tf32 is True.
+    """
+    args, fn = locals(), "flash_attn_varlen_qkvpacked_func"
+    checks.check_packed(fn, "qkv", qkv, ndim=4, count=3, layout="(total, 3, nheads, headdim)")
+    meta = ("cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen")
+    q, k, v = qkv.unbind(1)
+    return _varlen(fn, ("qkv",) * 3, meta, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, args)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    *,
+    seqused_k=None,
+    learnable_sink=None,
+    return_lse=False,
+):
+    """flash_attn_varlen_func with q: (total_q, nheads, headdim) and kv: (total_k, 2, nheads_k,
+    headdim); k and v are views of kv.
+
+    Other arguments and the return value as flash_attn_varlen_func. fp32 inputs use IEEE fp32 dot
+    products unless torch.backends.cuda.matmul.allow_tf32 is True.
+    """
+    args, fn = locals(), "flash_attn_varlen_kvpacked_func"
+    checks.check_packed(fn, "kv", kv, ndim=4, count=2, layout="(total_k, 2, nheads_k, headdim)")
+    k, v = kv.unbind(1)
+    names = ("q", "kv", "kv")
+    return _varlen(fn, names, _VARLEN_META, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args)
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+    *,
+    learnable_sink=None,
+):
+    """Attention of q over a KV cache, optionally appending new keys/values to it first. No backward.
+
+    q: (batch_size, seqlen, nheads, headdim). k_cache, v_cache: (batch_size_cache, seqlen_cache,
+    nheads_k, headdim), or with block_table (num_blocks, page_block_size, nheads_k, headdim), any
+    page size. k, v: (batch_size, seqlen_new, nheads_k, headdim) or None; when given they are
+    written *in place* into the cache at positions cache_seqlens[b]... and attention covers the
+    updated cache. rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), seqlen_ro >= the cache
+    capacity, dtype of q; they rotate the new k (and q) at their absolute positions, and need k/v.
+    rotary_interleaved: GPT-J pairs (True) or GPT-NeoX halves (False).
+    cache_seqlens: int, or (batch_size,) int32: the filled length of each cache row (None: the
+    whole cache). An int is checked against the capacity; a tensor is not (that would need a device
+    sync), so keeping cache_seqlens + seqlen_new within the cache is then the caller's job, as in
+    flash_attn. cache_batch_idx: (batch_size,) int32, the cache row of each batch row.
+    cache_leftpad: (batch_size,) int32, where the valid keys start in each row.
+    block_table: (batch_size, max_num_blocks_per_seq) int32. num_splits: 0 = heuristic, 1 = no
+    split, n = n splits. learnable_sink (keyword): (nheads,). Other arguments as flash_attn_func.
+    fp32 inputs use IEEE fp32 dot products unless torch.backends.cuda.matmul.allow_tf32 is True.
+
+    Returns out: (batch_size, seqlen, nheads, headdim_v), or (out, softmax_lse) with
+    return_softmax_lse=True, softmax_lse (batch_size, nheads, seqlen) fp32.
+    """
+    args, fn = locals(), "flash_attn_with_kvcache"
+    nheads = checks.check_kvcache(
+        fn,
+        q,
+        k_cache,
+        v_cache,
+        k=k,
+        v=v,
+        rotary_cos=rotary_cos,
+        rotary_sin=rotary_sin,
+        cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        block_table=block_table,
+        num_splits=num_splits,
+    )
+    opts = _options(fn, q, nheads, q.shape[0], args)
+    if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    from flashtron import inference  # at call time, as in _run
+
+    out, lse = inference.kvcache_attention(
+        q,
+        k_cache,
+        v_cache,
+        opts,
+        k=k,
+        v=v,
+        rotary_cos=rotary_cos,
+        rotary_sin=rotary_sin,
+        cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        block_table=block_table,
+        rotary_interleaved=bool(rotary_interleaved),
+        num_splits=int(num_splits),
+    )
+    return (out, lse) if return_softmax_lse else out
+
+
+def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
+    """Merges partial attention results (e.g. over splits of the keys) in fp32, as FlashAttention-3.
+
+    out_partial: (num_splits, batch_size, seqlen, nheads, headdim), fp32.
+    lse_partial: (num_splits, batch_size, seqlen, nheads), fp32, natural log.
+    out: optional (batch_size, seqlen, nheads, headdim) tensor to write into, of dtype out_dtype.
+    out_dtype: fp16, bf16 or fp32; default out_partial's dtype.
+
+    Returns (out, softmax_lse): out (batch_size, seqlen, nheads, headdim), softmax_lse
+    (batch_size, seqlen, nheads) fp32.
+    """
+    checks.check_combine("flash_attn_combine", out_partial, lse_partial, out, out_dtype)
+    from flashtron import inference  # at call time, as in _run
+
+    return inference.combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)

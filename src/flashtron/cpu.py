@@ -1,0 +1,298 @@
+"""Exact attention for CPU tensors: a blockwise online softmax in plain PyTorch.
+
+The forward pass streams over KV blocks of `block_n` keys with a running max `m_i`, a running sum
+`l_i` and a rescaled accumulator `acc`, so it never holds more than a (seqlen_q, block_n) block of
+scores. The backward pass recomputes each block's probabilities from the saved lse. Memory is O(N).
+Everything is computed in fp32 (fp64 for fp64 inputs). There is no autograd in here: the caller
+wraps these functions in an autograd Function.
+
+Inside, grouped-query heads are laid out as (batch, nheads_k, group * seqlen, headdim) so that one
+batched matmul serves all query heads of a KV head without repeating K and V.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from flashtron.options import AttnOptions
+
+_NEG_INF = float("-inf")
+
+
+class _Problem(NamedTuple):
+    """Constants of one attention problem whose sequences all have the same lengths."""
+
+    seqlen_q: int
+    seqlen_k: int
+    scale: float
+    softcap: float
+    window_left: int
+    window_right: int
+    slopes: torch.Tensor | None  # (batch or 1, nheads_k, group, 1, 1) in the compute dtype
+    block_n: int
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _check(opts: AttnOptions, block_n: int) -> None:
+    if opts.dropout_p > 0:
+        raise NotImplementedError("dropout_p > 0 is not implemented on the CPU path yet")
+    if not isinstance(block_n, int) or block_n < 1:
+        raise ValueError(f"block_n must be a positive int, got {block_n!r}")
+
+
+def _problem(opts, sq, sk, nheads_k, group, slopes, dtype, block_n) -> _Problem:
+    if slopes is not None:
+        # (nheads,) or (batch, nheads) -> (batch or 1, nheads_k, group, 1, 1)
+        slopes = slopes.to(dtype).reshape(-1, nheads_k, group, 1, 1)
+    return _Problem(sq, sk, opts.softmax_scale, opts.softcap, opts.window_left, opts.window_right, slopes, block_n)
+
+
+def _key_range(p: _Problem) -> range:
+    """Starts of the KV blocks that some query row can see; fully masked blocks are skipped.
+
+    Row i sees [i + sk - sq - left, i + sk - sq + right]; over all rows that is one contiguous range.
+    """
+    lo, hi = 0, p.seqlen_k
+    if p.window_left >= 0:
+        lo = max(lo, p.seqlen_k - p.seqlen_q - p.window_left)
+    if p.window_right >= 0:
+        hi = min(hi, p.seqlen_k + p.window_right)
+    return range(lo, hi, p.block_n) if p.seqlen_q > 0 else range(0)
+
+
+def _block_logits(p: _Problem, q: torch.Tensor, k_blk: torch.Tensor, j0: int):
+    """Scores of all query rows against the keys j0 .. j0 + n - 1, shared by forward and backward.
+
+    q: (batch_size, nheads_k, group * seqlen_q, headdim); k_blk: (batch_size, nheads_k, n, headdim).
+    Returns the logits (batch_size, nheads_k, group, seqlen_q, n), -inf where masked, and
+    tanh(scaled scores / softcap) of the same shape (None without softcap) for the backward.
+    """
+    b, hk, _, _ = q.shape
+    n = k_blk.shape[2]
+    s = torch.matmul(q, k_blk.transpose(-1, -2)).view(b, hk, -1, p.seqlen_q, n).mul_(p.scale)
+    t = None
+    if p.softcap > 0:
+        t = torch.tanh(s.div_(p.softcap))
+        s = t * p.softcap
+    # rel = j - (i + sk - sq): the key's offset from the query's bottom-right-aligned diagonal.
+    rows = torch.arange(p.seqlen_q, device=q.device) + (p.seqlen_k - p.seqlen_q)
+    rel = torch.arange(j0, j0 + n, device=q.device)[None, :] - rows[:, None]  # [sq, n]
+    if p.slopes is not None:
+        s.addcmul_(p.slopes, rel.abs().to(s.dtype), value=-1.0)
+    masked = None
+    if p.window_left >= 0:
+        masked = rel < -p.window_left
+    if p.window_right >= 0:
+        right = rel > p.window_right
+        masked = right if masked is None else masked | right
+    if masked is not None:
+        s.masked_fill_(masked, _NEG_INF)
+    return s, t
+
+
+def _heads_first(x: torch.Tensor, nheads_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """(batch_size, seqlen, nheads, d) -> (batch_size, nheads_k, group * seqlen, d) in dtype."""
+    b, s, h, d = x.shape
+    x = x.to(dtype).reshape(b, s, nheads_k, h // nheads_k, d).permute(0, 2, 3, 1, 4)
+    return x.reshape(b, nheads_k, -1, d)
+
+
+def _heads_last(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(batch_size, nheads_k, group * seqlen, d) -> like's (batch_size, seqlen, nheads, d), like's dtype."""
+    b, s, h, _ = like.shape
+    hk, d = x.shape[1], x.shape[3]
+    x = x.view(b, hk, h // hk, s, d).permute(0, 3, 1, 2, 4)
+    return x.reshape(b, s, h, d).to(like.dtype)
+
+
+def _sink(opts: AttnOptions, nheads_k: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """learnable_sink (nheads,) -> (1, nheads_k, group, 1) in the compute dtype, or None."""
+    if opts.learnable_sink is None:
+        return None
+    return opts.learnable_sink.to(dtype).reshape(1, nheads_k, -1, 1)
+
+
+def _forward_dense(q, k, v, opts, slopes, block_n):
+    """q: (batch_size, seqlen_q, nheads, headdim), k: (batch_size, seqlen_k, nheads_k, headdim),
+    v: (batch_size, seqlen_k, nheads_k, headdim_v) -> out (batch_size, seqlen_q, nheads, headdim_v),
+    lse (batch_size, nheads, seqlen_q) in the compute dtype."""
+    dt = _compute_dtype(q)
+    b, sq, h, _ = q.shape
+    sk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = h // hk
+    p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
+    qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
+
+    m_i = torch.full((b, hk, g, sq), _NEG_INF, dtype=dt)
+    l_i = torch.zeros((b, hk, g, sq), dtype=dt)
+    acc = torch.zeros((b, hk, g * sq, dv), dtype=dt)
+    for j0 in _key_range(p):
+        j1 = min(j0 + block_n, sk)
+        s, _ = _block_logits(p, qh, kh[:, :, j0:j1], j0)  # [b, hk, g, sq, n]
+        m_new = torch.maximum(m_i, s.amax(dim=-1))
+        # Rows that have seen no visible key yet keep m = -inf; subtract 0 there, never -inf - -inf.
+        m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
+        pr = s.sub_(m_safe[..., None]).exp_()  # in place: blocks are the only O(sq * n) memory
+        alpha = torch.exp(m_i - m_safe)
+        l_i = l_i * alpha + pr.sum(dim=-1)
+        acc = acc * alpha.view(b, hk, g * sq, 1) + pr.view(b, hk, g * sq, -1) @ vh[:, :, j0:j1]
+        m_i = m_new
+
+    lse = m_i + torch.log(l_i)  # -inf + -inf = -inf for rows with nothing to attend to
+    inv_l = torch.where(l_i > 0, 1.0 / l_i, 0.0)
+    sink = _sink(opts, hk, dt)
+    if sink is not None:
+        lse_keys = lse
+        lse = torch.logaddexp(lse_keys, sink)
+        # The sink only enlarges the denominator: scale by sum_keys / (sum_keys + e^sink).
+        inv_l = inv_l * torch.exp(lse_keys - lse)
+    out = acc * inv_l.view(b, hk, g * sq, 1)
+    return _heads_last(out, q), lse.reshape(b, h, sq)
+
+
+def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n):
+    """Shapes as in _forward_dense, dout like out, dlse like lse or None. Returns dq, dk, dv, dsink or None."""
+    dt = _compute_dtype(q)
+    b, sq, h, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    g = h // hk
+    p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
+    qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
+    doh = _heads_first(dout, hk, dt)
+    delta = _heads_first((dout.to(dt) * out.to(dt)).sum(-1, keepdim=True), hk, dt).view(b, hk, g, sq)
+    lse = lse.to(dt).reshape(b, hk, g, sq)
+    if dlse is not None:
+        # d lse / d s = P, so a gradient on lse enters exactly like -dlse added to delta.
+        delta = delta - dlse.to(dt).reshape(b, hk, g, sq)
+    # A row with lse = -inf has only -inf logits, so P = exp(-inf - 0) = 0 there.
+    lse_safe = lse.masked_fill(lse == _NEG_INF, 0.0)
+
+    dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
+    for j0 in _key_range(p):
+        j1 = min(j0 + block_n, sk)
+        k_blk, v_blk = kh[:, :, j0:j1], vh[:, :, j0:j1]
+        s, t = _block_logits(p, qh, k_blk, j0)  # [b, hk, g, sq, n]
+        pr = s.sub_(lse_safe[..., None]).exp_()
+        dv[:, :, j0:j1] += pr.view(b, hk, g * sq, -1).transpose(-1, -2) @ doh
+        dp = (doh @ v_blk.transpose(-1, -2)).view_as(pr)
+        ds = dp.sub_(delta[..., None]).mul_(pr)  # gradient of the logits (alibi's bias has slope 1)
+        if t is not None:
+            ds.mul_(t.square_().neg_().add_(1.0))  # d/ds of c * tanh(s / c) = 1 - tanh^2
+        ds = ds.view(b, hk, g * sq, -1).mul_(p.scale)
+        dq += ds @ k_blk
+        dk[:, :, j0:j1] += ds.transpose(-1, -2) @ qh
+
+    dsink = None
+    sink = _sink(opts, hk, dt)
+    if sink is not None:
+        # d lse / d sink = exp(sink - lse), and d loss / d lse (through out and dlse) is -delta.
+        dsink = -(torch.exp(sink - lse) * delta).sum(dim=(0, 3)).reshape(h)
+        dsink = dsink.to(opts.learnable_sink.dtype)
+    return _heads_last(dq, q), _heads_last(dk, k), _heads_last(dv, v), dsink
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+    """Yield (index, q_start, q_end, k_start, k_end) per sequence of a varlen batch."""
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
+    for i in range(len(cu_q) - 1):
+        k_end = cu_k[i] + used[i] if used is not None else cu_k[i + 1]
+        yield i, cu_q[i], cu_q[i + 1], cu_k[i], k_end
+
+
+def _slopes_of(opts: AttnOptions, i: int):
+    s = opts.alibi_slopes
+    return s[i : i + 1] if s is not None and s.dim() == 2 else s
+
+
+def attention_forward(
+    q,
+    k,
+    v,
+    opts: AttnOptions,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    seqused_k=None,
+    dropout_seed: int | None = None,
+    block_n: int = 256,
+):
+    """Exact attention forward on CPU tensors.
+
+    Dense: q: (batch_size, seqlen_q, nheads, headdim), k: (batch_size, seqlen_k, nheads_k, headdim),
+    v: (batch_size, seqlen_k, nheads_k, headdim_v) -> out: (batch_size, seqlen_q, nheads, headdim_v)
+    in q.dtype, lse: (batch_size, nheads, seqlen_q).
+    Varlen (cu_seqlens_q given): q: (total_q, nheads, headdim), k: (total_k, nheads_k, headdim),
+    v: (total_k, nheads_k, headdim_v), cu_seqlens_q/k: (batch_size + 1,) int32, seqused_k:
+    (batch_size,) int32 or None -> out: (total_q, nheads, headdim_v), lse: (nheads, total_q).
+    lse is fp32, or fp64 for fp64 inputs so that the fp64 backward is not limited by fp32 rounding.
+    dropout_seed is reserved for dropout, which is not implemented here yet.
+    """
+    _check(opts, block_n)
+    if cu_seqlens_q is None:
+        return _forward_dense(q, k, v, opts, opts.alibi_slopes, block_n)
+    total_q, h, _ = q.shape
+    out = torch.zeros((total_q, h, v.shape[-1]), dtype=q.dtype)
+    lse = torch.full((h, total_q), _NEG_INF, dtype=_compute_dtype(q))
+    for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+        if q1 == q0:
+            continue
+        o, l_ = _forward_dense(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], opts, _slopes_of(opts, i), block_n)
+        out[q0:q1], lse[:, q0:q1] = o[0], l_[0]
+    return out, lse
+
+
+def attention_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    opts: AttnOptions,
+    *,
+    dlse=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    seqused_k=None,
+    dropout_seed: int | None = None,
+    block_n: int = 256,
+):
+    """Gradients of attention_forward, recomputing the probabilities per KV block from lse.
+
+    Shapes as in attention_forward; dout is like out; dlse (the gradient on lse, for return_lse) is
+    like lse, or None. Returns (dq, dk, dv, dsink): each gradient in
+    its input's dtype, dsink (nheads,) in learnable_sink's dtype (fp32), or None without a sink.
+    Keys past seqused_k get zero gradients.
+    """
+    _check(opts, block_n)
+    if cu_seqlens_q is None:
+        return _backward_dense(dout, q, k, v, out, lse, dlse, opts, opts.alibi_slopes, block_n)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dsink = None
+    if opts.learnable_sink is not None:
+        dsink = torch.zeros(q.shape[1], dtype=opts.learnable_sink.dtype)
+    for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+        if q1 == q0:
+            continue
+        grads = _backward_dense(
+            dout[None, q0:q1],
+            q[None, q0:q1],
+            k[None, k0:k1],
+            v[None, k0:k1],
+            out[None, q0:q1],
+            lse[None, :, q0:q1],
+            None if dlse is None else dlse[None, :, q0:q1],
+            opts,
+            _slopes_of(opts, i),
+            block_n,
+        )
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = grads[0][0], grads[1][0], grads[2][0]
+        if dsink is not None:
+            dsink += grads[3]
+    return dq, dk, dv, dsink

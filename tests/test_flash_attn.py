@@ -1,0 +1,249 @@
+"""flash_attn_func and friends through the public API, in three tiers.
+
+- interpret: the Triton kernels on CPU tensors (TRITON_INTERPRET=1), tiny awkward shapes.
+- default: the same calls on CPU tensors take the PyTorch path.
+- gpu: the full grid on CUDA.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import flashtron
+from attention_cases import LAYOUTS, check_attention
+from flashtron.reference import attention_ref, attention_varlen_ref
+from tolerance import assert_fa_close
+
+# (seqlen_q, seqlen_k): equal, sq < sk, sq > sk (rows with nothing to see under causal), single token
+TINY_SEQLENS = [(1, 1), (17, 17), (33, 17), (17, 80), (1, 33), (80, 80)]
+TINY_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _tiny_cases():
+    """A pairwise-style walk over the features, so each one meets every seqlen pair and dtype without
+    the full product (the interpreter runs about a case per second)."""
+    heads = [(4, 4, 40, 40), (4, 2, 16, 16), (4, 1, 72, 72), (2, 2, 40, 24)]  # (h, hk, d, dv): MHA, GQA, MQA, dv != d
+    features = [
+        dict(),
+        dict(causal=True),
+        dict(window=(5, 3)),
+        dict(window=(7, -1)),
+        dict(causal=True, window=(4, -1)),
+        dict(softcap=2.0, alibi="heads"),
+        dict(causal=True, alibi="batch_heads", sink=True),
+        dict(window=(-1, 2), softcap=1.5, sink=True),
+    ]
+    cases = []
+    for i, (seqlens, dtype) in enumerate(itertools.product(TINY_SEQLENS, TINY_DTYPES)):
+        feat = features[i % len(features)]
+        shape = heads[i % len(heads)]
+        layouts = (LAYOUTS[i % 3], LAYOUTS[(i + 1) % 3], LAYOUTS[(i + 2) % 3])
+        cases.append((seqlens, dtype, shape, feat, layouts))
+    return cases
+
+
+def _case_id(case):
+    (sq, sk), dtype, (h, hk, d, dv), feat, layouts = case
+    name = "-".join(f"{k}={v}" for k, v in feat.items()) or "plain"
+    return f"{sq}x{sk}-{str(dtype)[6:]}-h{h}k{hk}d{d}v{dv}-{name}-{'/'.join(lay[:2] for lay in layouts)}"
+
+
+TINY_CASES = _tiny_cases()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", TINY_CASES, ids=[_case_id(c) for c in TINY_CASES])
+def test_kernels_interpreted(case, kernel_device):
+    (sq, sk), dtype, (h, hk, d, dv), feat, layouts = case
+    check_attention(2, sq, sk, h, hk, d, dv, dtype, kernel_device, layouts=layouts, **feat)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=[_case_id(c) for c in TINY_CASES])
+def test_cpu_path(case):
+    (sq, sk), dtype, (h, hk, d, dv), feat, layouts = case
+    check_attention(2, sq, sk, h, hk, d, dv, dtype, "cpu", layouts=layouts, **feat)
+
+
+def _packed_case(device, dtype):
+    qkv = torch.randn(2, 33, 3, 4, 40, device=device).to(dtype).requires_grad_()
+    out = flashtron.flash_attn_qkvpacked_func(qkv, causal=True)
+    q, k, v = qkv.detach().unbind(2)
+    ref = flashtron.flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(out, ref)
+    out.backward(torch.ones_like(out))
+    assert qkv.grad.shape == qkv.shape and torch.isfinite(qkv.grad).all()
+
+    q = torch.randn(2, 17, 4, 40, device=device).to(dtype)
+    kv = torch.randn(2, 33, 2, 2, 40, device=device).to(dtype)
+    out, lse, probs = flashtron.flash_attn_kvpacked_func(q, kv, return_attn_probs=True)
+    ref, lse_ref, probs_ref = attention_ref(q, kv[:, :, 0], kv[:, :, 1])
+    assert_fa_close(out, ref, attention_ref(q, kv[:, :, 0], kv[:, :, 1], upcast=False)[0])
+    assert probs.shape == (2, 4, 17, 33)
+    torch.testing.assert_close(probs.float(), probs_ref.float(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.interpret
+def test_packed_interpreted(kernel_device):
+    _packed_case(kernel_device, torch.float16)
+
+
+def test_packed_cpu_path():
+    _packed_case("cpu", torch.float32)
+
+
+def _varlen_case(device, dtype, causal, window=(-1, -1), seqused=False):
+    seqlens_q = torch.tensor([5, 0, 17, 33], dtype=torch.int32)
+    seqlens_k = torch.tensor([9, 4, 17, 20], dtype=torch.int32)
+    cu_q = torch.nn.functional.pad(seqlens_q.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    cu_k = torch.nn.functional.pad(seqlens_k.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    seqused_k = torch.tensor([7, 0, 17, 13], dtype=torch.int32, device=device) if seqused else None
+    h, hk, d = 4, 2, 40
+    q = torch.randn(int(seqlens_q.sum()), h, d, device=device).to(dtype)
+    k = torch.randn(int(seqlens_k.sum()), hk, d, device=device).to(dtype)
+    v = torch.randn(int(seqlens_k.sum()), hk, d, device=device).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flashtron.flash_attn_varlen_func(
+        *leaves, cu_q, cu_k, 33, 20, causal=causal, window_size=window, seqused_k=seqused_k, return_lse=True
+    )
+    assert lse.shape == (h, q.shape[0])
+    kw = dict(causal=causal, window_size=window, seqused_k=seqused_k)
+    ins_ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ins_pt = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_ref, _ = attention_varlen_ref(*ins_ref, cu_q, cu_k, upcast=True, **kw)
+    out_pt, _ = attention_varlen_ref(*ins_pt, cu_q, cu_k, upcast=False, reorder_ops=True, **kw)
+    assert_fa_close(out, out_ref, out_pt)
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, leaves, dout)
+    g_ref = torch.autograd.grad(out_ref, ins_ref, dout.float())
+    g_pt = torch.autograd.grad(out_pt, ins_pt, dout)
+    for a, r, p, n in zip(g, g_ref, g_pt, "qkv"):
+        assert_fa_close(a, r, p, factor=3.0, name="d" + n)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "causal,window,seqused", [(False, (-1, -1), False), (True, (-1, -1), True), (False, (3, 5), False)]
+)
+def test_varlen_interpreted(kernel_device, causal, window, seqused):
+    _varlen_case(kernel_device, torch.float16, causal, window, seqused)
+
+
+@pytest.mark.parametrize("causal,seqused", [(False, False), (True, True)])
+def test_varlen_cpu_path(causal, seqused):
+    _varlen_case("cpu", torch.bfloat16, causal, seqused=seqused)
+
+
+def _empty_rows_case(device):
+    """sq > sk with causal: the first sq - sk rows see nothing: out 0, lse -inf, finite gradients."""
+    q = torch.randn(1, 20, 2, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 5, 2, 16, device=device, requires_grad=True)
+    v = torch.randn(1, 5, 2, 16, device=device, requires_grad=True)
+    out, lse = flashtron.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert torch.all(out[:, :15] == 0) and torch.isneginf(lse[:, :, :15]).all()
+    assert torch.isfinite(lse[:, :, 15:]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :15] == 0)
+    # an empty KV sequence
+    out0 = flashtron.flash_attn_func(q.detach(), k.detach()[:, :0], v.detach()[:, :0])
+    assert out0.shape == q.shape and torch.all(out0 == 0)
+
+
+@pytest.mark.interpret
+def test_empty_rows_interpreted(kernel_device):
+    _empty_rows_case(kernel_device)
+
+
+def test_empty_rows_cpu_path():
+    _empty_rows_case("cpu")
+
+
+@pytest.mark.interpret
+def test_backward_is_deterministic(kernel_device):
+    q, k, v = (torch.randn(1, 40, 4, 32, device=kernel_device, dtype=torch.float16) for _ in range(3))
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flashtron.flash_attn_func(*leaves, causal=True, deterministic=True)
+        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- GPU tier: the full grid
+GPU_SEQLENS = [
+    (1, 1),
+    (17, 17),
+    (113, 203),
+    (128, 128),
+    (203, 113),
+    (1023, 1024),
+    (1024, 1023),
+    (1, 2048),
+    (2048, 2048),
+    (4096, 4096),
+]
+GPU_HEADDIMS = [32, 40, 64, 72, 96, 128, 160, 192, 256]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("d", GPU_HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_grid(causal, d, dtype):
+    """One test per compiled kernel configuration; every seqlen pair runs through it (seqlens are
+    runtime arguments), with the GQA ratio cycling through 1, 2 and 8 and the layouts rotating."""
+    for i, (sq, sk) in enumerate(GPU_SEQLENS):
+        nheads, nheads_k = [(8, 8), (8, 4), (8, 1)][i % 3]
+        batch = 2 if sq * sk <= 2048 * 2048 else 1
+        layouts = (LAYOUTS[i % 3], LAYOUTS[(i + 1) % 3], LAYOUTS[(i + 2) % 3])
+        try:
+            check_attention(batch, sq, sk, nheads, nheads_k, d, d, dtype, "cuda", causal=causal, layouts=layouts)
+        except AssertionError as e:
+            raise AssertionError(f"seqlen_q={sq} seqlen_k={sk} nheads={nheads}/{nheads_k}: {e}") from e
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "feat",
+    [
+        dict(window=(64, 0)),
+        dict(window=(100, 30)),
+        dict(softcap=30.0),
+        dict(alibi="batch_heads", causal=True),
+        dict(sink=True, causal=True),
+    ],
+    ids=["window-causal", "window", "softcap", "alibi", "sink"],
+)
+@pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (192, 128), (256, 256), (512, 512)])
+def test_gpu_features(feat, d, dv):
+    check_attention(2, 300, 517, 4, 2, d, dv, torch.bfloat16, "cuda", **feat)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen():
+    _varlen_case("cuda", torch.bfloat16, True, seqused=True)
+    _varlen_case("cuda", torch.float16, False, window=(8, 4))
+
+
+@pytest.mark.gpu
+def test_gpu_backward_deterministic_20_runs():
+    q, k, v = (torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    first = None
+    for _ in range(20):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flashtron.flash_attn_func(*leaves, causal=True, deterministic=True)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        if first is None:
+            first = grads
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(first, grads))
+
+
+@pytest.mark.gpu
+def test_gpu_empty_rows():
+    _empty_rows_case("cuda")
