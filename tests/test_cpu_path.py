@@ -221,9 +221,9 @@ def test_non_contiguous_layouts():
     _check(_dense_ref, q, k, v, opts, 16, kwargs, None)
 
 
-def test_rejects_dropout_and_bad_block_n():
+def test_rejects_dropout_without_seed_and_bad_block_n():
     q = torch.randn(1, 4, 1, 8)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
+    with pytest.raises(ValueError, match="dropout_seed"):
         cpu.attention_forward(q, q, q, AttnOptions(0.3, dropout_p=0.1))
     with pytest.raises(ValueError, match="block_n"):
         cpu.attention_forward(q, q, q, AttnOptions(0.3), block_n=0)

@@ -247,3 +247,79 @@ def test_gpu_backward_deterministic_20_runs():
 @pytest.mark.gpu
 def test_gpu_empty_rows():
     _empty_rows_case("cuda")
+
+
+# ---------------------------------------------------------------- dropout, in every tier
+def _dropout_case(device, dtype, p, causal, seqlens=(33, 47), heads=(4, 2), d=40):
+    """Out and gradients against the reference given the mask that S_dmask reports (its sign): this
+    also proves the kernel's Philox draws and the PyTorch rebuild in flashtron/dropout.py agree."""
+    sq, sk = seqlens
+    h, hk = heads
+    q, k, v = (torch.randn(2, s, n, d, device=device).to(dtype) for s, n in ((sq, h), (sk, hk), (sk, hk)))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(123)
+    out, lse, s_dmask = flashtron.flash_attn_func(*leaves, dropout_p=p, causal=causal, return_attn_probs=True)
+    torch.manual_seed(123)
+    again = flashtron.flash_attn_func(q, k, v, dropout_p=p, causal=causal)
+    assert torch.equal(out, again), "dropout is not reproducible under torch.manual_seed"
+    keep = s_dmask >= 0
+    kw = dict(dropout_p=p, dropout_mask=keep, causal=causal)
+    ins_ref = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    ins_pt = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_ref = attention_ref(*ins_ref, **kw)[0]
+    out_pt = attention_ref(*ins_pt, upcast=False, reorder_ops=True, **kw)[0]
+    assert_fa_close(out, out_ref, out_pt)
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, leaves, dout)
+    g_ref = torch.autograd.grad(out_ref, ins_ref, dout.float())
+    g_pt = torch.autograd.grad(out_pt, ins_pt, dout)
+    for a, r, pt, n in zip(g, g_ref, g_pt, "qkv"):
+        assert_fa_close(a, r, pt, factor=3.0, name="d" + n)
+    return s_dmask
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_interpreted(kernel_device, causal):
+    _dropout_case(kernel_device, torch.float16, 0.17, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_cpu_path(causal):
+    _dropout_case("cpu", torch.float32, 0.17, causal)
+
+
+def _dropped_fraction(device, p):
+    q, k, v = (torch.randn(1, 256, 1, 32, device=device) for _ in range(3))
+    _, _, s_dmask = flashtron.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
+    return (s_dmask < 0).float().mean().item()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_fraction_cpu_path(p):
+    assert abs(_dropped_fraction("cpu", p) - p) < 0.01
+
+
+@pytest.mark.interpret
+def test_dropout_fraction_interpreted(kernel_device):
+    assert abs(_dropped_fraction(kernel_device, 0.3) - 0.3) < 0.01
+
+
+def test_dropout_varlen_cpu_path():
+    cu = torch.tensor([0, 5, 20], dtype=torch.int32)
+    q, k, v = (torch.randn(20, 2, 16) for _ in range(3))
+    torch.manual_seed(5)
+    a = flashtron.flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, dropout_p=0.3)
+    torch.manual_seed(5)
+    b = flashtron.flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, dropout_p=0.3)
+    torch.manual_seed(6)
+    c = flashtron.flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, dropout_p=0.3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_dropout(dtype, causal):
+    _dropout_case("cuda", dtype, 0.17, causal, seqlens=(300, 517), heads=(8, 2), d=128)
+    assert abs(_dropped_fraction("cuda", 0.3) - 0.3) < 0.01

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from flashtron import env
+from flashtron.dropout import draw_seed
 from flashtron.options import AttnOptions
 
 
@@ -18,13 +19,6 @@ def uses_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return True
     return t.device.type == "cpu" and env.triton_interpret() and not env.force_cpu_path()
-
-
-def _check_supported(opts: AttnOptions, block_table) -> None:
-    if opts.dropout_p > 0:
-        raise NotImplementedError("dropout_p > 0 is not implemented yet")
-    if block_table is not None:
-        raise NotImplementedError("block_table (paged KV) for flash_attn_varlen_func is not implemented yet")
 
 
 def attention_forward(
@@ -38,18 +32,21 @@ def attention_forward(
     max_seqlen_q=None,
     max_seqlen_k=None,
     seqused_k=None,
+    dropout_seed=0,
 ):
     """out, lse = attention(q, k, v) without autograd. Shapes as in flash_attn_func /
     flash_attn_varlen_func; lse is fp32 in natural-log units, (batch, nheads, seqlen_q) or
-    (nheads, total_q)."""
+    (nheads, total_q). With dropout, `dropout_seed` picks the mask (flashtron/dropout.py)."""
     varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
     if uses_triton(q):
         from flashtron import launch
 
-        return launch.attention_forward(q, k, v, opts, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **varlen)
+        return launch.attention_forward(
+            q, k, v, opts, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_seed=dropout_seed, **varlen
+        )
     from flashtron import cpu
 
-    return cpu.attention_forward(q, k, v, opts, **varlen)
+    return cpu.attention_forward(q, k, v, opts, dropout_seed=dropout_seed, **varlen)
 
 
 def attention_backward(
@@ -67,9 +64,10 @@ def attention_backward(
     max_seqlen_q=None,
     max_seqlen_k=None,
     seqused_k=None,
+    dropout_seed=0,
 ):
     """(dq, dk, dv, dsink) given dout (and optionally dlse, the gradient on lse). dsink is None
-    without a learnable sink."""
+    without a learnable sink. Pass the forward's dropout_seed to regenerate its mask."""
     varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -77,7 +75,18 @@ def attention_backward(
         from flashtron import launch
 
         dq, dk, dv, delta = launch.attention_backward(
-            dout, q, k, v, out, lse, opts, dlse=dlse, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **varlen
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            opts,
+            dlse=dlse,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            dropout_seed=dropout_seed,
+            **varlen,
         )
         dsink = None
         if opts.learnable_sink is not None:
@@ -85,7 +94,7 @@ def attention_backward(
         return dq, dk, dv, dsink
     from flashtron import cpu
 
-    return cpu.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse, **varlen)
+    return cpu.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse, dropout_seed=dropout_seed, **varlen)
 
 
 def _sink_grad(sink, lse, delta, varlen):
@@ -100,44 +109,25 @@ def _sink_grad(sink, lse, delta, varlen):
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k):
-        out, lse = attention_forward(
-            q,
-            k,
-            v,
-            opts,
-            cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k,
-            max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k,
-            seqused_k=seqused_k,
-        )
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k)
-        ctx.opts = opts
-        ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    def forward(ctx, q, k, v, sink, opts, varlen_args, dropout_seed):
+        out, lse = attention_forward(q, k, v, opts, dropout_seed=dropout_seed, **varlen_args)
+        tensors = {name: t for name, t in varlen_args.items() if isinstance(t, torch.Tensor)}
+        ctx.save_for_backward(q, k, v, out, lse, *tensors.values())
+        ctx.tensor_names = list(tensors)
+        ctx.scalars = {name: x for name, x in varlen_args.items() if name not in tensors}
+        ctx.opts, ctx.dropout_seed = opts, dropout_seed
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
+        q, k, v, out, lse, *saved = ctx.saved_tensors
+        varlen_args = dict(zip(ctx.tensor_names, saved), **ctx.scalars)
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, dsink = attention_backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            ctx.opts,
-            dlse=dlse,
-            cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k,
-            max_seqlen_q=ctx.max_seqlens[0],
-            max_seqlen_k=ctx.max_seqlens[1],
-            seqused_k=seqused_k,
+            dout, q, k, v, out, lse, ctx.opts, dlse=dlse, dropout_seed=ctx.dropout_seed, **varlen_args
         )
-        return dq, dk, dv, dsink, None, None, None, None, None, None
+        return dq, dk, dv, dsink, None, None, None
 
 
 def attention(
@@ -155,11 +145,19 @@ def attention(
     return_probs=False,
 ):
     """Differentiable attention: (out, lse, S_dmask or None). Gradients reach q, k, v and
-    opts.learnable_sink; lse is differentiable too."""
-    _check_supported(opts, block_table)
-    out, lse = _AttentionFunction.apply(
-        q, k, v, opts.learnable_sink, opts, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k
+    opts.learnable_sink; lse is differentiable too. S_dmask holds the probabilities, with the
+    entries that dropout removed negated."""
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged KV) for flash_attn_varlen_func is not implemented yet")
+    varlen_args = dict(
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        seqused_k=seqused_k,
     )
+    dropout_seed = draw_seed() if opts.dropout_p > 0 else 0
+    out, lse = _AttentionFunction.apply(q, k, v, opts.learnable_sink, opts, varlen_args, dropout_seed)
     probs = None
     if return_probs:
         from flashtron.probs import attention_probs
@@ -172,5 +170,6 @@ def attention(
             cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k,
             seqused_k=seqused_k,
+            dropout_seed=dropout_seed,
         )
     return out, lse, probs

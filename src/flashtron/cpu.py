@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from flashtron.dropout import block_keep
 from flashtron.options import AttnOptions
 
 _NEG_INF = float("-inf")
@@ -38,9 +39,43 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _check(opts: AttnOptions, block_n: int) -> None:
-    if opts.dropout_p > 0:
-        raise NotImplementedError("dropout_p > 0 is not implemented on the CPU path yet")
+class _Dropout(NamedTuple):
+    """Where one sequence sits in the Philox offset space (flashtron/dropout.py)."""
+
+    seed: int
+    p: float
+    bh: torch.Tensor  # (batch_size, nheads_k, group): batch * nheads + head (dense) or head (varlen)
+    rows_total: int
+    row0: int
+    cols_total: int
+    col0: int
+
+    def keep(self, nrows: int, j0: int, j1: int) -> torch.Tensor:
+        """(batch_size, nheads_k, group, nrows, j1 - j0) bool."""
+        return block_keep(
+            self.seed, self.p, self.bh, self.rows_total, self.row0, nrows, self.cols_total, self.col0, j0, j1
+        )
+
+
+def _dense_dropout(opts, seed, q, k):
+    if opts.dropout_p == 0:
+        return None
+    b, sq, h, _ = q.shape
+    hk = k.shape[2]
+    bh = (torch.arange(b)[:, None] * h + torch.arange(h)[None, :]).view(b, hk, h // hk)
+    return _Dropout(seed, opts.dropout_p, bh, sq, 0, k.shape[1], 0)
+
+
+def _varlen_dropout(opts, seed, q, k, q0, k0):
+    if opts.dropout_p == 0:
+        return None
+    h, hk = q.shape[1], k.shape[1]
+    return _Dropout(seed, opts.dropout_p, torch.arange(h).view(1, hk, h // hk), q.shape[0], q0, k.shape[0], k0)
+
+
+def _check(opts: AttnOptions, block_n: int, dropout_seed) -> None:
+    if opts.dropout_p > 0 and not isinstance(dropout_seed, int):
+        raise ValueError(f"dropout_seed must be an int when dropout_p > 0, got {dropout_seed!r}")
     if not isinstance(block_n, int) or block_n < 1:
         raise ValueError(f"block_n must be a positive int, got {block_n!r}")
 
@@ -117,7 +152,7 @@ def _sink(opts: AttnOptions, nheads_k: int, dtype: torch.dtype) -> torch.Tensor 
     return opts.learnable_sink.to(dtype).reshape(1, nheads_k, -1, 1)
 
 
-def _forward_dense(q, k, v, opts, slopes, block_n):
+def _forward_dense(q, k, v, opts, slopes, block_n, drop=None):
     """q: (batch_size, seqlen_q, nheads, headdim), k: (batch_size, seqlen_k, nheads_k, headdim),
     v: (batch_size, seqlen_k, nheads_k, headdim_v) -> out (batch_size, seqlen_q, nheads, headdim_v),
     lse (batch_size, nheads, seqlen_q) in the compute dtype."""
@@ -140,6 +175,8 @@ def _forward_dense(q, k, v, opts, slopes, block_n):
         pr = s.sub_(m_safe[..., None]).exp_()  # in place: blocks are the only O(sq * n) memory
         alpha = torch.exp(m_i - m_safe)
         l_i = l_i * alpha + pr.sum(dim=-1)
+        if drop is not None:  # the denominator counts every probability, the output only the kept
+            pr = pr * drop.keep(sq, j0, j1)
         acc = acc * alpha.view(b, hk, g * sq, 1) + pr.view(b, hk, g * sq, -1) @ vh[:, :, j0:j1]
         m_i = m_new
 
@@ -151,11 +188,13 @@ def _forward_dense(q, k, v, opts, slopes, block_n):
         lse = torch.logaddexp(lse_keys, sink)
         # The sink only enlarges the denominator: scale by sum_keys / (sum_keys + e^sink).
         inv_l = inv_l * torch.exp(lse_keys - lse)
+    if drop is not None:
+        inv_l = inv_l / (1.0 - drop.p)
     out = acc * inv_l.view(b, hk, g * sq, 1)
     return _heads_last(out, q), lse.reshape(b, h, sq)
 
 
-def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n):
+def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=None):
     """Shapes as in _forward_dense, dout like out, dlse like lse or None. Returns dq, dk, dv, dsink or None."""
     dt = _compute_dtype(q)
     b, sq, h, _ = q.shape
@@ -178,8 +217,14 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n):
         k_blk, v_blk = kh[:, :, j0:j1], vh[:, :, j0:j1]
         s, t = _block_logits(p, qh, k_blk, j0)  # [b, hk, g, sq, n]
         pr = s.sub_(lse_safe[..., None]).exp_()
-        dv[:, :, j0:j1] += pr.view(b, hk, g * sq, -1).transpose(-1, -2) @ doh
         dp = (doh @ v_blk.transpose(-1, -2)).view_as(pr)
+        if drop is not None:
+            # out used the kept probabilities scaled by 1/(1-p): so do dV and the flow into P
+            kept = drop.keep(sq, j0, j1).to(dt) / (1.0 - drop.p)
+            dv[:, :, j0:j1] += (pr * kept).view(b, hk, g * sq, -1).transpose(-1, -2) @ doh
+            dp.mul_(kept)
+        else:
+            dv[:, :, j0:j1] += pr.view(b, hk, g * sq, -1).transpose(-1, -2) @ doh
         ds = dp.sub_(delta[..., None]).mul_(pr)  # gradient of the logits (alibi's bias has slope 1)
         if t is not None:
             ds.mul_(t.square_().neg_().add_(1.0))  # d/ds of c * tanh(s / c) = 1 - tanh^2
@@ -231,18 +276,19 @@ def attention_forward(
     v: (total_k, nheads_k, headdim_v), cu_seqlens_q/k: (batch_size + 1,) int32, seqused_k:
     (batch_size,) int32 or None -> out: (total_q, nheads, headdim_v), lse: (nheads, total_q).
     lse is fp32, or fp64 for fp64 inputs so that the fp64 backward is not limited by fp32 rounding.
-    dropout_seed is reserved for dropout, which is not implemented here yet.
+    dropout_seed picks the dropout mask (flashtron/dropout.py), the same one the kernels draw.
     """
-    _check(opts, block_n)
+    _check(opts, block_n, dropout_seed)
     if cu_seqlens_q is None:
-        return _forward_dense(q, k, v, opts, opts.alibi_slopes, block_n)
+        return _forward_dense(q, k, v, opts, opts.alibi_slopes, block_n, _dense_dropout(opts, dropout_seed, q, k))
     total_q, h, _ = q.shape
     out = torch.zeros((total_q, h, v.shape[-1]), dtype=q.dtype)
     lse = torch.full((h, total_q), _NEG_INF, dtype=_compute_dtype(q))
     for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
         if q1 == q0:
             continue
-        o, l_ = _forward_dense(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], opts, _slopes_of(opts, i), block_n)
+        drop = _varlen_dropout(opts, dropout_seed, q, k, q0, k0)
+        o, l_ = _forward_dense(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], opts, _slopes_of(opts, i), block_n, drop)
         out[q0:q1], lse[:, q0:q1] = o[0], l_[0]
     return out, lse
 
@@ -270,9 +316,10 @@ def attention_backward(
     its input's dtype, dsink (nheads,) in learnable_sink's dtype (fp32), or None without a sink.
     Keys past seqused_k get zero gradients.
     """
-    _check(opts, block_n)
+    _check(opts, block_n, dropout_seed)
     if cu_seqlens_q is None:
-        return _backward_dense(dout, q, k, v, out, lse, dlse, opts, opts.alibi_slopes, block_n)
+        drop = _dense_dropout(opts, dropout_seed, q, k)
+        return _backward_dense(dout, q, k, v, out, lse, dlse, opts, opts.alibi_slopes, block_n, drop)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dsink = None
     if opts.learnable_sink is not None:
@@ -291,6 +338,7 @@ def attention_backward(
             opts,
             _slopes_of(opts, i),
             block_n,
+            _varlen_dropout(opts, dropout_seed, q, k, q0, k0),
         )
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = grads[0][0], grads[1][0], grads[2][0]
         if dsink is not None:

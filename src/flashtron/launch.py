@@ -12,6 +12,7 @@ import torch
 import triton
 
 from flashtron.configs import bwd_configs, fwd_config
+from flashtron.dropout import keep_threshold
 from flashtron.kernels.bwd import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
@@ -70,6 +71,19 @@ def _score_args(q: torch.Tensor, opts: AttnOptions) -> dict:
     )
 
 
+def _dropout_args(q, k, opts: AttnOptions, dropout_seed, varlen: bool) -> dict:
+    """Philox draw parameters (flashtron/dropout.py defines the offsets); inert when p == 0."""
+    p = opts.dropout_p
+    return dict(
+        dropout_seed=dropout_seed if p > 0 else 0,
+        dropout_threshold=keep_threshold(p) if p > 0 else 0,
+        dropout_scale=1.0 / (1.0 - p),
+        philox_rows=q.shape[0] if varlen else q.shape[1],
+        philox_cols=k.shape[0] if varlen else k.shape[1],
+        HAS_DROPOUT=p > 0,
+    )
+
+
 def _alibi_strides(opts: AttnOptions) -> tuple[int, int]:
     slopes = opts.alibi_slopes
     if slopes is None:
@@ -99,6 +113,7 @@ def attention_forward(
     max_seqlen_q=None,
     max_seqlen_k=None,
     seqused_k=None,
+    dropout_seed=0,
 ):
     """Returns out (like q, with v's head dim) and lse (fp32, natural log): (b, h, sq) or (h, total_q)."""
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, head_dim_v = _shape_info(
@@ -146,6 +161,7 @@ def attention_forward(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **score,
+        **_dropout_args(q, k, opts, dropout_seed, varlen),
     )
     return out, lse
 
@@ -165,6 +181,7 @@ def attention_backward(
     max_seqlen_q=None,
     max_seqlen_k=None,
     seqused_k=None,
+    dropout_seed=0,
 ):
     """Gradients of attention. dout like out; dlse (optional) is the gradient flowing into lse.
     Returns (dq, dk, dv, delta) where delta = rowsum(dout * out) - dlse, shaped like lse (the sink's
@@ -211,6 +228,7 @@ def attention_backward(
         IS_VARLEN=varlen,
         HAS_SEQUSED_K=seqused_k is not None,
         **score,
+        **_dropout_args(q, k, opts, dropout_seed, varlen),
     )
     seq_strides = (
         *_seq_strides(q, varlen),

@@ -13,7 +13,7 @@ the softcap's tanh and the softmax scale.
 import triton
 import triton.language as tl
 
-from flashtron.kernels.common import LOG2E, kv_block_bounds, q_block_bounds, scores_log2, visible
+from flashtron.kernels.common import LOG2E, dropout_keep, kv_block_bounds, q_block_bounds, scores_log2, visible
 
 
 @triton.jit(do_not_specialize=["seqlen_q"])
@@ -104,6 +104,11 @@ def _dkdv_over_q_blocks(
     qk_scale,
     softcap_log2,
     alibi_slope_log2,
+    dropout_seed,
+    dropout_threshold,
+    dropout_scale,
+    philox_base,
+    philox_cols,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,6 +117,7 @@ def _dkdv_over_q_blocks(
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -145,8 +151,16 @@ def _dkdv_over_q_blocks(
             keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(keep, p, 0.0)
         pt = tl.trans(p)  # [BLOCK_N, BLOCK_M]
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
+        if HAS_DROPOUT:
+            # the output used the dropped, rescaled P: dV sees it, and dP flows only where kept
+            keept = tl.trans(dropout_keep(dropout_seed, dropout_threshold, philox_base, offs_m, offs_n, philox_cols))
+            pt_dropped = tl.where(keept, pt * dropout_scale, 0.0)
+            dv = tl.dot(pt_dropped.to(do.dtype), do, dv, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
+        else:
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        if HAS_DROPOUT:
+            dpt = tl.where(keept, dpt * dropout_scale, 0.0)
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             tt = tl.trans(t)
@@ -155,7 +169,18 @@ def _dkdv_over_q_blocks(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+@triton.jit(
+    do_not_specialize=[
+        "seqlen_q",
+        "seqlen_k",
+        "window_left",
+        "window_right",
+        "dropout_seed",
+        "dropout_threshold",
+        "philox_rows",
+        "philox_cols",
+    ]
+)
 def attention_bwd_dkdv_kernel(
     Q,
     K,
@@ -199,6 +224,11 @@ def attention_bwd_dkdv_kernel(
     window_right,
     qk_scale,
     softcap_log2,
+    dropout_seed,
+    dropout_threshold,
+    dropout_scale,
+    philox_rows,
+    philox_cols,
     dk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -210,6 +240,7 @@ def attention_bwd_dkdv_kernel(
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_SEQUSED_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -276,6 +307,12 @@ def attention_bwd_dkdv_kernel(
                 + off_h.to(tl.int64) * stride_lh
                 + q_start.to(tl.int64) * stride_lm
             )
+            philox_base = 0
+            if HAS_DROPOUT:
+                off_bh = off_b.to(tl.int64) * (tl.num_programs(1) * group_size) + off_h
+                if IS_VARLEN:
+                    off_bh = off_h.to(tl.int64)
+                philox_base = (off_bh * philox_rows + q_start) * philox_cols + k_start
             alibi_slope_log2 = 0.0
             if HAS_ALIBI:
                 alibi_slope_log2 = tl.load(AlibiSlopes + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
@@ -303,6 +340,11 @@ def attention_bwd_dkdv_kernel(
                 qk_scale,
                 softcap_log2,
                 alibi_slope_log2,
+                dropout_seed,
+                dropout_threshold,
+                dropout_scale,
+                philox_base,
+                philox_cols,
                 HEAD_DIM,
                 HEAD_DIM_V,
                 BLOCK_M,
@@ -311,6 +353,7 @@ def attention_bwd_dkdv_kernel(
                 HAS_RIGHT,
                 HAS_SOFTCAP,
                 HAS_ALIBI,
+                HAS_DROPOUT,
                 DOT_FP32,
                 PRECISION,
             )
@@ -338,6 +381,11 @@ def attention_bwd_dkdv_kernel(
                 qk_scale,
                 softcap_log2,
                 alibi_slope_log2,
+                dropout_seed,
+                dropout_threshold,
+                dropout_scale,
+                philox_base,
+                philox_cols,
                 HEAD_DIM,
                 HEAD_DIM_V,
                 BLOCK_M,
@@ -346,6 +394,7 @@ def attention_bwd_dkdv_kernel(
                 HAS_RIGHT,
                 HAS_SOFTCAP,
                 HAS_ALIBI,
+                HAS_DROPOUT,
                 DOT_FP32,
                 PRECISION,
             )
@@ -373,6 +422,11 @@ def attention_bwd_dkdv_kernel(
                 qk_scale,
                 softcap_log2,
                 alibi_slope_log2,
+                dropout_seed,
+                dropout_threshold,
+                dropout_scale,
+                philox_base,
+                philox_cols,
                 HEAD_DIM,
                 HEAD_DIM_V,
                 BLOCK_M,
@@ -381,6 +435,7 @@ def attention_bwd_dkdv_kernel(
                 HAS_RIGHT,
                 HAS_SOFTCAP,
                 HAS_ALIBI,
+                HAS_DROPOUT,
                 DOT_FP32,
                 PRECISION,
             )
@@ -421,6 +476,11 @@ def _dq_over_kv_blocks(
     qk_scale,
     softcap_log2,
     alibi_slope_log2,
+    dropout_seed,
+    dropout_threshold,
+    dropout_scale,
+    philox_base,
+    philox_cols,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -429,6 +489,7 @@ def _dq_over_kv_blocks(
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -453,6 +514,9 @@ def _dq_over_kv_blocks(
             keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_DROPOUT:
+            keep = dropout_keep(dropout_seed, dropout_threshold, philox_base, offs_m, offs_n, philox_cols)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -460,7 +524,18 @@ def _dq_over_kv_blocks(
     return dq
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+@triton.jit(
+    do_not_specialize=[
+        "seqlen_q",
+        "seqlen_k",
+        "window_left",
+        "window_right",
+        "dropout_seed",
+        "dropout_threshold",
+        "philox_rows",
+        "philox_cols",
+    ]
+)
 def attention_bwd_dq_kernel(
     Q,
     K,
@@ -500,6 +575,11 @@ def attention_bwd_dq_kernel(
     window_right,
     qk_scale,
     softcap_log2,
+    dropout_seed,
+    dropout_threshold,
+    dropout_scale,
+    philox_rows,
+    philox_cols,
     dq_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -511,6 +591,7 @@ def attention_bwd_dq_kernel(
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_SEQUSED_K: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
@@ -564,6 +645,12 @@ def attention_bwd_dq_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
+    philox_base = 0
+    if HAS_DROPOUT:
+        off_bh = off_b.to(tl.int64) * tl.num_programs(1) + off_h
+        if IS_VARLEN:
+            off_bh = off_h.to(tl.int64)
+        philox_base = (off_bh * philox_rows + q_start) * philox_cols + k_start
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
@@ -594,6 +681,11 @@ def attention_bwd_dq_kernel(
         qk_scale,
         softcap_log2,
         alibi_slope_log2,
+        dropout_seed,
+        dropout_threshold,
+        dropout_scale,
+        philox_base,
+        philox_cols,
         HEAD_DIM,
         HEAD_DIM_V,
         BLOCK_N,
@@ -602,6 +694,7 @@ def attention_bwd_dq_kernel(
         HAS_RIGHT,
         HAS_SOFTCAP,
         HAS_ALIBI,
+        HAS_DROPOUT,
         DOT_FP32,
         PRECISION,
     )
@@ -627,6 +720,11 @@ def attention_bwd_dq_kernel(
         qk_scale,
         softcap_log2,
         alibi_slope_log2,
+        dropout_seed,
+        dropout_threshold,
+        dropout_scale,
+        philox_base,
+        philox_cols,
         HEAD_DIM,
         HEAD_DIM_V,
         BLOCK_N,
@@ -635,6 +733,7 @@ def attention_bwd_dq_kernel(
         HAS_RIGHT,
         HAS_SOFTCAP,
         HAS_ALIBI,
+        HAS_DROPOUT,
         DOT_FP32,
         PRECISION,
     )
@@ -660,6 +759,11 @@ def attention_bwd_dq_kernel(
         qk_scale,
         softcap_log2,
         alibi_slope_log2,
+        dropout_seed,
+        dropout_threshold,
+        dropout_scale,
+        philox_base,
+        philox_cols,
         HEAD_DIM,
         HEAD_DIM_V,
         BLOCK_N,
@@ -668,6 +772,7 @@ def attention_bwd_dq_kernel(
         HAS_RIGHT,
         HAS_SOFTCAP,
         HAS_ALIBI,
+        HAS_DROPOUT,
         DOT_FP32,
         PRECISION,
     )

@@ -130,3 +130,12 @@ def scores_log2(
         dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - offs_n[None, :]
         s = s - alibi_slope_log2 * tl.abs(dist).to(tl.float32)
     return s, t
+
+
+@triton.jit
+def dropout_keep(seed, threshold, philox_base, offs_m, offs_n, philox_cols):
+    """[BLOCK_M, BLOCK_N] keep-mask: Philox draw of element (row, key) >= threshold (= p * 2**32).
+    philox_base is the offset of (row 0, key 0) of this head; rows are philox_cols apart. The same
+    draw is made in plain PyTorch by flashtron.dropout."""
+    offs = philox_base + offs_m[:, None].to(tl.int64) * philox_cols + offs_n[None, :]
+    return tl.randint(seed, offs).to(tl.int64) >= threshold

@@ -8,7 +8,7 @@ Features are constexpr flags: window/causal (HAS_LEFT/HAS_RIGHT), softcap, ALiBi
 import triton
 import triton.language as tl
 
-from flashtron.kernels.common import LN2, LOG2E, kv_block_bounds, scores_log2, visible
+from flashtron.kernels.common import LN2, LOG2E, dropout_keep, kv_block_bounds, scores_log2, visible
 
 
 @triton.jit
@@ -33,6 +33,10 @@ def _attend_kv_blocks(
     qk_scale,
     softcap_log2,
     alibi_slope_log2,
+    dropout_seed,
+    dropout_threshold,
+    philox_base,
+    philox_cols,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -41,6 +45,7 @@ def _attend_kv_blocks(
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -72,6 +77,10 @@ def _attend_kv_blocks(
         p = tl.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            # the denominator counts every probability; only the kept ones reach the output
+            keep = dropout_keep(dropout_seed, dropout_threshold, philox_base, offs_m, offs_n, philox_cols)
+            p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None]
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
         if DOT_FP32:
@@ -82,7 +91,18 @@ def _attend_kv_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+@triton.jit(
+    do_not_specialize=[
+        "seqlen_q",
+        "seqlen_k",
+        "window_left",
+        "window_right",
+        "dropout_seed",
+        "dropout_threshold",
+        "philox_rows",
+        "philox_cols",
+    ]
+)
 def attention_fwd_kernel(
     Q,
     K,
@@ -118,6 +138,11 @@ def attention_fwd_kernel(
     window_right,
     qk_scale,
     softcap_log2,
+    dropout_seed,
+    dropout_threshold,
+    dropout_scale,
+    philox_rows,
+    philox_cols,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -129,6 +154,7 @@ def attention_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_SINK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_SEQUSED_K: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
@@ -174,6 +200,13 @@ def attention_fwd_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
 
+    philox_base = 0
+    if HAS_DROPOUT:
+        # offset of (row 0, key 0) of this sequence and head; see flashtron/dropout.py
+        off_bh = off_b.to(tl.int64) * tl.num_programs(1) + off_h
+        if IS_VARLEN:
+            off_bh = off_h.to(tl.int64)
+        philox_base = (off_bh * philox_rows + q_start) * philox_cols + k_start
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
@@ -207,6 +240,10 @@ def attention_fwd_kernel(
         qk_scale,
         softcap_log2,
         alibi_slope_log2,
+        dropout_seed,
+        dropout_threshold,
+        philox_base,
+        philox_cols,
         HEAD_DIM,
         HEAD_DIM_V,
         BLOCK_N,
@@ -215,6 +252,7 @@ def attention_fwd_kernel(
         HAS_RIGHT,
         HAS_SOFTCAP,
         HAS_ALIBI,
+        HAS_DROPOUT,
         DOT_FP32,
         PRECISION,
     )
@@ -239,6 +277,10 @@ def attention_fwd_kernel(
         qk_scale,
         softcap_log2,
         alibi_slope_log2,
+        dropout_seed,
+        dropout_threshold,
+        philox_base,
+        philox_cols,
         HEAD_DIM,
         HEAD_DIM_V,
         BLOCK_N,
@@ -247,6 +289,7 @@ def attention_fwd_kernel(
         HAS_RIGHT,
         HAS_SOFTCAP,
         HAS_ALIBI,
+        HAS_DROPOUT,
         DOT_FP32,
         PRECISION,
     )
@@ -271,6 +314,10 @@ def attention_fwd_kernel(
         qk_scale,
         softcap_log2,
         alibi_slope_log2,
+        dropout_seed,
+        dropout_threshold,
+        philox_base,
+        philox_cols,
         HEAD_DIM,
         HEAD_DIM_V,
         BLOCK_N,
@@ -279,6 +326,7 @@ def attention_fwd_kernel(
         HAS_RIGHT,
         HAS_SOFTCAP,
         HAS_ALIBI,
+        HAS_DROPOUT,
         DOT_FP32,
         PRECISION,
     )
@@ -294,7 +342,7 @@ def attention_fwd_kernel(
 
     # rows that saw nothing have l_i == 0: out 0, lse -inf
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc * (dropout_scale / tl.where(empty, 1.0, l_i))[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
     tl.store(Out + offs_r[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
