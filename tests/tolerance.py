@@ -33,8 +33,10 @@ def assert_fa_close(ours, ref, pt, *, factor: float = FWD_FACTOR, name: str = "o
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     if ours.numel() == 0:
         return
-    bad = ~torch.isfinite(ours)
-    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values, first at {bad.nonzero()[0].tolist()}"
+    for label, t in (("", ours), (" reference", ref), (" PyTorch-in-dtype", pt)):
+        # a NaN anywhere would make the comparisons below vacuous (NaN > x is False)
+        bad = torch.isnan(t) if label else ~torch.isfinite(t)
+        assert not bad.any(), f"{name}{label}: {int(bad.sum())} bad values, first at {bad.nonzero()[0].tolist()}"
     err = max_abs_err(ours, ref)
     err_pt = max_abs_err(pt, ref)
     biggest = ref.double().abs().max().item()

@@ -149,6 +149,22 @@ def attention(
     entries that dropout removed negated."""
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV) for flash_attn_varlen_func is not implemented yet")
+    if torch.compiler.is_compiling():
+        # torch.compile sees attention as torch.library ops (one opaque node, no graph break)
+        from flashtron import compile as compiled
+
+        return compiled.attention(
+            q,
+            k,
+            v,
+            opts,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            seqused_k=seqused_k,
+            return_probs=return_probs,
+        )
     varlen_args = dict(
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,

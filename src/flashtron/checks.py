@@ -133,10 +133,10 @@ def check_options(fn, *, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)
         raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if softmax_scale is not None:
         softmax_scale = check_real(fn, "softmax_scale", softmax_scale)
-        if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        if not (abs(softmax_scale) < math.inf and softmax_scale > 0):  # not isfinite: dynamo-traceable
             raise ValueError(f"{fn}: softmax_scale must be a finite positive float or None, got {softmax_scale}")
     softcap = check_real(fn, "softcap", softcap)
-    if not (math.isfinite(softcap) and softcap >= 0):
+    if not (abs(softcap) < math.inf and softcap >= 0):
         raise ValueError(f"{fn}: softcap must be a finite float >= 0 (0 disables it), got {softcap}")
     left, right = check_window(fn, window_size)
     return dropout_p, softmax_scale, left, right, softcap

@@ -1,0 +1,251 @@
+"""torch.library custom ops around attention's forward and backward, for torch.compile.
+
+`torch.compile` cannot trace into the Triton launchers or the CPU path's data-dependent loops, so
+it would break the graph there. These ops make attention one opaque node with a known output shape:
+
+    flashtron::attn_fwd(q, k, v, <options>, <varlen>) -> (out, lse)
+    flashtron::attn_bwd(dout, dlse, q, k, v, out, lse, <options>, <varlen>) -> (dq, dk, dv, dsink)
+
+Custom ops take tensors and scalars only, so `AttnOptions` travels flattened. `register_fake` gives
+the output shapes (symbolic shapes included), `register_autograd` ties the backward to the forward.
+The dropout seed is a 1-element int64 CPU tensor drawn with torch.randint, so that drawing it
+needs no `.item()` in the traced graph; the op reads it inside.
+
+`attention(q, k, v, opts, ...)` has the contract of `flashtron.autograd.attention` and calls the
+ops. The public functions route through it while compiling with this hook at the top of
+`flashtron.autograd.attention`:
+
+    if torch.compiler.is_compiling():
+        from flashtron import compile as compiled
+        return compiled.attention(q, k, v, opts, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                  seqused_k=seqused_k, block_table=block_table, return_probs=return_probs)
+
+Importing this module registers the ops (no device work).
+"""
+
+import torch
+from torch import Tensor
+
+from flashtron import attention_backward, attention_forward
+from flashtron.options import AttnOptions
+
+__all__ = ["attention", "attn_fwd", "attn_bwd"]
+
+
+def _options(softmax_scale, window_left, window_right, softcap, alibi_slopes, learnable_sink, dropout_p, deterministic):
+    return AttnOptions(
+        softmax_scale=softmax_scale,
+        window_left=window_left,
+        window_right=window_right,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        learnable_sink=learnable_sink,
+        deterministic=deterministic,
+    )
+
+
+def _seed(dropout_seed: Tensor | None) -> int:
+    return 0 if dropout_seed is None else int(dropout_seed.item())
+
+
+@torch.library.custom_op("flashtron::attn_fwd", mutates_args=())
+def attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Tensor | None,
+    learnable_sink: Tensor | None,
+    dropout_p: float,
+    deterministic: bool,
+    dropout_seed: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    seqused_k: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse), contiguous: out (batch_size, seqlen_q, nheads, headdim_v) or (total_q, nheads,
+    headdim_v); lse (batch_size, nheads, seqlen_q) or (nheads, total_q), fp32 (fp64 for fp64)."""
+    opts = _options(
+        softmax_scale, window_left, window_right, softcap, alibi_slopes, learnable_sink, dropout_p, deterministic
+    )
+    out, lse = attention_forward(
+        q,
+        k,
+        v,
+        opts,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        seqused_k=seqused_k,
+        dropout_seed=_seed(dropout_seed),
+    )
+    return out.contiguous(), lse.contiguous()
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@attn_fwd.register_fake
+def _(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, learnable_sink, dropout_p,
+      deterministic, dropout_seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k):  # fmt: skip
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if cu_seqlens_q is None:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q))
+    else:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+    return out, lse
+
+
+@torch.library.custom_op("flashtron::attn_bwd", mutates_args=())
+def attn_bwd(
+    dout: Tensor,
+    dlse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Tensor | None,
+    learnable_sink: Tensor | None,
+    dropout_p: float,
+    deterministic: bool,
+    dropout_seed: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    seqused_k: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dsink), contiguous; dsink is (nheads,), or (0,) without a learnable sink."""
+    opts = _options(
+        softmax_scale, window_left, window_right, softcap, alibi_slopes, learnable_sink, dropout_p, deterministic
+    )
+    dq, dk, dv, dsink = attention_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        opts,
+        dlse=dlse,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        seqused_k=seqused_k,
+        dropout_seed=_seed(dropout_seed),
+    )
+    if dsink is None:
+        dsink = q.new_zeros((0,), dtype=torch.float32)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsink.contiguous()
+
+
+@attn_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+      learnable_sink, dropout_p, deterministic, dropout_seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, seqused_k):  # fmt: skip
+    if learnable_sink is None:
+        dsink = q.new_empty((0,), dtype=torch.float32)
+    else:
+        dsink = learnable_sink.new_empty(learnable_sink.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsink
+
+
+# attn_fwd's arguments after (q, k, v), passed on to attn_bwd as they are.
+_EXTRA = ("softmax_scale", "window_left", "window_right", "softcap", "alibi_slopes", "learnable_sink", "dropout_p",
+          "deterministic", "dropout_seed", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+          "seqused_k")  # fmt: skip
+_SINK = _EXTRA.index("learnable_sink")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *extra = inputs
+    ctx.is_tensor = [isinstance(x, Tensor) for x in extra]
+    ctx.save_for_backward(q, k, v, *output, *(x for x, t in zip(extra, ctx.is_tensor) if t))
+    ctx.scalars = [None if t else x for x, t in zip(extra, ctx.is_tensor)]
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *saved = ctx.saved_tensors
+    saved = iter(saved)
+    extra = [next(saved) if t else x for x, t in zip(ctx.scalars, ctx.is_tensor)]
+    dq, dk, dv, dsink = attn_bwd(dout.contiguous(), dlse, q, k, v, out, lse, *extra)
+    grads = [dq, dk, dv] + [None] * len(extra)
+    if ctx.is_tensor[_SINK]:
+        grads[3 + _SINK] = dsink
+    return tuple(grads)
+
+
+attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q,
+    k,
+    v,
+    opts: AttnOptions,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqused_k=None,
+    block_table=None,
+    return_probs=False,
+):
+    """flashtron.autograd.attention through the custom ops: (out, lse, S_dmask or None).
+
+    Shapes as flash_attn_func / flash_attn_varlen_func; gradients reach q, k, v,
+    opts.learnable_sink, and lse is differentiable.
+    """
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged KV) for flash_attn_varlen_func is not implemented yet")
+    seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64) if opts.dropout_p > 0 else None
+    out, lse = attn_fwd(
+        q,
+        k,
+        v,
+        opts.softmax_scale,
+        opts.window_left,
+        opts.window_right,
+        opts.softcap,
+        opts.alibi_slopes,
+        opts.learnable_sink,
+        opts.dropout_p,
+        opts.deterministic,
+        seed,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        seqused_k,
+    )
+    probs = None
+    if return_probs:
+        from flashtron.probs import attention_probs
+
+        probs = attention_probs(
+            q.detach(),
+            k.detach(),
+            lse.detach(),
+            opts,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            seqused_k=seqused_k,
+            dropout_seed=_seed(seed),
+        )
+    return out, lse, probs

@@ -1,0 +1,68 @@
+"""Rotary position embedding as a module: cached cos/sin tables and `flashtron.ops.apply_rotary_emb`.
+
+The tables are computed in fp32 (positions times inverse frequencies), grown when a longer sequence
+comes, and cast once per dtype. They are plain attributes, not buffers, so `module.to(bfloat16)`
+never rounds the frequencies; they follow the device of the tensors they are asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashtron.ops import apply_rotary_emb
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """RoPE over the first `dim` features of each head.
+
+    dim: the rotary dim (even, <= headdim). base: theta of the inverse frequencies
+    base ** (-2i / dim). interleaved: rotate GPT-J pairs (x0, x1), (x2, x3)... instead of GPT-NeoX
+    halves (x_i, x_{i + dim/2}).
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, device=None):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 2 or dim % 2:
+            raise ValueError(f"RotaryEmbedding: dim must be an even int >= 2, got {dim!r}")
+        if not base > 0:
+            raise ValueError(f"RotaryEmbedding: base must be > 0, got {base!r}")
+        self.dim, self.base, self.interleaved = dim, float(base), bool(interleaved)
+        self._tables = None  # fp32 (cos, sin), each (seqlen_cached, dim / 2)
+        self._cast = {}  # dtype -> (cos, sin) cast from self._tables
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base}, interleaved={self.interleaved}"
+
+    def cos_sin(self, seqlen: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin): (seqlen_ro, dim / 2) with seqlen_ro >= seqlen, in dtype, on device.
+
+        Grows the tables to the next power of two, so decoding does not recompute them each step.
+        """
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        tables = self._tables
+        if tables is None or tables[0].shape[0] < seqlen or tables[0].device != device:
+            n = max(16, 1 << max(int(seqlen) - 1, 0).bit_length())
+            inv_freq = self.base ** -(torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
+            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
+            self._tables, self._cast = (freqs.cos(), freqs.sin()), {}
+        if dtype not in self._cast:
+            cos, sin = self._tables
+            self._cast[dtype] = (cos.to(dtype), sin.to(dtype))
+        return self._cast[dtype]
+
+    def forward(self, q, k, seqlen_offset: int = 0, cu_seqlens=None, max_seqlen=None):
+        """Rotates q and k at their positions; returns (q, k), new tensors.
+
+        q: (batch_size, seqlen, nheads, headdim), k: (batch_size, seqlen, nheads_k, headdim); or
+        (total_seqlen, nheads, headdim) with cu_seqlens (batch_size + 1,) int32 and max_seqlen (int),
+        positions restarting at 0 in each sequence. seqlen_offset: int, the position of the first
+        token. (Decoding at per-row positions goes through flash_attn_with_kvcache and cos_sin.)
+        """
+        if isinstance(seqlen_offset, bool) or not isinstance(seqlen_offset, int):
+            raise TypeError(f"RotaryEmbedding: seqlen_offset must be an int, got {type(seqlen_offset).__name__}")
+        seqlen = max_seqlen if cu_seqlens is not None else q.shape[1]
+        cos, sin = self.cos_sin(seqlen_offset + seqlen, q.device)
+        kw = dict(
+            interleaved=self.interleaved, seqlen_offsets=seqlen_offset, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+        )
+        return apply_rotary_emb(q, cos, sin, **kw), apply_rotary_emb(k, cos, sin, **kw)

@@ -1,0 +1,149 @@
+"""flashtron.compile: the attention custom ops pass torch.library.opcheck, match the autograd path
+bit for bit, and compile with fullgraph=True and dynamic shapes (one graph for several seqlens)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashtron
+import flashtron.autograd
+from flashtron import compile as compiled
+from flashtron.options import AttnOptions
+
+
+@pytest.fixture
+def route_through_custom_ops(monkeypatch):
+    """The hook of flashtron.compile's docstring, at the top of flashtron.autograd.attention."""
+    eager = flashtron.autograd.attention
+
+    def attention(q, k, v, opts, **kwargs):
+        if torch.compiler.is_compiling():
+            return compiled.attention(q, k, v, opts, **kwargs)
+        return eager(q, k, v, opts, **kwargs)
+
+    monkeypatch.setattr(flashtron.autograd, "attention", attention)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _qkv(shape_q, shape_kv, requires_grad=True):
+    q = torch.randn(*shape_q, requires_grad=requires_grad)
+    k = torch.randn(*shape_kv, requires_grad=requires_grad)
+    v = torch.randn(*shape_kv, requires_grad=requires_grad)
+    return q, k, v
+
+
+def _fwd_args(q, k, v, opts, cu_q=None, cu_k=None, max_q=None, max_k=None, seqused_k=None):
+    options = (opts.softmax_scale, opts.window_left, opts.window_right, opts.softcap, opts.alibi_slopes)
+    options += (opts.learnable_sink, opts.dropout_p, opts.deterministic, None)  # None: the dropout seed
+    return (q, k, v, *options, cu_q, cu_k, max_q, max_k, seqused_k)
+
+
+OPTION_CASES = {
+    "plain": AttnOptions(softmax_scale=0.35),
+    "causal-window": AttnOptions(softmax_scale=0.35, window_left=3, window_right=0),
+    "softcap-alibi": AttnOptions(softmax_scale=0.35, softcap=2.0, alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05])),
+    "sink": AttnOptions(softmax_scale=0.35, learnable_sink=torch.randn(4, requires_grad=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_opcheck_dense(case):
+    opts = OPTION_CASES[case]
+    q, k, v = _qkv((2, 7, 4, 8), (2, 11, 2, 8))
+    torch.library.opcheck(torch.ops.flashtron.attn_fwd.default, _fwd_args(q, k, v, opts))
+
+
+def test_opcheck_varlen_and_backward():
+    opts = AttnOptions(softmax_scale=0.35, window_right=0)
+    q, k, v = _qkv((10, 4, 8), (13, 2, 8))
+    cu_q = torch.tensor([0, 3, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 13], dtype=torch.int32)
+    args = _fwd_args(q, k, v, opts, cu_q, cu_k, 7, 7)
+    torch.library.opcheck(torch.ops.flashtron.attn_fwd.default, args)
+    out, lse = compiled.attn_fwd(*args)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    bwd_args = (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), *args[3:])
+    torch.library.opcheck(torch.ops.flashtron.attn_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_custom_op_equals_autograd_path(case):
+    opts = OPTION_CASES[case]
+    q, k, v = _qkv((2, 9, 4, 8), (2, 9, 2, 8))
+    params = [q, k, v] + ([opts.learnable_sink] if opts.learnable_sink is not None else [])
+    results = []
+    for attention in (compiled.attention, flashtron.autograd.attention):
+        out, lse, _ = attention(q, k, v, opts)
+        loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum() + lse.sin().sum()  # lse's gradient too
+        results.append((out, lse, *torch.autograd.grad(loss, params)))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
+def test_compiled_custom_op_dynamic_shapes():
+    """The ops alone (no public-API checks on the way): one graph serves every seqlen."""
+    torch._dynamo.reset()
+    opts = AttnOptions(softmax_scale=0.35, window_left=4, window_right=0)
+
+    def fn(q, k, v):
+        out, lse, _ = compiled.attention(q, k, v, opts)
+        return out * 2, lse
+
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    fn_c = torch.compile(fn, fullgraph=True, dynamic=True)
+    for seqlen in (5, 12, 17):
+        q, k, v = _qkv((2, seqlen, 4, 8), (2, seqlen + 4, 2, 8))  # sizes unlike the others: no duck sizing
+        ours = fn_c(q, k, v)
+        ref = fn(q, k, v)
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b)
+        grads = torch.autograd.grad(ours[0].sum() + ours[1].sum(), (q, k, v))
+        grads_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum(), (q, k, v))
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_public_functions(route_through_custom_ops, dynamic):
+    """flash_attn_func and flash_attn_varlen_func under torch.compile(fullgraph=True), routed to the
+    custom ops by the hook; no graph breaks (fullgraph raises on one) and eager's results."""
+
+    def dense(q, k, v):
+        return flashtron.flash_attn_func(q, k, v, causal=True, window_size=(3, -1), softcap=1.5)
+
+    def varlen(q, k, v, cu, max_seqlen):
+        return flashtron.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
+
+    dense_c = torch.compile(dense, fullgraph=True, dynamic=dynamic)
+    varlen_c = torch.compile(varlen, fullgraph=True, dynamic=dynamic)
+    for seqlen in (6, 13):
+        q, k, v = _qkv((2, seqlen, 4, 8), (2, seqlen, 2, 8))
+        out, ref = dense_c(q, k, v), dense(q, k, v)
+        assert torch.equal(out, ref)
+        for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+            assert torch.equal(a, b)
+    for lens in ((3, 7), (5, 1, 9)):
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        q, k, v = _qkv((sum(lens), 4, 8), (sum(lens), 2, 8))
+        assert torch.equal(varlen_c(q, k, v, cu, max(lens)), varlen(q, k, v, cu, max(lens)))
+
+
+@pytest.mark.gpu
+def test_compiled_gpu_training_step(route_through_custom_ops):
+    from flashtron.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_name("tiny-llama"), device="cuda")
+    idx = torch.randint(0, 96, (2, 64), device="cuda")
+    _, loss_ref = model(idx, idx)
+    grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
+    step = torch.compile(lambda i: model(i, i)[1], dynamic=False)
+    loss = step(idx)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
