@@ -54,7 +54,7 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return lse.stride(0), lse.stride(1), lse.stride(2)
 
 
-def _score_args(q: torch.Tensor, opts: AttnOptions) -> dict:
+def score_args(q: torch.Tensor, opts: AttnOptions) -> dict:
     has_softcap = opts.softcap > 0
     return dict(
         qk_scale=opts.softmax_scale / opts.softcap if has_softcap else opts.softmax_scale * LOG2E,
@@ -84,7 +84,7 @@ def _dropout_args(q, k, opts: AttnOptions, dropout_seed, varlen: bool) -> dict:
     )
 
 
-def _alibi_strides(opts: AttnOptions) -> tuple[int, int]:
+def alibi_strides(opts: AttnOptions) -> tuple[int, int]:
     slopes = opts.alibi_slopes
     if slopes is None:
         return 0, 0
@@ -126,7 +126,7 @@ def attention_forward(
         lse.fill_(float("-inf"))
         return out, lse
     cfg = fwd_config(q.device, max(head_dim, head_dim_v))
-    score = _score_args(q, opts)
+    score = score_args(q, opts)
     grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
     attention_fwd_kernel[grid](
         q,
@@ -144,7 +144,7 @@ def attention_forward(
         *_seq_strides(v, varlen),
         *_seq_strides(out, varlen),
         *_lse_strides(lse, varlen),
-        *_alibi_strides(opts),
+        *alibi_strides(opts),
         seqlen_q,
         seqlen_k,
         nheads // nheads_k,
@@ -219,7 +219,7 @@ def attention_backward(
         # d lse_i / d s_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse))
         delta.sub_(dlse)
     cfg_kv, cfg_q = bwd_configs(q.device, max(head_dim, head_dim_v))
-    score = _score_args(q, opts)
+    score = score_args(q, opts)
     common = dict(
         HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim_v,
@@ -253,7 +253,7 @@ def attention_backward(
         *seq_strides,
         *_seq_strides(dk, varlen),
         *_seq_strides(dv, varlen),
-        *_alibi_strides(opts),
+        *alibi_strides(opts),
         seqlen_q,
         seqlen_k,
         nheads // nheads_k,
@@ -278,7 +278,7 @@ def attention_backward(
         seqused_k,
         *seq_strides,
         *_seq_strides(dq, varlen),
-        *_alibi_strides(opts),
+        *alibi_strides(opts),
         seqlen_q,
         seqlen_k,
         nheads // nheads_k,
