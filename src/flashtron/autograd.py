@@ -107,6 +107,24 @@ def _sink_grad(sink, lse, delta, varlen):
     return -(p_sink * delta).sum(dim=dims).to(sink.dtype)
 
 
+def _gather_pages(k_pages, v_pages, block_table, cu_seqlens_k, max_seqlen_k, seqused_k):
+    """Paged prefill: k/v (num_pages, page_size, nheads_k, d) and block_table (batch, max_pages) become
+    varlen tensors in which sequence b owns rows [b * span, (b + 1) * span), span = the pages that
+    max_seqlen_k needs. Its real length (cu_seqlens_k[b+1] - cu_seqlens_k[b], capped by seqused_k)
+    becomes seqused_k. No host sync; indexing keeps the gradient flowing to the paged tensors."""
+    batch, page_size = block_table.shape[0], k_pages.shape[1]
+    pages = min(-(-max_seqlen_k // page_size), block_table.shape[1])
+    index = block_table[:, :pages].reshape(-1).long()
+    k = k_pages.index_select(0, index).reshape(batch * pages * page_size, *k_pages.shape[2:])
+    v = v_pages.index_select(0, index).reshape(batch * pages * page_size, *v_pages.shape[2:])
+    span = pages * page_size
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).clamp(max=span)
+    if seqused_k is not None:
+        lengths = torch.minimum(lengths, seqused_k)
+    starts = torch.arange(0, (batch + 1) * span, span, dtype=torch.int32, device=cu_seqlens_k.device)
+    return k, v, starts, lengths.to(torch.int32)
+
+
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sink, opts, varlen_args, dropout_seed):
@@ -148,7 +166,7 @@ def attention(
     opts.learnable_sink; lse is differentiable too. S_dmask holds the probabilities, with the
     entries that dropout removed negated."""
     if block_table is not None:
-        raise NotImplementedError("block_table (paged KV) for flash_attn_varlen_func is not implemented yet")
+        k, v, cu_seqlens_k, seqused_k = _gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k)
     if torch.compiler.is_compiling():
         # torch.compile sees attention as torch.library ops (one opaque node, no graph break)
         from flashtron import compile as compiled
