@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from flashtron import env
 from flashtron.dropout import draw_seed
+from flashtron.env import uses_triton
 from flashtron.options import AttnOptions
-
-
-def uses_triton(t: torch.Tensor) -> bool:
-    if t.device.type == "cuda":
-        return True
-    return t.device.type == "cpu" and env.triton_interpret() and not env.force_cpu_path()
 
 
 def attention_forward(

@@ -19,6 +19,14 @@ def force_cpu_path() -> bool:
     return _flag("FLASHTRON_FORCE_CPU_PATH")
 
 
+def uses_triton(t) -> bool:
+    """The one dispatch rule: CUDA tensors run the Triton kernels, and so do CPU tensors under
+    TRITON_INTERPRET=1 (unless FLASHTRON_FORCE_CPU_PATH=1); other CPU tensors take the PyTorch path."""
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and triton_interpret() and not force_cpu_path()
+
+
 def autotune() -> bool:
     """FLASHTRON_AUTOTUNE=1: autotune the GPU kernels over the config table instead of taking its pick."""
     return _flag("FLASHTRON_AUTOTUNE")

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from flashtron import cpu
-from flashtron.autograd import uses_triton
+from flashtron.env import uses_triton
 from flashtron.options import AttnOptions
 
 # triton, the kernels and launch.py are imported inside the Triton-path functions, at call time, so

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashtron import checks, env
+from flashtron import checks
+from flashtron.env import uses_triton
 from flashtron.kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
 from flashtron.launch import new_output
 
@@ -100,11 +101,6 @@ class _CrossEntropyFn(torch.autograd.Function):
         return dlogits, None, None, None, None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    """CUDA tensors run the kernels; CPU tensors do too under TRITON_INTERPRET=1."""
-    return x.is_cuda or (env.triton_interpret() and not env.force_cpu_path())
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -125,7 +121,7 @@ def _guard(x: torch.Tensor):
 
 def _ce_fwd(logits, labels, ignore_index, label_smoothing):
     """Returns losses (batch,) and lse (batch,), both in the compute dtype."""
-    if not _use_triton(logits):
+    if not uses_triton(logits):
         return _ce_fwd_cpu(logits, labels, ignore_index, label_smoothing)
     rows, vocab = logits.shape
     acc = _acc_dtype(logits.dtype)
@@ -142,7 +138,7 @@ def _ce_fwd(logits, labels, ignore_index, label_smoothing):
 
 def _ce_bwd(dlosses, logits, labels, lse, ignore_index, label_smoothing, dlogits):
     """dlosses: (batch,). Writes into dlogits when given (the logits themselves), else a new buffer."""
-    if not _use_triton(logits):
+    if not uses_triton(logits):
         return _ce_bwd_cpu(dlosses, logits, labels, lse, ignore_index, label_smoothing, dlogits)
     rows, vocab = logits.shape
     if dlogits is None:

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashtron import checks, env
+from flashtron import checks
+from flashtron.env import uses_triton
 from flashtron.kernels.norm import norm_bwd_kernel, norm_fwd_kernel
 from flashtron.launch import new_output
 
@@ -95,7 +96,7 @@ def _norm(fn, x, weight, bias, eps, residual, prenorm, residual_in_fp32, is_rms)
     for name, flag in (("prenorm", prenorm), ("residual_in_fp32", residual_in_fp32)):
         if not isinstance(flag, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
-    if _use_triton(x) and n * x.element_size() > _MAX_ROW_BYTES:
+    if uses_triton(x) and n * x.element_size() > _MAX_ROW_BYTES:
         raise ValueError(
             f"{fn}: the Triton kernels take rows of at most {_MAX_ROW_BYTES} bytes, i.e. hidden_size <= "
             f"{_MAX_ROW_BYTES // x.element_size()} for {x.dtype}, got {n}"
@@ -137,11 +138,6 @@ class _NormFn(torch.autograd.Function):
         return dx, dw, db, dresidual, None, None, None, None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    """CUDA tensors run the kernels; CPU tensors do too under TRITON_INTERPRET=1."""
-    return x.is_cuda or (env.triton_interpret() and not env.force_cpu_path())
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -173,7 +169,7 @@ def _sm_count(device_index: int) -> int:
 
 def _norm_fwd(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h):
     """x, residual: (rows, N). Returns y (rows, N), h (rows, N) or None, mean (rows,) or None, rstd."""
-    if not _use_triton(x):
+    if not uses_triton(x):
         return _norm_fwd_cpu(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h)
     m, n = x.shape
     acc = _acc_dtype(x.dtype)
@@ -224,7 +220,7 @@ def _norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual
         dy = dy.contiguous()
     if dh_out is not None and dh_out.stride(-1) != 1:
         dh_out = dh_out.contiguous()
-    if not _use_triton(h):
+    if not uses_triton(h):
         return _norm_bwd_cpu(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual_dtype)
     m, n = h.shape
     acc = rstd.dtype

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashtron import checks, env
+from flashtron import checks
+from flashtron.env import uses_triton
 from flashtron.kernels.rotary import rotary_kernel
 from flashtron.launch import new_output
 
@@ -123,18 +124,13 @@ class _ApplyRotaryEmb(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    """CUDA tensors run the kernels; CPU tensors do too under TRITON_INTERPRET=1."""
-    return x.is_cuda or (env.triton_interpret() and not env.force_cpu_path())
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _rotary(x, cos, sin, interleaved, offsets, cu_seqlens, max_seqlen, conjugate, inplace):
     """The rotation (by -theta when conjugate); into x when inplace, else into a new tensor."""
-    if not _use_triton(x):
+    if not uses_triton(x):
         out = _rotary_cpu(x, cos, sin, interleaved, offsets, cu_seqlens, conjugate)
         return x.copy_(out) if inplace else out
     out = x if inplace else new_output(x.shape, x.dtype, x.device)
