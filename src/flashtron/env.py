@@ -27,13 +27,7 @@ def uses_triton(t) -> bool:
     return t.device.type == "cpu" and triton_interpret() and not force_cpu_path()
 
 
-def autotune() -> bool:
-    """FLASHTRON_AUTOTUNE=1: autotune the GPU kernels over the config table instead of taking its pick."""
-    return _flag("FLASHTRON_AUTOTUNE")
-
-
 VARIABLES = {
     "TRITON_INTERPRET": "1 runs the Triton kernels on CPU tensors through Triton's interpreter (tests).",
     "FLASHTRON_FORCE_CPU_PATH": "1 keeps CPU tensors on the PyTorch path even when TRITON_INTERPRET=1.",
-    "FLASHTRON_AUTOTUNE": "1 autotunes the GPU kernels over the config table (first call per shape bucket is slow).",
 }
