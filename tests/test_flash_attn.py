@@ -363,3 +363,14 @@ def test_paged_varlen_cpu_path(page_size):
 @pytest.mark.interpret
 def test_paged_varlen_interpreted(kernel_device):
     _paged_varlen_case(kernel_device, torch.float16, 3)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("d,dv", [(512, 512), (192, 128), (64, 256)], ids=["512", "192-128", "64-256"])
+def test_large_and_mixed_headdims_interpreted(kernel_device, d, dv):
+    check_attention(1, 17, 33, 2, 1, d, dv, torch.float16, kernel_device, causal=True)
+
+
+@pytest.mark.parametrize("d,dv", [(512, 512), (192, 128)], ids=["512", "192-128"])
+def test_large_and_mixed_headdims_cpu_path(d, dv):
+    check_attention(1, 17, 33, 2, 1, d, dv, torch.bfloat16, "cpu", window=(4, 2))
