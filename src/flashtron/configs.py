@@ -38,6 +38,8 @@ HOPPER_FWD = {
 # dK/dV: (32, 128, 4, 3) at d64 and (16, 64, 4, 2) at d128 gave wrong dK on an H100 with Triton 3.6
 # (scripts/diag_bwd.py, 2026-11-22: dK error 0.2-0.4 against a bound of 0.02; dQ and dV right), while
 # (32, 64, 4, 2), (64, 64, 4|8, 2) and (32, 128, 4, 1) were exact. Only configs seen correct are used.
+# The likely cause, tl.trans() of a dot's result feeding another dot, is gone from the kernel since;
+# larger tiles can come back once the GPU tier passes with them.
 HOPPER_BWD_DKDV = {
     64: TileConfig(64, 64, 4, 2),
     128: TileConfig(32, 64, 4, 2),

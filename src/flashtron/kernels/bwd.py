@@ -122,16 +122,19 @@ def _dkdv_over_q_blocks(
     PRECISION: tl.constexpr,
 ):
     """Accumulate one query head's contribution to dK, dV of this key block from query blocks
-    [start, end). Everything is computed transposed ([BLOCK_N, BLOCK_M]) so P^T comes out directly."""
+    [start, end). Blocks are built transposed, [BLOCK_N, BLOCK_M], straight from the dots
+    (k @ q^T, v @ dO^T): only loaded tensors are transposed, never a dot's result (see
+    common.visible on the Hopper miscompile that this avoids)."""
+    rows_d = offs_d[:, None] < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen_q
-        q_mask = offs_d[None, :] < HEAD_DIM
+        qt_mask = rows_d
         do_mask = offs_dv[None, :] < HEAD_DIM_V
         if MASK:
-            q_mask = q_mask & row_ok[:, None]
+            qt_mask = qt_mask & row_ok[None, :]
             do_mask = do_mask & row_ok[:, None]
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+        qt = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None], mask=qt_mask, other=0.0)  # [BLOCK_D, BLOCK_M]
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=do_mask, other=0.0)
         if MASK:
             lse = tl.load(LSE + offs_m * stride_lm, mask=row_ok, other=0.0)
@@ -140,20 +143,21 @@ def _dkdv_over_q_blocks(
             lse = tl.load(LSE + offs_m * stride_lm)
             delta = tl.load(Delta + offs_m * stride_lm)
         if DOT_FP32:
-            q = q.to(tl.float32)
+            qt = qt.to(tl.float32)
             do = do.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        s, t = scores_log2(
-            qk, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, softcap_log2, alibi_slope_log2, HAS_SOFTCAP, HAS_ALIBI
+        rows = offs_m[None, :]  # index grids of a [BLOCK_N, BLOCK_M] block
+        cols = offs_n[:, None]
+        qkt = tl.dot(k, qt, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        st, tt = scores_log2(
+            qkt, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_log2, alibi_slope_log2, HAS_SOFTCAP, HAS_ALIBI
         )
-        p = tl.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N]
+        pt = tl.exp2(st - lse[None, :] * LOG2E)  # [BLOCK_N, BLOCK_M]
         if MASK:
-            keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = tl.where(keep, p, 0.0)
-        pt = tl.trans(p)  # [BLOCK_N, BLOCK_M]
+            keep = visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            pt = tl.where(keep, pt, 0.0)
         if HAS_DROPOUT:
             # the output used the dropped, rescaled P: dV sees it, and dP flows only where kept
-            keept = tl.trans(dropout_keep(dropout_seed, dropout_threshold, philox_base, offs_m, offs_n, philox_cols))
+            keept = dropout_keep(dropout_seed, dropout_threshold, philox_base, rows, cols, philox_cols)
             pt_dropped = tl.where(keept, pt * dropout_scale, 0.0)
             dv = tl.dot(pt_dropped.to(do.dtype), do, dv, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
         else:
@@ -163,9 +167,8 @@ def _dkdv_over_q_blocks(
             dpt = tl.where(keept, dpt * dropout_scale, 0.0)
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
-            tt = tl.trans(t)
             dst = dst * (1.0 - tt * tt)
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
     return dk, dv
 
 
@@ -507,15 +510,28 @@ def _dq_over_kv_blocks(
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         s, t = scores_log2(
-            qk, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, softcap_log2, alibi_slope_log2, HAS_SOFTCAP, HAS_ALIBI
+            qk,
+            offs_m[:, None],
+            offs_n[None, :],
+            seqlen_q,
+            seqlen_k,
+            qk_scale,
+            softcap_log2,
+            alibi_slope_log2,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
         )
         p = tl.exp2(s - lse_log2[:, None])
         if MASK:
-            keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            keep = visible(
+                offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT
+            )
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:
-            keep = dropout_keep(dropout_seed, dropout_threshold, philox_base, offs_m, offs_n, philox_cols)
+            keep = dropout_keep(
+                dropout_seed, dropout_threshold, philox_base, offs_m[:, None], offs_n[None, :], philox_cols
+            )
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:

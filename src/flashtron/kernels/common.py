@@ -84,16 +84,19 @@ def q_block_bounds(
 
 
 @triton.jit
-def visible(
-    offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr
-):
-    """[BLOCK_M, BLOCK_N] True where query offs_m may attend to key offs_n (rows >= seqlen_q never)."""
-    keep = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
-    diag = offs_m[:, None] + (seqlen_k - seqlen_q)
+def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """True where query `rows` may attend to key `cols` (rows >= seqlen_q never).
+
+    rows and cols are broadcastable index grids: offs_m[:, None] and offs_n[None, :] give a
+    [BLOCK_M, BLOCK_N] mask, offs_m[None, :] and offs_n[:, None] its transpose. The backward builds
+    transposed blocks directly rather than tl.trans() a dot's result, which Triton 3.4+ miscompiles on
+    Hopper when the transposed tensor feeds another dot (wrong dK seen here; fla-org PR 826)."""
+    keep = (rows < seqlen_q) & (cols < seqlen_k)
+    diag = rows + (seqlen_k - seqlen_q)
     if HAS_RIGHT:
-        keep = keep & (offs_n[None, :] <= diag + window_right)
+        keep = keep & (cols <= diag + window_right)
     if HAS_LEFT:
-        keep = keep & (offs_n[None, :] >= diag - window_left)
+        keep = keep & (cols >= diag - window_left)
     return keep
 
 
@@ -106,8 +109,8 @@ def tanh(x):
 @triton.jit
 def scores_log2(
     qk,
-    offs_m,
-    offs_n,
+    rows,
+    cols,
     seqlen_q,
     seqlen_k,
     qk_scale,
@@ -116,7 +119,8 @@ def scores_log2(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
 ):
-    """Scaled scores in log2 units, from raw q.k. Returns (scores, tanh) where tanh is the softcap's
+    """Scaled scores in log2 units, from raw q.k (rows/cols: index grids shaped like qk, see
+    `visible`). Returns (scores, tanh) where tanh is the softcap's
     tanh (needed by the backward) or a dummy when there is no softcap.
     Without softcap qk_scale = softmax_scale * log2(e); with it qk_scale = softmax_scale / softcap and
     softcap_log2 = softcap * log2(e)."""
@@ -127,15 +131,15 @@ def scores_log2(
         t = qk
         s = qk * qk_scale
     if HAS_ALIBI:
-        dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - offs_n[None, :]
+        dist = (rows + (seqlen_k - seqlen_q)) - cols
         s = s - alibi_slope_log2 * tl.abs(dist).to(tl.float32)
     return s, t
 
 
 @triton.jit
-def dropout_keep(seed, threshold, philox_base, offs_m, offs_n, philox_cols):
-    """[BLOCK_M, BLOCK_N] keep-mask: Philox draw of element (row, key) >= threshold (= p * 2**32).
-    philox_base is the offset of (row 0, key 0) of this head; rows are philox_cols apart. The same
-    draw is made in plain PyTorch by flashtron.dropout."""
-    offs = philox_base + offs_m[:, None].to(tl.int64) * philox_cols + offs_n[None, :]
+def dropout_keep(seed, threshold, philox_base, rows, cols, philox_cols):
+    """Keep-mask over the index grids rows x cols (see `visible`): Philox draw of element (row, key)
+    >= threshold (= p * 2**32). philox_base is the offset of (row 0, key 0) of this head; rows are
+    philox_cols apart. The same draw is made in plain PyTorch by flashtron.dropout."""
+    offs = philox_base + rows.to(tl.int64) * philox_cols + cols
     return tl.randint(seed, offs).to(tl.int64) >= threshold

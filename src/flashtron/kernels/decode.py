@@ -138,10 +138,21 @@ def _attend_cache_blocks(
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         s, _ = scores_log2(
-            qk, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, softcap_log2, alibi_slope_log2, HAS_SOFTCAP, HAS_ALIBI
+            qk,
+            offs_m[:, None],
+            offs_n[None, :],
+            seqlen_q,
+            seqlen_k,
+            qk_scale,
+            softcap_log2,
+            alibi_slope_log2,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
         )
         if MASK:
-            keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            keep = visible(
+                offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT
+            )
             s = tl.where(keep, s, float("-inf"))
             # a row that has seen no key yet keeps m = -inf: subtract 0 instead of inf - inf
             m_new = tl.maximum(m_i, tl.max(s, 1))

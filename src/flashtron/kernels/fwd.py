@@ -63,10 +63,21 @@ def _attend_kv_blocks(
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         s, _ = scores_log2(
-            qk, offs_m, offs_n, seqlen_q, seqlen_k, qk_scale, softcap_log2, alibi_slope_log2, HAS_SOFTCAP, HAS_ALIBI
+            qk,
+            offs_m[:, None],
+            offs_n[None, :],
+            seqlen_q,
+            seqlen_k,
+            qk_scale,
+            softcap_log2,
+            alibi_slope_log2,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
         )
         if MASK:
-            keep = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            keep = visible(
+                offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT
+            )
             s = tl.where(keep, s, float("-inf"))
             # a row that has seen no key yet keeps m = -inf: subtract 0 instead of inf - inf
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -79,7 +90,9 @@ def _attend_kv_blocks(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             # the denominator counts every probability; only the kept ones reach the output
-            keep = dropout_keep(dropout_seed, dropout_threshold, philox_base, offs_m, offs_n, philox_cols)
+            keep = dropout_keep(
+                dropout_seed, dropout_threshold, philox_base, offs_m[:, None], offs_n[None, :], philox_cols
+            )
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None]
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
