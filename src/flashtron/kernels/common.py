@@ -143,3 +143,65 @@ def dropout_keep(seed, threshold, philox_base, rows, cols, philox_cols):
     philox_cols apart. The same draw is made in plain PyTorch by flashtron.dropout."""
     offs = philox_base + rows.to(tl.int64) * philox_cols + cols
     return tl.randint(seed, offs).to(tl.int64) >= threshold
+
+
+@triton.jit
+def online_softmax_step(
+    qk,
+    m_i,
+    l_i,
+    offs_m,
+    offs_n,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_log2,
+    alibi_slope_log2,
+    MASK: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
+    """Fold one [BLOCK_M, BLOCK_N] block of raw q.k into the running softmax state.
+
+    Returns (p, alpha, l_i, m_i): p the block's unnormalised probabilities (exp2 against the new
+    running max), alpha the factor that rescales the old accumulator, and the updated sum and max.
+    With MASK, keys outside the window or past seqlen_k are excluded."""
+    s, _ = scores_log2(
+        qk,
+        offs_m[:, None],
+        offs_n[None, :],
+        seqlen_q,
+        seqlen_k,
+        qk_scale,
+        softcap_log2,
+        alibi_slope_log2,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+    )
+    if MASK:
+        keep = visible(
+            offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT
+        )
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no key yet keeps m = -inf: subtract 0 instead of inf - inf
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = m_new
+    p = tl.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.exp2(m_i - m_sub)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def fold_sink(acc, l_i, m_i, sink_log2):
+    """Add an attention-sink logit (log2 units; a scalar or one per row) to each row's softmax
+    denominator. It has no value row, so the accumulator is only rescaled to the new max."""
+    m_fin = tl.maximum(m_i, sink_log2)
+    alpha = tl.exp2(m_i - m_fin)
+    return acc * alpha[:, None], l_i * alpha + tl.exp2(sink_log2 - m_fin), m_fin

@@ -8,7 +8,7 @@ Features are constexpr flags: window/causal (HAS_LEFT/HAS_RIGHT), softcap, ALiBi
 import triton
 import triton.language as tl
 
-from flashtron.kernels.common import LN2, LOG2E, dropout_keep, kv_block_bounds, scores_log2, visible
+from flashtron.kernels.common import LN2, LOG2E, dropout_keep, fold_sink, kv_block_bounds, online_softmax_step
 
 
 @triton.jit
@@ -62,32 +62,25 @@ def _attend_kv_blocks(
         if DOT_FP32:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        s, _ = scores_log2(
+        p, alpha, l_i, m_new = online_softmax_step(
             qk,
-            offs_m[:, None],
-            offs_n[None, :],
+            m_i,
+            l_i,
+            offs_m,
+            offs_n,
             seqlen_q,
             seqlen_k,
+            window_left,
+            window_right,
             qk_scale,
             softcap_log2,
             alibi_slope_log2,
+            MASK,
+            HAS_LEFT,
+            HAS_RIGHT,
             HAS_SOFTCAP,
             HAS_ALIBI,
-        )
-        if MASK:
-            keep = visible(
-                offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT
-            )
-            s = tl.where(keep, s, float("-inf"))
-            # a row that has seen no key yet keeps m = -inf: subtract 0 instead of inf - inf
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = m_new
-        p = tl.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        )  # p: [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:
             # the denominator counts every probability; only the kept ones reach the output
             keep = dropout_keep(
@@ -347,11 +340,7 @@ def attention_fwd_kernel(
     if HAS_SINK:
         # the sink is one more logit in the denominator, with no value row
         sink_log2 = tl.load(Sink + off_h).to(tl.float32) * LOG2E
-        m_fin = tl.maximum(m_i, sink_log2)
-        alpha = tl.exp2(m_i - m_fin)
-        l_i = l_i * alpha + tl.exp2(sink_log2 - m_fin)
-        acc = acc * alpha[:, None]
-        m_i = m_fin
+        acc, l_i, m_i = fold_sink(acc, l_i, m_i, sink_log2)
 
     # rows that saw nothing have l_i == 0: out 0, lse -inf
     empty = l_i == 0.0
