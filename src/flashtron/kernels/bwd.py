@@ -13,7 +13,15 @@ the softcap's tanh and the softmax scale.
 import triton
 import triton.language as tl
 
-from flashtron.kernels.common import LOG2E, dropout_keep, kv_block_bounds, q_block_bounds, scores_log2, visible
+from flashtron.kernels.common import (
+    LOG2E,
+    dropout_keep,
+    kv_block_bounds,
+    q_block_bounds,
+    scores_log2,
+    sequence_bounds,
+    visible,
+)
 
 
 @triton.jit(do_not_specialize=["seqlen_q"])
@@ -252,17 +260,9 @@ def attention_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
-    q_start = 0
-    k_start = 0
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + off_b)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
-    if HAS_SEQUSED_K:
-        seqlen_k_used = tl.load(SequsedK + off_b)
-    else:
-        seqlen_k_used = seqlen_k
+    q_start, seqlen_q, k_start, seqlen_k, seqlen_k_used = sequence_bounds(
+        off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN, HAS_SEQUSED_K
+    )
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
@@ -619,15 +619,9 @@ def attention_bwd_dq_kernel(
     off_b = tl.program_id(2)
     if HEAVY_FIRST:
         pid_m = tl.num_programs(0) - 1 - pid_m
-    q_start = 0
-    k_start = 0
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + off_b)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
-    if HAS_SEQUSED_K:
-        seqlen_k = tl.load(SequsedK + off_b)
+    q_start, seqlen_q, k_start, _, seqlen_k = sequence_bounds(
+        off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN, HAS_SEQUSED_K
+    )
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return

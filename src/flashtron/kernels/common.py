@@ -205,3 +205,23 @@ def fold_sink(acc, l_i, m_i, sink_log2):
     m_fin = tl.maximum(m_i, sink_log2)
     alpha = tl.exp2(m_i - m_fin)
     return acc * alpha[:, None], l_i * alpha + tl.exp2(sink_log2 - m_fin), m_fin
+
+
+@triton.jit
+def sequence_bounds(
+    off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr
+):
+    """Where batch entry off_b lives: (q_start, seqlen_q, k_start, seqlen_k, seqlen_k_used).
+    Dense batches start at 0 with the launch's seqlens; varlen ones read cu_seqlens. Keys at or past
+    seqlen_k_used (seqused_k) take part in nothing but still have rows in K/V (and dK/dV)."""
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    seqlen_k_used = seqlen_k
+    if HAS_SEQUSED_K:
+        seqlen_k_used = tl.load(SequsedK + off_b)
+    return q_start, seqlen_q, k_start, seqlen_k, seqlen_k_used

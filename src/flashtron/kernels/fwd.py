@@ -8,7 +8,15 @@ Features are constexpr flags: window/causal (HAS_LEFT/HAS_RIGHT), softcap, ALiBi
 import triton
 import triton.language as tl
 
-from flashtron.kernels.common import LN2, LOG2E, dropout_keep, fold_sink, kv_block_bounds, online_softmax_step
+from flashtron.kernels.common import (
+    LN2,
+    LOG2E,
+    dropout_keep,
+    fold_sink,
+    kv_block_bounds,
+    online_softmax_step,
+    sequence_bounds,
+)
 
 
 @triton.jit
@@ -173,15 +181,9 @@ def attention_fwd_kernel(
     if HEAVY_FIRST:
         # with a right bound the last query blocks see the most keys: launch them first
         pid_m = tl.num_programs(0) - 1 - pid_m
-    q_start = 0
-    k_start = 0
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + off_b)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
-    if HAS_SEQUSED_K:
-        seqlen_k = tl.load(SequsedK + off_b)
+    q_start, seqlen_q, k_start, _, seqlen_k = sequence_bounds(
+        off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN, HAS_SEQUSED_K
+    )
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return
