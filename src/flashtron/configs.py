@@ -26,6 +26,7 @@ class TileConfig:
 INTERPRET_FWD = TileConfig(32, 16, 1, 1)
 INTERPRET_BWD_DKDV = TileConfig(16, 32, 1, 1)
 INTERPRET_BWD_DQ = TileConfig(32, 16, 1, 1)
+INTERPRET_BWD_FUSED = TileConfig(16, 32, 1, 1)
 
 # Hopper (sm90). Head-dim bucket -> config. Starting points from the Triton fused-attention tutorial's
 # Hopper search space; measured and revised in docs/perf-notes.md.
@@ -35,14 +36,15 @@ HOPPER_FWD = {
     256: TileConfig(64, 64, 4, 2),
     512: TileConfig(32, 32, 4, 1),
 }
-# dK/dV: (32, 128, 4, 3) at d64 and (16, 64, 4, 2) at d128 gave wrong dK on an H100 with Triton 3.6
-# (scripts/diag_bwd.py, 2026-11-22: dK error 0.2-0.4 against a bound of 0.02; dQ and dV right), while
-# (32, 64, 4, 2), (64, 64, 4|8, 2) and (32, 128, 4, 1) were exact. Only configs seen correct are used.
-# The likely cause, tl.trans() of a dot's result feeding another dot, is gone from the kernel since;
-# larger tiles can come back once the GPU tier passes with them.
+# dK/dV: the kernel loops over (query block, head) pairs in one flat loop since 2026-12-01, which took
+# its sm_90 register use under 255 with no spills at (32, 128, 8 warps, 2 stages) for d64 and d128
+# (scripts/aot_report.py; every tile spilled 160-2400 bytes with the nested head loop). First pick
+# for the GPU sweep (scripts/tune.py). (16, 64, 4, 2) at d256 spills and is to be re-measured.
+# Earlier: (32, 128, 4, 3) at d64 and (16, 64, 4, 2) at d128 gave wrong dK on an H100 (2026-11-22)
+# while tl.trans() of a dot's result fed another dot; the kernel no longer does that.
 HOPPER_BWD_DKDV = {
-    64: TileConfig(64, 64, 4, 2),
-    128: TileConfig(32, 64, 4, 2),
+    64: TileConfig(32, 128, 8, 2),
+    128: TileConfig(32, 128, 8, 2),
     256: TileConfig(16, 64, 4, 2),
     512: TileConfig(16, 32, 4, 1),
 }
@@ -51,6 +53,15 @@ HOPPER_BWD_DQ = {
     128: TileConfig(64, 32, 4, 3),
     256: TileConfig(64, 16, 4, 2),
     512: TileConfig(32, 16, 4, 1),
+}
+
+# The fused dK/dV + atomic dQ backward (deterministic=False). None: that bucket uses the two kernels.
+# Not yet timed: the tiles with no spilled bytes in the sm_90 register report, for scripts/tune.py.
+HOPPER_BWD_FUSED = {
+    64: TileConfig(32, 128, 8, 2),
+    128: TileConfig(16, 128, 8, 2),
+    256: None,
+    512: None,
 }
 
 # Everything else (Ampere, Ada, AMD, unknown): conservative tiles that fit 100 KB of shared memory.
@@ -72,6 +83,8 @@ SAFE_BWD_DQ = {
     256: TileConfig(32, 16, 4, 1),
     512: TileConfig(16, 16, 4, 1),
 }
+# Unmeasured off Hopper: the two deterministic kernels everywhere.
+SAFE_BWD_FUSED = {64: None, 128: None, 256: None, 512: None}
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -101,8 +114,14 @@ def fwd_config(device: torch.device, head_dim: int) -> TileConfig:
 
 
 def bwd_configs(device: torch.device, head_dim: int) -> tuple[TileConfig, TileConfig]:
-    """(dK/dV kernel config, dQ kernel config)."""
+    """(dK/dV kernel config, dQ kernel config) of the deterministic two-kernel backward."""
     return (
         _pick(device, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV),
         _pick(device, head_dim, HOPPER_BWD_DQ, SAFE_BWD_DQ, INTERPRET_BWD_DQ),
     )
+
+
+def bwd_fused_config(device: torch.device, head_dim: int) -> TileConfig | None:
+    """Config of the fused dK/dV + atomic dQ backward, or None where the two kernels are faster
+    (or the fused form is unmeasured)."""
+    return _pick(device, head_dim, HOPPER_BWD_FUSED, SAFE_BWD_FUSED, INTERPRET_BWD_FUSED)

@@ -203,7 +203,8 @@ def decode_table(rows: list[Row], copy_tbps: float | None) -> Table | None:
     ceiling = f"{copy_tbps:.2f} TB/s" if copy_tbps else "not measured"
     t = Table(
         f"Decode: microseconds (KV TB/s, % of copy ceiling {ceiling}); batch {r0.batch}, "
-        f"{r0.nheads}/{r0.nheads_k} heads, headdim {r0.headdim}; ours/peer speedups on the right",
+        f"{r0.nheads}/{r0.nheads_k} heads, headdim {r0.headdim}; on GPUs each step is replayed from a CUDA graph "
+        "unless noted; ours/peer speedups on the right",
         ["cache"] + [label(i) for i in impls] + [f"vs {short}" for _, short in ratio_peers],
     )
     notes = Notes()

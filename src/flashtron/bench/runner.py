@@ -188,6 +188,30 @@ def bench_ms(
     return statistics.median(times)
 
 
+def bench_graph_ms(fn: Callable[[], object], device: torch.device, budget: Budget) -> tuple[float, str]:
+    """Median milliseconds of one replay of `fn` captured in a CUDA graph, as a serving loop runs a
+    decode step: host launch overhead drops out, and do_bench still flushes L2 before each replay.
+    Returns (ms, note): the note is empty, or says that capture failed and `fn` was timed eagerly."""
+    import triton.testing
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside the capture: compiles, workspaces, autotuning
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # a peer that cannot be captured is still timed, and labelled
+        torch.cuda.synchronize(device)
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:120]
+        return bench_ms(fn, device, budget), f"eager (CUDA graph capture failed: {reason})"
+    ms = triton.testing.do_bench(graph.replay, warmup=budget.warmup_ms, rep=budget.rep_ms, return_mode="median")
+    return float(ms), ""
+
+
 def measure_ceilings(device: torch.device, budget: Budget, dtype: torch.dtype) -> list[Row]:
     """This machine's matmul and copy ceilings, against which our numbers are read (GPU only)."""
     mm = Row(mode="ceiling", impl=f"matmul_{_dtype_name(dtype)}_8192", dtype=_dtype_name(dtype))

@@ -1,11 +1,13 @@
-"""Attention backward, without atomics, so it is deterministic.
+"""Attention backward, in two forms chosen by the launcher.
 
 1. `attention_bwd_preprocess_kernel`: delta = rowsum(dO * O), per query row.
 2. `attention_bwd_dkdv_kernel`: grid (key blocks, nheads_k, batch). A program owns BLOCK_N keys of one
    KV head, loops over the query heads of its GQA group and the query blocks that see its keys, and
-   accumulates dK and dV in registers.
-3. `attention_bwd_dq_kernel`: grid (query blocks, nheads, batch). A program owns BLOCK_M query rows
-   and loops over the KV blocks they see, as in the forward pass.
+   accumulates dK and dV in registers. With FUSED_DQ it also adds each block's dQ share, dS @ K, into
+   an fp32 accumulator with atomics: 5 dots per block pair instead of 7, but the order of the fp32
+   additions varies from run to run, so it is used only when determinism is not asked for.
+3. `attention_bwd_dq_kernel` (deterministic form): grid (query blocks, nheads, batch). A program owns
+   BLOCK_M query rows and loops over the KV blocks they see, as in the forward pass.
 P is recomputed from the saved LSE: P = exp2(s - lse * log2(e)). dS = P * (dP - delta), chained through
 the softcap's tanh and the softmax scale.
 """
@@ -89,70 +91,53 @@ def attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_over_q_blocks(
-    dk,
-    dv,
-    k,
-    v,
-    Q,
-    DO,
-    LSE,
-    Delta,
-    stride_qm,
-    stride_dom,
-    stride_lm,
-    start,
-    end,
-    offs_n,
-    offs_d,
-    offs_dv,
-    seqlen_q,
-    seqlen_k,
-    window_left,
-    window_right,
-    qk_scale,
-    softcap_log2,
-    alibi_slope_log2,
-    dropout_seed,
-    dropout_threshold,
-    dropout_scale,
-    philox_base,
-    philox_cols,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Accumulate one query head's contribution to dK, dV of this key block from query blocks
-    [start, end). Blocks are built transposed, [BLOCK_N, BLOCK_M], straight from the dots
-    (k @ q^T, v @ dO^T): only loaded tensors are transposed, never a dot's result (see
-    common.visible on the Hopper miscompile that this avoids)."""
-    rows_d = offs_d[:, None] < HEAD_DIM
-    for start_m in range(start, end, BLOCK_M):
+    dk, dv, k, v, Q, DO, LSE, Delta, DQ, AlibiSlopes,
+    stride_qm, stride_qh, stride_dom, stride_doh, stride_lh, stride_lm, stride_dqm, stride_dqh, stride_ah,
+    off_h0, group_size, start, end, offs_n, offs_d, offs_dv,
+    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2, dq_scale,
+    dropout_seed, dropout_threshold, dropout_scale, philox_head0, philox_head_stride, philox_cols,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate into dK, dV of this key block the query blocks [start, end) of every query head of
+    the GQA group (off_h0 .. off_h0 + group_size - 1); with FUSED_DQ also add each block's dQ share
+    into DQ (fp32). Q, DO, LSE, Delta, DQ point at row 0, head 0 of this sequence.
+
+    One flat loop over (query block, head) pairs, heads innermost: a loop over heads around the
+    block loop would let the compiler hoist every block-loop invariant above it, where they stay live
+    through all three loops and spill (seen in the sm_90 register report, scripts/aot_report.py).
+    Blocks are built transposed, [BLOCK_N, BLOCK_M], straight from the dots (k @ q^T, v @ dO^T):
+    only loaded tensors are transposed, never a dot's result (common.visible says why)."""
+    for step in range(0, tl.cdiv(end - start, BLOCK_M) * group_size):
+        off_h = off_h0 + step % group_size
+        start_m = start + (step // group_size) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen_q
-        qt_mask = rows_d
+        qt_mask = offs_d[:, None] < HEAD_DIM
         do_mask = offs_dv[None, :] < HEAD_DIM_V
         if MASK:
             qt_mask = qt_mask & row_ok[None, :]
             do_mask = do_mask & row_ok[:, None]
-        qt = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None], mask=qt_mask, other=0.0)  # [BLOCK_D, BLOCK_M]
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=do_mask, other=0.0)
+        Qh = Q + off_h.to(tl.int64) * stride_qh
+        DOh = DO + off_h.to(tl.int64) * stride_doh
+        qt = tl.load(Qh + offs_m[None, :] * stride_qm + offs_d[:, None], mask=qt_mask, other=0.0)  # [BLOCK_D, BLOCK_M]
+        do = tl.load(DOh + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=do_mask, other=0.0)
+        LSEh = LSE + off_h.to(tl.int64) * stride_lh + offs_m * stride_lm
+        Deltah = Delta + off_h.to(tl.int64) * stride_lh + offs_m * stride_lm
         if MASK:
-            lse = tl.load(LSE + offs_m * stride_lm, mask=row_ok, other=0.0)
-            delta = tl.load(Delta + offs_m * stride_lm, mask=row_ok, other=0.0)
+            lse = tl.load(LSEh, mask=row_ok, other=0.0)
+            delta = tl.load(Deltah, mask=row_ok, other=0.0)
         else:
-            lse = tl.load(LSE + offs_m * stride_lm)
-            delta = tl.load(Delta + offs_m * stride_lm)
+            lse = tl.load(LSEh)
+            delta = tl.load(Deltah)
         if DOT_FP32:
             qt = qt.to(tl.float32)
             do = do.to(tl.float32)
+        alibi_slope_log2 = 0.0
+        if HAS_ALIBI:
+            alibi_slope_log2 = tl.load(AlibiSlopes + off_h * stride_ah).to(tl.float32) * LOG2E
         rows = offs_m[None, :]  # index grids of a [BLOCK_N, BLOCK_M] block
         cols = offs_n[:, None]
         qkt = tl.dot(k, qt, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -165,6 +150,7 @@ def _dkdv_over_q_blocks(
             pt = tl.where(keep, pt, 0.0)
         if HAS_DROPOUT:
             # the output used the dropped, rescaled P: dV sees it, and dP flows only where kept
+            philox_base = philox_head0 + off_h.to(tl.int64) * philox_head_stride
             keept = dropout_keep(dropout_seed, dropout_threshold, philox_base, rows, cols, philox_cols)
             pt_dropped = tl.where(keept, pt * dropout_scale, 0.0)
             dv = tl.dot(pt_dropped.to(do.dtype), do, dv, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DV]
@@ -176,7 +162,18 @@ def _dkdv_over_q_blocks(
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             dst = dst * (1.0 - tt * tt)
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+        dst = dst.to(qt.dtype)
+        dk = tl.dot(dst, tl.trans(qt), dk, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+        if FUSED_DQ:
+            dqt = tl.dot(tl.trans(k), dst, input_precision=PRECISION)  # [BLOCK_D, BLOCK_M]
+            dq_mask = offs_d[:, None] < HEAD_DIM
+            if MASK:
+                dq_mask = dq_mask & row_ok[None, :]
+            # relaxed: the additions need no ordering among themselves, only to land
+            DQh = DQ + off_h.to(tl.int64) * stride_dqh
+            tl.atomic_add(
+                DQh + offs_m[None, :] * stride_dqm + offs_d[:, None], dqt * dq_scale, mask=dq_mask, sem="relaxed"
+            )
     return dk, dv
 
 
@@ -193,73 +190,27 @@ def _dkdv_over_q_blocks(
     ]
 )
 def attention_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    Delta,
-    DK,
-    DV,
-    AlibiSlopes,
-    CuSeqlensQ,
-    CuSeqlensK,
-    SequsedK,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_dob,
-    stride_dom,
-    stride_doh,
-    stride_lb,
-    stride_lh,
-    stride_lm,
-    stride_dkb,
-    stride_dkn,
-    stride_dkh,
-    stride_dvb,
-    stride_dvn,
-    stride_dvh,
-    stride_ab,
-    stride_ah,
-    seqlen_q,
-    seqlen_k,
-    group_size,
-    window_left,
-    window_right,
-    qk_scale,
-    softcap_log2,
-    dropout_seed,
-    dropout_threshold,
-    dropout_scale,
-    philox_rows,
-    philox_cols,
-    dk_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    Q, K, V, DO, LSE, Delta, DK, DV, DQAccum, AlibiSlopes, CuSeqlensQ, CuSeqlensK, SequsedK,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_lb, stride_lh, stride_lm,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_ab, stride_ah,
+    seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, softcap_log2,
+    dropout_seed, dropout_threshold, dropout_scale, philox_rows, philox_cols, dk_scale, dq_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     pid_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
+    nheads = tl.num_programs(1) * group_size
     q_start, seqlen_q, k_start, seqlen_k, seqlen_k_used = sequence_bounds(
         off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN, HAS_SEQUSED_K
     )
@@ -292,156 +243,37 @@ def attention_bwd_dkdv_kernel(
         lo, full_lo, full_hi, hi = q_block_bounds(
             start_n, seqlen_q, seqlen_k_used, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
         )
-        for g in range(0, group_size):
-            off_h = off_hk * group_size + g
-            Qh = Q + off_b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm + off_h.to(tl.int64) * stride_qh
-            DOh = (
-                DO
-                + off_b.to(tl.int64) * stride_dob
-                + q_start.to(tl.int64) * stride_dom
-                + off_h.to(tl.int64) * stride_doh
-            )
-            LSEh = (
-                LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
-            )
-            Deltah = (
-                Delta
-                + off_b.to(tl.int64) * stride_lb
-                + off_h.to(tl.int64) * stride_lh
-                + q_start.to(tl.int64) * stride_lm
-            )
-            philox_base = 0
-            if HAS_DROPOUT:
-                off_bh = off_b.to(tl.int64) * (tl.num_programs(1) * group_size) + off_h
-                if IS_VARLEN:
-                    off_bh = off_h.to(tl.int64)
-                philox_base = (off_bh * philox_rows + q_start) * philox_cols + k_start
-            alibi_slope_log2 = 0.0
-            if HAS_ALIBI:
-                alibi_slope_log2 = tl.load(AlibiSlopes + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * LOG2E
+        # this sequence's row 0, head 0 (heads are picked inside the loop)
+        Qb = Q + off_b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm
+        DOb = DO + off_b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dom
+        LSEb = LSE + off_b.to(tl.int64) * stride_lb + q_start.to(tl.int64) * stride_lm
+        Deltab = Delta + off_b.to(tl.int64) * stride_lb + q_start.to(tl.int64) * stride_lm
+        DQb = DQAccum
+        if FUSED_DQ:
+            DQb = DQAccum + off_b.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqm
+        Alibi = AlibiSlopes
+        if HAS_ALIBI:
+            Alibi = AlibiSlopes + off_b * stride_ab
+        # Philox offset of (row 0, key 0) of head h is philox_head0 + h * philox_head_stride
+        # (flashtron/dropout.py): dense heads are numbered b * nheads + h, varlen ones h.
+        philox_head_stride = philox_rows.to(tl.int64) * philox_cols
+        philox_head0 = q_start.to(tl.int64) * philox_cols + k_start
+        if not IS_VARLEN:
+            philox_head0 += off_b.to(tl.int64) * nheads * philox_head_stride
+        off_h0 = off_hk * group_size
+        # unmasked middle, then the two masked edges
+        for part in tl.static_range(3):
+            start = full_lo if part == 0 else (lo if part == 1 else full_hi)
+            end = full_hi if part == 0 else (full_lo if part == 1 else hi)
             dk, dv = _dkdv_over_q_blocks(
-                dk,
-                dv,
-                k,
-                v,
-                Qh,
-                DOh,
-                LSEh,
-                Deltah,
-                stride_qm,
-                stride_dom,
-                stride_lm,
-                full_lo,
-                full_hi,
-                offs_n,
-                offs_d,
-                offs_dv,
-                seqlen_q,
-                seqlen_k_used,
-                window_left,
-                window_right,
-                qk_scale,
-                softcap_log2,
-                alibi_slope_log2,
-                dropout_seed,
-                dropout_threshold,
-                dropout_scale,
-                philox_base,
-                philox_cols,
-                HEAD_DIM,
-                HEAD_DIM_V,
-                BLOCK_M,
-                False,
-                HAS_LEFT,
-                HAS_RIGHT,
-                HAS_SOFTCAP,
-                HAS_ALIBI,
-                HAS_DROPOUT,
-                DOT_FP32,
-                PRECISION,
-            )
-            dk, dv = _dkdv_over_q_blocks(
-                dk,
-                dv,
-                k,
-                v,
-                Qh,
-                DOh,
-                LSEh,
-                Deltah,
-                stride_qm,
-                stride_dom,
-                stride_lm,
-                lo,
-                full_lo,
-                offs_n,
-                offs_d,
-                offs_dv,
-                seqlen_q,
-                seqlen_k_used,
-                window_left,
-                window_right,
-                qk_scale,
-                softcap_log2,
-                alibi_slope_log2,
-                dropout_seed,
-                dropout_threshold,
-                dropout_scale,
-                philox_base,
-                philox_cols,
-                HEAD_DIM,
-                HEAD_DIM_V,
-                BLOCK_M,
-                True,
-                HAS_LEFT,
-                HAS_RIGHT,
-                HAS_SOFTCAP,
-                HAS_ALIBI,
-                HAS_DROPOUT,
-                DOT_FP32,
-                PRECISION,
-            )
-            dk, dv = _dkdv_over_q_blocks(
-                dk,
-                dv,
-                k,
-                v,
-                Qh,
-                DOh,
-                LSEh,
-                Deltah,
-                stride_qm,
-                stride_dom,
-                stride_lm,
-                full_hi,
-                hi,
-                offs_n,
-                offs_d,
-                offs_dv,
-                seqlen_q,
-                seqlen_k_used,
-                window_left,
-                window_right,
-                qk_scale,
-                softcap_log2,
-                alibi_slope_log2,
-                dropout_seed,
-                dropout_threshold,
-                dropout_scale,
-                philox_base,
-                philox_cols,
-                HEAD_DIM,
-                HEAD_DIM_V,
-                BLOCK_M,
-                True,
-                HAS_LEFT,
-                HAS_RIGHT,
-                HAS_SOFTCAP,
-                HAS_ALIBI,
-                HAS_DROPOUT,
-                DOT_FP32,
-                PRECISION,
-            )
+                dk, dv, k, v, Qb, DOb, LSEb, Deltab, DQb, Alibi,
+                stride_qm, stride_qh, stride_dom, stride_doh, stride_lh, stride_lm, stride_dqm, stride_dqh, stride_ah,
+                off_h0, group_size, start, end, offs_n, offs_d, offs_dv,
+                seqlen_q, seqlen_k_used, window_left, window_right, qk_scale, softcap_log2, dq_scale,
+                dropout_seed, dropout_threshold, dropout_scale, philox_head0, philox_head_stride, philox_cols,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, part != 0, HAS_LEFT, HAS_RIGHT,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, FUSED_DQ, DOT_FP32, PRECISION,
+            )  # fmt: skip
     dk = dk * dk_scale
     n_ok = offs_n[:, None] < seqlen_k
     tl.store(

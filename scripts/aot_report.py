@@ -1,0 +1,131 @@
+"""Compile the attention kernels for Hopper (sm_90) on any machine, GPU or not, and print what the
+compiler reports for each tile config: registers per thread, spilled bytes, shared memory, and the
+compile time. A config that spills or needs more shared memory than an SM has (227 KiB) is not worth
+device time.
+
+    python scripts/aot_report.py [fwd|dkdv|dq|fused ...] [--d 64,128]
+
+Needs only triton (its bundled ptxas). Pointer and stride arguments are marked 16-aligned as the JIT
+marks them for contiguous bf16 tensors, so the code matches what a launch would build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from flashtron.kernels.bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel  # noqa: E402
+from flashtron.kernels.fwd import attention_fwd_kernel  # noqa: E402
+
+SMEM_LIMIT = 227 * 1024
+FP32_POINTERS = {"LSE", "Delta", "DQAccum", "AlibiSlopes", "Sink"}
+NONE_POINTERS = {"AlibiSlopes", "Sink", "CuSeqlensQ", "CuSeqlensK", "SequsedK"}
+FLOAT_SCALARS = {"qk_scale", "softcap_log2", "dropout_scale", "dk_scale", "dq_scale"}
+
+
+def features(causal: bool) -> dict:
+    return dict(
+        HAS_LEFT=False,
+        HAS_RIGHT=causal,
+        HAS_SOFTCAP=False,
+        HAS_ALIBI=False,
+        HAS_DROPOUT=False,
+        IS_VARLEN=False,
+        HAS_SEQUSED_K=False,
+        DOT_FP32=False,
+        PRECISION="ieee",
+    )
+
+
+def compile_report(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    fn = kernel  # the JITFunction: ASTSource reads its arg_names
+    names = fn.arg_names
+    signature, attrs, consts = {}, {}, dict(constexprs)
+    for i, name in enumerate(names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in NONE_POINTERS or (name == "DQAccum" and not consts.get("FUSED_DQ", False)):
+            consts[name] = None
+            signature[name] = "constexpr"
+        elif name[0].isupper():
+            signature[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, {(names.index(k),): v for k, v in consts.items()}, attrs)
+    t0 = time.time()
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
+    seconds = time.time() - t0
+    regs, spills = cubin_resources(compiled.asm["cubin"])  # read off the binary: loading needs a GPU
+    return dict(regs=regs, spills=spills, smem=compiled.metadata.shared, seconds=seconds)
+
+
+def cubin_resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, spill bytes: stack frame + spill stores) by the cuobjdump Triton ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", text).group(1))
+    stack = int(re.search(r"STACK:(\d+)", text).group(1))
+    return regs, stack
+
+
+def constexprs_for(kind: str, d: int, block_m: int, block_n: int, causal: bool) -> tuple:
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d, BLOCK_DV=d, **features(causal))
+    if kind == "fwd":
+        return attention_fwd_kernel, dict(common, HAS_SINK=False, HEAVY_FIRST=causal)
+    if kind == "dq":
+        return attention_bwd_dq_kernel, dict(common, HEAVY_FIRST=causal)
+    return attention_bwd_dkdv_kernel, dict(common, FUSED_DQ=kind == "fused")
+
+
+def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tune import TILES
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kinds", nargs="*", default=["fwd", "dkdv", "dq", "fused"])
+    ap.add_argument("--d", default="64,128,256")
+    ap.add_argument("--causal", action="store_true", help="compile the causal variant (default: full)")
+    args = ap.parse_args()
+    dims = [int(x) for x in args.d.split(",")]
+    for (kind, d), cfgs in TILES.items():
+        if kind not in args.kinds or d not in dims:
+            continue
+        for bm, bn, warps, stages in cfgs:
+            kernel, consts = constexprs_for(kind, d, bm, bn, args.causal)
+            try:
+                r = compile_report(kernel, consts, warps, stages)
+                flag = " SPILLS" if r["spills"] else ""
+                flag += " SMEM>227K" if r["smem"] > SMEM_LIMIT else ""
+                print(
+                    f"{kind:5} d{d:<3} ({bm:3},{bn:3},{warps:2},{stages}) regs {r['regs']:3} stack {r['spills']:5} "
+                    f"smem {r['smem'] / 1024:6.1f}K  {r['seconds']:5.1f}s{flag}",
+                    flush=True,
+                )
+            except Exception as exc:
+                reason = str(exc).splitlines()[0][:150]
+                print(f"{kind:5} d{d:<3} ({bm},{bn},{warps},{stages}) FAILED {type(exc).__name__}: {reason}")
+
+
+if __name__ == "__main__":
+    main()

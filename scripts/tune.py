@@ -1,0 +1,339 @@
+"""Sweep tile configs and decode split counts on the GPU: every candidate is first checked for
+correctness, then timed, and the results land in $OUT/tune.json with a table on stdout.
+
+    python scripts/tune.py check [--workers N]  # compile and check every candidate (may share the GPU)
+    python scripts/tune.py time                 # time the candidates that passed (needs an idle GPU)
+
+Kinds: `fwd` (forward tile), `dkdv` and `dq` (the deterministic two-kernel backward, each swept with
+the other at its current tile), `fused` (the fused dK/dV + atomic dQ backward), `decode` (decode tile
+and split count, timed as CUDA-graph replays next to SDPA-flash and SDPA-cuDNN). A candidate is
+installed by editing the config tables in this process, never through the environment. Correctness
+uses the tests' tolerance rule (tests/tolerance.py) against an fp32 reference. Sizes follow PERF.md:
+batch * seqlen = 16384 tokens, nheads = 2048 / headdim, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", "src"), os.path.join(HERE, "..", "tests")]
+
+import torch  # noqa: E402
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of each list is the config in use; the
+# others were picked from scripts/aot_report.py's sm_90 register report (no or few spilled bytes).
+TILES = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2)],
+    ("fwd", 256): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    ("dkdv", 64): [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2)],
+    ("dkdv", 128): [(32, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 64, 8, 2)],
+    ("dkdv", 256): [(16, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
+    ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    ("dq", 128): [(64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
+    ("dq", 256): [(64, 16, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    ("fused", 64): [(32, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 128, 8, 2)],
+    ("fused", 128): [(16, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2)],
+    ("fused", 256): [(32, 64, 8, 2), (16, 64, 4, 2)],
+}
+# decode: (BLOCK_M, BLOCK_N, num_warps, num_stages, min_blocks_per_split) at head dim 128; split counts
+DECODE_TILES = [(64, 64, 4, 3, 4), (64, 128, 4, 3, 2), (64, 32, 4, 3, 8), (64, 64, 4, 2, 4), (64, 128, 8, 3, 2)]
+DECODE_SPLITS = [0, 1, 2, 3, 4, 8, 16]
+DECODE_CACHES = [1024, 8192, 32768]
+PREFILL_SEQLENS = {"fwd": [512, 4096], "bwd": [1024, 8192]}
+WINDOW = (16384, 16, 128, (1024, 0))  # seqlen, heads, headdim, window: the bench's window row
+OUT = os.environ.get("OUT", ".")
+STATE = os.path.join(OUT, "tune.json")
+
+
+def install(kind: str, d: int, cfg: tuple) -> None:
+    from flashtron import configs, inference
+
+    if kind == "decode":
+        inference.GPU_DECODE[d] = inference.DecodeConfig(*cfg)
+        return
+    table = {
+        "fwd": configs.HOPPER_FWD,
+        "dkdv": configs.HOPPER_BWD_DKDV,
+        "dq": configs.HOPPER_BWD_DQ,
+        "fused": configs.HOPPER_BWD_FUSED,
+    }[kind]
+    table[d] = configs.TileConfig(*cfg)
+
+
+def run_attention(kind: str, q, k, v, **kw):
+    import flashtron
+
+    # the two-kernel backward is the deterministic one; the fused one is the default form
+    return flashtron.flash_attn_func(q, k, v, deterministic=kind in ("dkdv", "dq"), **kw)
+
+
+# ---------------------------------------------------------------------------------------- check
+
+
+def check_prefill(kind: str, d: int) -> list[str]:
+    """Out and gradients of two awkward shapes against the fp32 reference; raises on a miss."""
+    from flashtron.reference import attention_ref
+    from tolerance import assert_fa_close, assert_grads_close
+
+    msgs = []
+    for b, sq, sk, h, hk, causal in ((2, 300, 300, 8, 8, False), (2, 333, 517, 8, 2, True)):
+        gen = torch.Generator().manual_seed(sq * 7 + sk)
+        q, k, v, do = (
+            torch.randn(b, s, n, d, generator=gen).cuda().bfloat16() for s, n in ((sq, h), (sk, hk), (sk, hk), (sq, h))
+        )
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = run_attention(kind, *leaves, causal=causal)
+        ref_in = [t.float().requires_grad_() for t in (q, k, v)]
+        pt_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = attention_ref(*ref_in, causal=causal)[0]
+        pt = attention_ref(*pt_in, causal=causal, upcast=False, reorder_ops=True)[0]
+        assert_fa_close(out, ref, pt)
+        if kind != "fwd":
+            got = torch.autograd.grad(out, leaves, do)
+            assert_grads_close(got, torch.autograd.grad(ref, ref_in, do.float()), torch.autograd.grad(pt, pt_in, do))
+        msgs.append(f"{'causal' if causal else 'full'} {sq}x{sk} ok")
+    return msgs
+
+
+def check_decode(cfg: tuple) -> list[str]:
+    import flashtron
+    from flashtron.reference import attention_ref
+    from tolerance import assert_fa_close
+
+    b, h, hk, d, L = 4, 32, 8, 128, 3000
+    q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(b, L + 100, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([L, 1, 777, 2048], dtype=torch.int32, device="cuda")
+    msgs = []
+    for splits in (1, 3, 8):
+        out = flashtron.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=splits)
+        for i in range(b):
+            n = int(lens[i])
+            ins = (q[i : i + 1], kc[i : i + 1, :n], vc[i : i + 1, :n])
+            ref = attention_ref(*ins)[0]
+            pt = attention_ref(*ins, upcast=False, reorder_ops=True)[0]
+            assert_fa_close(out[i : i + 1], ref, pt, name=f"out[{i}] splits={splits}")
+        msgs.append(f"splits {splits} ok")
+    return msgs
+
+
+def check_one(kind: str, d: int, cfg: tuple) -> dict:
+    install(kind, d, cfg)
+    t0 = time.time()
+    try:
+        msgs = check_decode(cfg) if kind == "decode" else check_prefill(kind, d)
+        return {"ok": True, "detail": "; ".join(msgs), "seconds": round(time.time() - t0, 1)}
+    except Exception as exc:  # a failing candidate is a result, not a crash
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if not isinstance(exc, AssertionError):
+            text += " | " + traceback.format_exc().splitlines()[-3].strip()
+        return {"ok": False, "detail": text[:400], "seconds": round(time.time() - t0, 1)}
+
+
+def candidates() -> list[tuple[str, int, tuple]]:
+    out = [(kind, d, cfg) for (kind, d), cfgs in TILES.items() for cfg in cfgs]
+    return out + [("decode", 128, cfg) for cfg in DECODE_TILES]
+
+
+def key(kind, d, cfg) -> str:
+    return f"{kind} d{d} {tuple(cfg)}"
+
+
+def do_check(workers: int) -> dict:
+    results = {}
+    todo = candidates()
+    ctx = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        jobs = {pool.submit(check_one, *c): c for c in todo}
+        for job in futures.as_completed(jobs):
+            c = jobs[job]
+            try:
+                res = job.result()
+            except Exception as exc:  # a worker that died (e.g. an illegal address) takes its own row
+                res = {"ok": False, "detail": f"worker died: {type(exc).__name__}: {exc}"[:400]}
+            results[key(*c)] = dict(kind=c[0], d=c[1], cfg=list(c[2]), check=res)
+            print(f"{key(*c):34} {'ok ' if res['ok'] else 'BAD'} {res['detail'][:150]}", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------- time
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def time_prefill(kind: str, d: int) -> dict:
+    h = 2048 // d
+    times = {}
+    direction = "fwd" if kind == "fwd" else "bwd"
+    for causal in (False, True):
+        for s in PREFILL_SEQLENS[direction]:
+            b = 16384 // s
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+            flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
+            if direction == "fwd":
+                ms = bench(lambda q=q, k=k, v=v, causal=causal: run_attention(kind, q, k, v, causal=causal))
+            else:
+                out = run_attention(kind, q, k, v, causal=causal)
+                do = torch.randn_like(out)
+                ms = bench(lambda out=out, do=do, leaves=(q, k, v): backward(out, do, leaves))
+                flops *= 2.5
+            times[f"{'causal' if causal else 'full'} s={s}"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    if kind == "fwd" and d == WINDOW[2]:
+        s, h, dw, window = WINDOW
+        q, k, v = (torch.randn(1, s, h, dw, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+        causal_ms = bench(lambda: run_attention(kind, q, k, v, causal=True))
+        window_ms = bench(lambda: run_attention(kind, q, k, v, causal=True, window_size=window))
+        times["window/causal s=16384"] = {"ms": window_ms, "causal_ms": causal_ms, "ratio": window_ms / causal_ms}
+    return times
+
+
+def backward(out, do, leaves) -> None:
+    for t in leaves:
+        t.grad = None
+    out.backward(do, retain_graph=True)
+
+
+def graph_ms(fn) -> float:
+    """Median ms of a CUDA-graph replay of fn (L2 flushed before each, by do_bench)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
+SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def decode_problem(L: int, page: int | None = None):
+    b, h, hk, d = 8, 32, 8, 128
+    q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((b,), L, dtype=torch.int32, device="cuda")
+    if page is None:
+        kc, vc = (torch.randn(b, L, hk, d, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        return q, kc, vc, lens, None
+    n = b * math.ceil(L / page)
+    kc, vc = (torch.randn(n, page, hk, d, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    table = torch.randperm(n, device="cuda").to(torch.int32).view(b, -1)
+    return q, kc, vc, lens, table
+
+
+def time_decode(tiles: list[tuple]) -> dict:
+    """Per cache length: SDPA-flash and SDPA-cuDNN, then each tile x split count."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import flashtron
+
+    results = {}
+    kv_bytes = lambda L: 2.0 * 8 * L * 8 * 128 * 2
+    record = lambda name, L, ms: results.__setitem__(f"{name} L={L}", {"us": ms * 1e3, "tbps": kv_bytes(L) / ms / 1e9})
+    for L in DECODE_CACHES:
+        q, kc, vc, lens, _ = decode_problem(L)
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, kc, vc))
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel([backend]):
+                    record(name, L, graph_ms(lambda qh=qh, kh=kh, vh=vh: SDPA(qh, kh, vh, enable_gqa=True)))
+            except Exception as exc:
+                results[f"{name} L={L}"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        for cfg in tiles:
+            install("decode", 128, cfg)
+            for splits in DECODE_SPLITS:
+                fn = lambda q=q, kc=kc, vc=vc, lens=lens, n=splits: flashtron.flash_attn_with_kvcache(
+                    q, kc, vc, cache_seqlens=lens, num_splits=n
+                )
+                record(f"ours {tuple(cfg)} splits={splits}", L, graph_ms(fn))
+    install("decode", 128, DECODE_TILES[0])
+    for page in (16, 256):  # paged against contiguous at 32k, default tile and heuristic split
+        q, kc, vc, lens, table = decode_problem(32768, page)
+        fn = lambda q=q, kc=kc, vc=vc, lens=lens, table=table: flashtron.flash_attn_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, block_table=table
+        )
+        record(f"ours paged{page} splits=0", 32768, graph_ms(fn))
+    return results
+
+
+def do_time(results: dict) -> dict:
+    from flashtron import configs
+
+    tables = (configs.HOPPER_FWD, configs.HOPPER_BWD_DKDV, configs.HOPPER_BWD_DQ, configs.HOPPER_BWD_FUSED)
+    defaults = [dict(t) for t in tables]
+    for (kind, d), cfgs in TILES.items():
+        for cfg in cfgs:
+            row = results.get(key(kind, d, cfg))
+            if not row or not row["check"]["ok"]:
+                continue
+            for table, default in zip(tables, defaults):  # everything else at its default
+                table.update(default)
+            install(kind, d, cfg)
+            t0 = time.time()
+            try:
+                row["time"] = time_prefill(kind, d)
+            except Exception as exc:
+                row["time"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            cells = "  ".join(
+                f"{c}: {v['tflops']:.0f}" if "tflops" in v else f"{c}: {v.get('ratio', 0):.3f}"
+                for c, v in row["time"].items()
+                if isinstance(v, dict) and ("tflops" in v or "ratio" in v)
+            )
+            print(f"{key(kind, d, cfg):34} {cells}  ({time.time() - t0:.0f}s)", flush=True)
+            torch.cuda.empty_cache()
+    passed = [c for c in DECODE_TILES if results.get(key("decode", 128, c), {}).get("check", {}).get("ok")]
+    if DECODE_TILES[0] in passed:  # the paged rows run on the default tile
+        t0 = time.time()
+        try:
+            results["decode times"] = time_decode(passed)
+        except Exception as exc:
+            results["decode times"] = {"error": f"{type(exc).__name__}: {exc} {traceback.format_exc()[-400:]}"}
+        print(f"decode sweep done ({time.time() - t0:.0f}s)", flush=True)
+        summarize_decode(results["decode times"])
+    return results
+
+
+def summarize_decode(times: dict) -> None:
+    for L in DECODE_CACHES:
+        us = lambda name, L=L: times.get(f"{name} L={L}", {}).get("us", float("nan"))
+        peers = "  ".join(f"{n} {us(n):.1f}us" for n in ("sdpa_flash", "sdpa_cudnn"))
+        ours = sorted(
+            ((v["us"], k) for k, v in times.items() if k.startswith("ours") and k.endswith(f"L={L}") and "us" in v)
+        )
+        heur = us(f"ours {DECODE_TILES[0]} splits=0")
+        best = "; ".join(f"{k.split(' L=')[0][5:]} {us:.1f}us" for us, k in ours[:4])
+        print(f"decode L={L}: {peers}  ours(default, heuristic) {heur:.1f}us  best: {best}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=("check", "time"))
+    ap.add_argument("--workers", type=int, default=6)
+    args = ap.parse_args()
+    if args.mode == "check":
+        results = do_check(args.workers)
+    else:
+        results = json.load(open(STATE)) if os.path.exists(STATE) else {}
+        results = do_time(results)
+    with open(STATE, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
