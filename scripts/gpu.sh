@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU work in phases, a short summary last, full logs and results under $OUT.
 #   PHASES (default "tests,bench"), comma-separated, run in this order:
+#     serial pytest -m gpu on SERIAL_TESTS, one process, CUDA_LAUNCH_BLOCKING=1, long tracebacks
 #     tests  pytest -m gpu (xdist, -v log)          GPU_TESTS=paths  TEST_TIMEOUT=s  WORKERS=n
 #     tune   scripts/tune.py check (alongside the tests), then time on the idle GPU   TUNE_TIMEOUT=s
 #     demo   flashtron train-demo on the GPU        DEMO_ARGS="..."
@@ -19,6 +20,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/device.txt"
 date -u +%FT%TZ | tee -a "$OUT/device.txt"
 summary=()
+
+if has serial; then  # failures with their full messages: a crashed xdist worker loses them
+  CUDA_LAUNCH_BLOCKING=1 timeout "${SERIAL_TIMEOUT:-150}" python3 -m pytest -m gpu -p no:warnings -n 0 -rfE \
+    --tb=long $SERIAL_TESTS > "$OUT/serial-tests.log" 2>&1
+  summary+=("serial tests: $(tail -1 "$OUT/serial-tests.log") (exit $?)")
+  grep -E "^E |Error|error:" "$OUT/serial-tests.log" | head -30
+fi
 
 # tests and the tune check share the GPU (correctness only); each compiles on its own cores
 if has tune; then

@@ -28,37 +28,50 @@ INTERPRET_BWD_DKDV = TileConfig(16, 32, 1, 1)
 INTERPRET_BWD_DQ = TileConfig(32, 16, 1, 1)
 INTERPRET_BWD_FUSED = TileConfig(16, 32, 1, 1)
 
-# Hopper (sm90). Head-dim bucket -> config. Starting points from the Triton fused-attention tutorial's
-# Hopper search space; measured and revised in docs/perf-notes.md.
+# Hopper (sm90). Head-dim bucket -> config. Measured on one H200 with scripts/tune.py, 2026-12-01
+# (bf16, PERF.md sizes, TFLOP/s at seqlen 512 / 4096, full and causal; docs/perf-notes.md has the
+# whole sweep). d64 (128, 64, 4, 3) and d128 (128, 64, 8, 3) stayed best or tied; d256 (64, 32, 4, 2)
+# gave 226/381 full and 102/334 causal against 199/307 and 81/263 for the old (64, 64, 4, 2).
 HOPPER_FWD = {
     64: TileConfig(128, 64, 4, 3),
     128: TileConfig(128, 64, 8, 3),
-    256: TileConfig(64, 64, 4, 2),
+    256: TileConfig(64, 32, 4, 2),
     512: TileConfig(32, 32, 4, 1),
 }
-# dK/dV: the kernel loops over (query block, head) pairs in one flat loop since 2026-12-01, which took
-# its sm_90 register use under 255 with no spills at (32, 128, 8 warps, 2 stages) for d64 and d128
-# (scripts/aot_report.py; every tile spilled 160-2400 bytes with the nested head loop). First pick
-# for the GPU sweep (scripts/tune.py). (16, 64, 4, 2) at d256 spills and is to be re-measured.
-# Earlier: (32, 128, 4, 3) at d64 and (16, 64, 4, 2) at d128 gave wrong dK on an H100 (2026-11-22)
-# while tl.trans() of a dot's result fed another dot; the kernel no longer does that.
+# Windows with a left bound: a query block of BLOCK_M rows visits about window + BLOCK_M keys, so
+# smaller query blocks waste less. Same H200 sweep, window (1024, 0) at seqlen 16384, d128: window /
+# causal time 0.155 with (64, 64, 4, 3) against 0.182 with (128, 64, 8, 3). Other head dims use
+# HOPPER_FWD until measured.
+HOPPER_FWD_WINDOW = {128: TileConfig(64, 64, 4, 3)}
+# dK/dV and dQ of the two-kernel backward, same sweep (TFLOP/s of the whole backward at seqlen 8192,
+# full / causal, each kernel swept with the other at its old tile). The dK/dV kernel loops over
+# (query block, head) pairs in one flat loop since 2026-12-01; with the head loop nested outside the
+# block loops every tile spilled (scripts/aot_report.py). d64 (64, 64, 4, 2): 343/311 (next best
+# (32, 64, 4, 2) 331/306; (32, 128, 8, 2), the one without spills, only 246/247). d128 (32, 128, 8, 3):
+# 357/335 ((32, 64, 4, 2) 350/333). d256 (64, 64, 8, 2): 183/196 against 64/59 for (16, 64, 4, 2).
+# dQ: d64 (64, 64, 4, 3) +3% over (128, 32, 4, 3); d128 (64, 32, 4, 3) stayed best; d256 (128, 32, 8, 2)
+# has no spills where (64, 16, 4, 2) spills 80 bytes (the d256 sweep was dominated by the slow dK/dV).
+# 2026-11-22: (32, 128, 4, 3) at d64 and (16, 64, 4, 2) at d128 gave wrong dK on an H100 while
+# tl.trans() of a dot's result fed another dot; the kernel no longer does that, and every tile of the
+# 2026-12-01 sweep passed the fp32-reference check.
 HOPPER_BWD_DKDV = {
-    64: TileConfig(32, 128, 8, 2),
-    128: TileConfig(32, 128, 8, 2),
-    256: TileConfig(16, 64, 4, 2),
+    64: TileConfig(64, 64, 4, 2),
+    128: TileConfig(32, 128, 8, 3),
+    256: TileConfig(64, 64, 8, 2),
     512: TileConfig(16, 32, 4, 1),
 }
 HOPPER_BWD_DQ = {
-    64: TileConfig(128, 32, 4, 3),
+    64: TileConfig(64, 64, 4, 3),
     128: TileConfig(64, 32, 4, 3),
-    256: TileConfig(64, 16, 4, 2),
+    256: TileConfig(128, 32, 8, 2),
     512: TileConfig(32, 16, 4, 1),
 }
 
 # The fused dK/dV + atomic dQ backward (deterministic=False). None: that bucket uses the two kernels.
-# Not yet timed: the tiles with no spilled bytes in the sm_90 register report, for scripts/tune.py.
+# Same sweep: at d64 the best fused tile, (32, 64, 4, 2), reached 304/249 against the two kernels'
+# 343/311, so d64 keeps the two kernels. d128 is measured next (scripts/tune.py).
 HOPPER_BWD_FUSED = {
-    64: TileConfig(32, 128, 8, 2),
+    64: None,
     128: TileConfig(16, 128, 8, 2),
     256: None,
     512: None,
@@ -109,7 +122,12 @@ def _pick(device: torch.device, head_dim: int, hopper: dict, safe: dict, interpr
     return table[head_dim_bucket(head_dim)]
 
 
-def fwd_config(device: torch.device, head_dim: int) -> TileConfig:
+def fwd_config(device: torch.device, head_dim: int, left_window: bool = False) -> TileConfig:
+    """Forward tile; `left_window`: the call has a left window bound (see HOPPER_FWD_WINDOW)."""
+    if left_window and device.type == "cuda" and _arch(device.index or 0) == "hopper":
+        window = HOPPER_FWD_WINDOW.get(head_dim_bucket(head_dim))
+        if window is not None:
+            return window
     return _pick(device, head_dim, HOPPER_FWD, SAFE_FWD, INTERPRET_FWD)
 
 

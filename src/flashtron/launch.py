@@ -125,7 +125,7 @@ def attention_forward(
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    cfg = fwd_config(q.device, max(head_dim, head_dim_v))
+    cfg = fwd_config(q.device, max(head_dim, head_dim_v), left_window=opts.window_left >= 0)
     score = score_args(q, opts)
     grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
     attention_fwd_kernel[grid](
