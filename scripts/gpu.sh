@@ -24,7 +24,8 @@ summary=()
 if has serial; then  # failures with their full messages: a crashed xdist worker loses them
   CUDA_LAUNCH_BLOCKING=1 timeout "${SERIAL_TIMEOUT:-150}" python3 -m pytest -m gpu -p no:warnings -n 0 -rfE \
     --tb=long $SERIAL_TESTS > "$OUT/serial-tests.log" 2>&1
-  summary+=("serial tests: $(tail -1 "$OUT/serial-tests.log") (exit $?)")
+  serial_rc=$?
+  summary+=("serial tests: $(tail -1 "$OUT/serial-tests.log") (exit $serial_rc)")
   grep -E "^E |Error|error:" "$OUT/serial-tests.log" | head -30
 fi
 
