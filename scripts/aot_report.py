@@ -3,7 +3,7 @@ compiler reports for each tile config: registers per thread, spilled bytes, shar
 compile time. A config that spills or needs more shared memory than an SM has (227 KiB) is not worth
 device time.
 
-    python scripts/aot_report.py [fwd|dkdv|dq|fused ...] [--d 64,128]
+    python scripts/aot_report.py [fwd|dkdv|dq ...] [--d 64,128]
 
 Needs only triton (its bundled ptxas). Pointer and stride arguments are marked 16-aligned as the JIT
 marks them for contiguous bf16 tensors, so the code matches what a launch would build.
@@ -29,7 +29,7 @@ from flashtron.kernels.bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_ke
 from flashtron.kernels.fwd import attention_fwd_kernel  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
-FP32_POINTERS = {"LSE", "Delta", "DQAccum", "AlibiSlopes", "Sink"}
+FP32_POINTERS = {"LSE", "Delta", "AlibiSlopes", "Sink"}
 NONE_POINTERS = {"AlibiSlopes", "Sink", "CuSeqlensQ", "CuSeqlensK", "SequsedK"}
 FLOAT_SCALARS = {"qk_scale", "softcap_log2", "dropout_scale", "dk_scale", "dq_scale"}
 
@@ -55,7 +55,7 @@ def compile_report(kernel, constexprs: dict, num_warps: int, num_stages: int) ->
     for i, name in enumerate(names):
         if name in consts:
             signature[name] = "constexpr"
-        elif name in NONE_POINTERS or (name == "DQAccum" and not consts.get("FUSED_DQ", False)):
+        elif name in NONE_POINTERS:
             consts[name] = None
             signature[name] = "constexpr"
         elif name[0].isupper():
@@ -95,7 +95,7 @@ def constexprs_for(kind: str, d: int, block_m: int, block_n: int, causal: bool) 
         return attention_fwd_kernel, dict(common, HAS_SINK=False, HEAVY_FIRST=causal)
     if kind == "dq":
         return attention_bwd_dq_kernel, dict(common, HEAVY_FIRST=causal)
-    return attention_bwd_dkdv_kernel, dict(common, FUSED_DQ=kind == "fused")
+    return attention_bwd_dkdv_kernel, common
 
 
 def main() -> None:
@@ -103,7 +103,7 @@ def main() -> None:
     from tune import TILES
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("kinds", nargs="*", default=["fwd", "dkdv", "dq", "fused"])
+    ap.add_argument("kinds", nargs="*", default=["fwd", "dkdv", "dq"])
     ap.add_argument("--d", default="64,128,256")
     ap.add_argument("--causal", action="store_true", help="compile the causal variant (default: full)")
     args = ap.parse_args()

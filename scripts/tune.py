@@ -4,9 +4,9 @@ correctness, then timed, and the results land in $OUT/tune.json with a table on 
     python scripts/tune.py check [--workers N]  # compile and check every candidate (may share the GPU)
     python scripts/tune.py time                 # time the candidates that passed (needs an idle GPU)
 
-Kinds: `fwd` (forward tile), `dkdv` and `dq` (the deterministic two-kernel backward, each swept with
-the other at its current tile), `fused` (the fused dK/dV + atomic dQ backward), `decode` (decode tile
-and split count, timed as CUDA-graph replays next to SDPA-flash and SDPA-cuDNN). A candidate is
+Kinds: `fwd` (forward tile), `dkdv` and `dq` (the backward's two kernels, each swept with the other
+at its current tile), `decode` (decode tile and split count, timed as CUDA-graph replays next to
+SDPA-flash and SDPA-cuDNN). A candidate is
 installed by editing the config tables in this process, never through the environment. Correctness
 uses the tests' tolerance rule (tests/tolerance.py) against an fp32 reference. Sizes follow PERF.md:
 batch * seqlen = 16384 tokens, nheads = 2048 / headdim, bf16.
@@ -29,9 +29,8 @@ sys.path[:0] = [os.path.join(HERE, "..", "src"), os.path.join(HERE, "..", "tests
 
 import torch  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of each list is the config in use (fused
-# d64: none, the two kernels won); the others were picked from scripts/aot_report.py's sm_90 register
-# report (no or few spilled bytes).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of each list is the config in use; the
+# others were picked from scripts/aot_report.py's sm_90 register report (no or few spilled bytes).
 TILES = {
     ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
     ("fwd", 128): [
@@ -49,12 +48,9 @@ TILES = {
     ("dq", 64): [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
     ("dq", 128): [(64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
     ("dq", 256): [(128, 32, 8, 2), (64, 16, 4, 2), (64, 32, 4, 2)],
-    ("fused", 64): [(32, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3), (16, 128, 8, 2), (64, 128, 8, 2)],
-    ("fused", 128): [(16, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 3), (32, 64, 4, 2)],
-    ("fused", 256): [(32, 64, 8, 2), (16, 64, 4, 2)],
 }
 # decode: (BLOCK_M, BLOCK_N, num_warps, num_stages, min_blocks_per_split) at head dim 128; split counts
-DECODE_TILES = [(64, 64, 4, 3, 4), (64, 128, 4, 3, 2), (64, 32, 4, 3, 8), (64, 64, 4, 2, 4), (64, 128, 8, 3, 2)]
+DECODE_TILES = [(64, 128, 4, 3, 8), (64, 64, 4, 3, 4), (64, 32, 4, 3, 8), (64, 64, 4, 2, 4), (64, 128, 8, 3, 8)]
 DECODE_SPLITS = [0, 1, 2, 3, 4, 8, 16]
 DECODE_CACHES = [1024, 8192, 32768]
 PREFILL_SEQLENS = {"fwd": [512, 4096], "bwd": [1024, 8192]}
@@ -69,20 +65,14 @@ def install(kind: str, d: int, cfg: tuple) -> None:
     if kind == "decode":
         inference.GPU_DECODE[d] = inference.DecodeConfig(*cfg)
         return
-    table = {
-        "fwd": configs.HOPPER_FWD,
-        "dkdv": configs.HOPPER_BWD_DKDV,
-        "dq": configs.HOPPER_BWD_DQ,
-        "fused": configs.HOPPER_BWD_FUSED,
-    }[kind]
+    table = {"fwd": configs.HOPPER_FWD, "dkdv": configs.HOPPER_BWD_DKDV, "dq": configs.HOPPER_BWD_DQ}[kind]
     table[d] = configs.TileConfig(*cfg)
 
 
 def run_attention(kind: str, q, k, v, **kw):
     import flashtron
 
-    # the two-kernel backward is the deterministic one; the fused one is the default form
-    return flashtron.flash_attn_func(q, k, v, deterministic=kind in ("dkdv", "dq"), **kw)
+    return flashtron.flash_attn_func(q, k, v, **kw)
 
 
 # ---------------------------------------------------------------------------------------- check
@@ -149,7 +139,7 @@ def check_one(kind: str, d: int, cfg: tuple) -> dict:
 
 
 def selected(kind: str, d: int) -> bool:
-    """TUNE_ONLY="fused:128,decode:128" limits a run to those (kind, head dim) pairs."""
+    """TUNE_ONLY="dkdv:128,decode:128" limits a run to those (kind, head dim) pairs."""
     only = os.environ.get("TUNE_ONLY", "")
     return not only or f"{kind}:{d}" in only.split(",")
 
@@ -295,7 +285,7 @@ def save(results: dict) -> None:
 def do_time(results: dict) -> dict:
     from flashtron import configs
 
-    tables = (configs.HOPPER_FWD, configs.HOPPER_BWD_DKDV, configs.HOPPER_BWD_DQ, configs.HOPPER_BWD_FUSED)
+    tables = (configs.HOPPER_FWD, configs.HOPPER_BWD_DKDV, configs.HOPPER_BWD_DQ)
     defaults = [dict(t) for t in tables]
     for (kind, d), cfgs in TILES.items():
         for cfg in cfgs:

@@ -51,7 +51,6 @@ def check_attention(
     layouts=("contiguous",) * 3,
     backward=True,
     lse_grad=True,
-    deterministic=False,
 ):
     q = make_tensor((batch, seqlen_q, nheads, d), dtype, device, layouts[0])
     k = make_tensor((batch, seqlen_k, nheads_k, d), dtype, device, layouts[1])
@@ -66,9 +65,7 @@ def check_attention(
 
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     sink_leaf = sinks.detach().clone().requires_grad_(backward) if sink else None
-    out, lse = flashtron.flash_attn_func(
-        *leaves, learnable_sink=sink_leaf, return_lse=True, deterministic=deterministic, **kwargs
-    )
+    out, lse = flashtron.flash_attn_func(*leaves, learnable_sink=sink_leaf, return_lse=True, **kwargs)
 
     # fp32 inputs need an fp64 reference: an fp32 one has the same precision as PyTorch-in-dtype
     ref_dtype = torch.float64 if dtype == torch.float32 else None

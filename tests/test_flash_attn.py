@@ -41,16 +41,13 @@ def _tiny_cases():
         feat = features[i % len(features)]
         shape = heads[i % len(heads)]
         layouts = (LAYOUTS[i % 3], LAYOUTS[(i + 1) % 3], LAYOUTS[(i + 2) % 3])
-        # both backward forms: the two deterministic kernels, and the fused one with atomic dQ
-        feat = dict(feat, deterministic=(i // len(features)) % 2 == 1)
         cases.append((seqlens, dtype, shape, feat, layouts))
     return cases
 
 
 def _case_id(case):
     (sq, sk), dtype, (h, hk, d, dv), feat, layouts = case
-    name = "-".join(f"{k}={v}" for k, v in feat.items() if k != "deterministic") or "plain"
-    name += "-det" if feat["deterministic"] else ""
+    name = "-".join(f"{k}={v}" for k, v in feat.items()) or "plain"
     return f"{sq}x{sk}-{str(dtype)[6:]}-h{h}k{hk}d{d}v{dv}-{name}-{'/'.join(lay[:2] for lay in layouts)}"
 
 
@@ -205,11 +202,7 @@ def test_gpu_grid(causal, d, dtype):
         batch = 2 if sq * sk <= 2048 * 2048 else 1
         layouts = (LAYOUTS[i % 3], LAYOUTS[(i + 1) % 3], LAYOUTS[(i + 2) % 3])
         try:
-            # alternate the two backward forms (fused atomic dQ, and the deterministic kernels)
-            check_attention(
-                batch, sq, sk, nheads, nheads_k, d, d, dtype, "cuda", causal=causal, layouts=layouts,
-                deterministic=i % 2 == 1,
-            )  # fmt: skip
+            check_attention(batch, sq, sk, nheads, nheads_k, d, d, dtype, "cuda", causal=causal, layouts=layouts)
         except AssertionError as e:
             raise AssertionError(f"seqlen_q={sq} seqlen_k={sk} nheads={nheads}/{nheads_k}: {e}") from e
 

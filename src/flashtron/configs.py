@@ -26,7 +26,6 @@ class TileConfig:
 INTERPRET_FWD = TileConfig(32, 16, 1, 1)
 INTERPRET_BWD_DKDV = TileConfig(16, 32, 1, 1)
 INTERPRET_BWD_DQ = TileConfig(32, 16, 1, 1)
-INTERPRET_BWD_FUSED = TileConfig(16, 32, 1, 1)
 
 # Hopper (sm90). Head-dim bucket -> config. Measured on one H200 with scripts/tune.py, 2026-12-01
 # (bf16, PERF.md sizes, TFLOP/s at seqlen 512 / 4096, full and causal; docs/perf-notes.md has the
@@ -67,17 +66,10 @@ HOPPER_BWD_DQ = {
     512: TileConfig(32, 16, 4, 1),
 }
 
-# The fused dK/dV + atomic dQ backward (deterministic=False). None: that bucket uses the two kernels.
-# Same sweep: at d64 the best fused tile, (32, 64, 4, 2), reached 304/249 against the two kernels'
-# 343/311, so d64 keeps the two kernels. d128 is measured next (scripts/tune.py).
-HOPPER_BWD_FUSED = {
-    64: None,
-    128: TileConfig(16, 128, 8, 2),
-    256: None,
-    512: None,
-}
-
-# Everything else (Ampere, Ada, AMD, unknown): conservative tiles that fit 100 KB of shared memory.
+# Everything else (Ampere, Ada, AMD, unknown), and fp32 inputs everywhere: conservative tiles that fit
+# 100 KB of shared memory in 16-bit types, so about 200 KB in fp32. Hopper's 16-bit tiles do not fit
+# in fp32: (64, 64, 8, 2) dK/dV at d256 needs 272 KB (scripts/aot_report.py), and the d160 fp32 GPU
+# test failed with it (2026-12-01).
 SAFE_FWD = {
     64: TileConfig(64, 64, 4, 2),
     128: TileConfig(64, 64, 4, 2),
@@ -96,8 +88,6 @@ SAFE_BWD_DQ = {
     256: TileConfig(32, 16, 4, 1),
     512: TileConfig(16, 16, 4, 1),
 }
-# Unmeasured off Hopper: the two deterministic kernels everywhere.
-SAFE_BWD_FUSED = {64: None, 128: None, 256: None, 512: None}
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -115,31 +105,30 @@ def _arch(device_index: int) -> str:
     return "hopper" if major == 9 else "other"
 
 
-def _pick(device: torch.device, head_dim: int, hopper: dict, safe: dict, interpret: TileConfig) -> TileConfig:
+def _hopper_tiles(device: torch.device, dtype: torch.dtype) -> bool:
+    """The HOPPER_* tables apply: a Hopper GPU and 16-bit inputs (fp32 takes the SAFE_* tiles)."""
+    return device.type == "cuda" and _arch(device.index or 0) == "hopper" and dtype != torch.float32
+
+
+def _pick(
+    device: torch.device, dtype: torch.dtype, head_dim: int, hopper: dict, safe: dict, interpret: TileConfig
+) -> TileConfig:
     if device.type != "cuda":
         return interpret
-    table = hopper if _arch(device.index or 0) == "hopper" else safe
-    return table[head_dim_bucket(head_dim)]
+    return (hopper if _hopper_tiles(device, dtype) else safe)[head_dim_bucket(head_dim)]
 
 
-def fwd_config(device: torch.device, head_dim: int, left_window: bool = False) -> TileConfig:
+def fwd_config(device: torch.device, dtype: torch.dtype, head_dim: int, left_window: bool = False) -> TileConfig:
     """Forward tile; `left_window`: the call has a left window bound (see HOPPER_FWD_WINDOW)."""
-    if left_window and device.type == "cuda" and _arch(device.index or 0) == "hopper":
-        window = HOPPER_FWD_WINDOW.get(head_dim_bucket(head_dim))
-        if window is not None:
-            return window
-    return _pick(device, head_dim, HOPPER_FWD, SAFE_FWD, INTERPRET_FWD)
+    window = HOPPER_FWD_WINDOW.get(head_dim_bucket(head_dim)) if left_window else None
+    if window is not None and _hopper_tiles(device, dtype):
+        return window
+    return _pick(device, dtype, head_dim, HOPPER_FWD, SAFE_FWD, INTERPRET_FWD)
 
 
-def bwd_configs(device: torch.device, head_dim: int) -> tuple[TileConfig, TileConfig]:
-    """(dK/dV kernel config, dQ kernel config) of the deterministic two-kernel backward."""
+def bwd_configs(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, TileConfig]:
+    """(dK/dV kernel config, dQ kernel config)."""
     return (
-        _pick(device, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV),
-        _pick(device, head_dim, HOPPER_BWD_DQ, SAFE_BWD_DQ, INTERPRET_BWD_DQ),
+        _pick(device, dtype, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV),
+        _pick(device, dtype, head_dim, HOPPER_BWD_DQ, SAFE_BWD_DQ, INTERPRET_BWD_DQ),
     )
-
-
-def bwd_fused_config(device: torch.device, head_dim: int) -> TileConfig | None:
-    """Config of the fused dK/dV + atomic dQ backward, or None where the two kernels are faster
-    (or the fused form is unmeasured)."""
-    return _pick(device, head_dim, HOPPER_BWD_FUSED, SAFE_BWD_FUSED, INTERPRET_BWD_FUSED)

@@ -45,14 +45,24 @@ class DecodeConfig:
     min_blocks_per_split: int  # a split shorter than this costs more in combine than it gains
 
 
-# Hopper and others, by head-dim bucket. d=128 measured on one H100, 2026-11-22 (decode b=8, 32/8
-# heads, bf16, CUDA graph): BLOCK_N 32/64/128, 2-8 warps and 2-4 stages are within 5% of each other
-# once the split count is right; (64, 4 warps, 3 stages) was best or tied at 1k, 8k and 32k keys.
-# The other buckets keep the tile's K/V stages near the same shared memory (not yet measured).
+# Hopper and others, by head-dim bucket, 16-bit inputs. d128 measured on one H200, 2026-12-01
+# (scripts/tune.py: decode b=8, 32/8 heads, bf16, CUDA-graph replays, 5 tiles x 7 split counts):
+# BLOCK_N 128 with 4 warps and 3 stages was best at 1k, 8k and 32k keys: 21.9 us at 1k with one split
+# (2 splits 24.4 us: the combine costs more than the split gains), 82.4 us at 8k and 261.6 us at 32k
+# with 2 splits, against 23.2 / 83.2 / 272.2 us for the old (64, 64, 4, 3). min_blocks_per_split 8
+# keeps 1k (8 blocks) in one split. The other buckets keep the tile's K/V stages near the same
+# shared memory (not yet measured).
 GPU_DECODE = {
     64: DecodeConfig(64, 64, 4, 3, 4),
-    128: DecodeConfig(64, 64, 4, 3, 4),
+    128: DecodeConfig(64, 128, 4, 3, 8),
     256: DecodeConfig(32, 32, 4, 3, 8),
+    512: DecodeConfig(16, 16, 4, 2, 16),
+}
+# fp32 K/V tiles take twice the shared memory: (64, 128, 4, 3) would need ~420 KB.
+GPU_DECODE_FP32 = {
+    64: DecodeConfig(64, 64, 4, 2, 4),
+    128: DecodeConfig(64, 64, 4, 2, 4),
+    256: DecodeConfig(32, 32, 4, 2, 8),
     512: DecodeConfig(16, 16, 4, 2, 16),
 }
 # Interpreter: tiny blocks so that small tests stream several KV blocks and several splits.
@@ -66,12 +76,13 @@ MAX_SPLITS = 64
 INTERPRET_SMS = 16  # a pretend SM count, so that num_splits=0 splits in interpreter tests too
 
 
-def _decode_config(device: torch.device, head_dim: int) -> DecodeConfig:
+def _decode_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> DecodeConfig:
     if device.type != "cuda":
         return INTERPRET_DECODE
+    table = GPU_DECODE_FP32 if dtype == torch.float32 else GPU_DECODE
     for bucket in (64, 128, 256, 512):
         if head_dim <= bucket:
-            return GPU_DECODE[bucket]
+            return table[bucket]
     raise ValueError(f"head dim {head_dim} is above the largest supported (512)")
 
 
@@ -286,7 +297,7 @@ def _kvcache_triton(
         return out, lse
 
     group = nheads // nheads_k
-    cfg = _decode_config(q.device, max(head_dim, head_dim_v))
+    cfg = _decode_config(q.device, q.dtype, max(head_dim, head_dim_v))
     rows = seqlen_q * group
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)

@@ -11,7 +11,7 @@ import math
 import torch
 import triton
 
-from flashtron.configs import bwd_configs, bwd_fused_config, fwd_config
+from flashtron.configs import bwd_configs, fwd_config
 from flashtron.dropout import keep_threshold
 from flashtron.kernels.bwd import (
     attention_bwd_dkdv_kernel,
@@ -125,7 +125,7 @@ def attention_forward(
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    cfg = fwd_config(q.device, max(head_dim, head_dim_v), left_window=opts.window_left >= 0)
+    cfg = fwd_config(q.device, q.dtype, max(head_dim, head_dim_v), left_window=opts.window_left >= 0)
     score = score_args(q, opts)
     grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
     attention_fwd_kernel[grid](
@@ -218,8 +218,7 @@ def attention_backward(
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse))
         delta.sub_(dlse)
-    cfg_kv, cfg_q = bwd_configs(q.device, max(head_dim, head_dim_v))
-    cfg_fused = None if opts.deterministic else bwd_fused_config(q.device, max(head_dim, head_dim_v))
+    cfg_kv, cfg_q = bwd_configs(q.device, q.dtype, max(head_dim, head_dim_v))
     score = score_args(q, opts)
     common = dict(
         HEAD_DIM=head_dim,
@@ -238,10 +237,7 @@ def attention_backward(
         *_seq_strides(dout, varlen),
         *lse_strides,
     )
-    # fused: dQ arrives by atomic fp32 additions (order varies: not bitwise reproducible)
-    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if cfg_fused else None
-    cfg_dkdv = cfg_fused or cfg_kv
-    attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg_dkdv.block_n), nheads_k, batch)](
+    attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg_kv.block_n), nheads_k, batch)](
         q,
         k,
         v,
@@ -250,7 +246,6 @@ def attention_backward(
         delta,
         dk,
         dv,
-        dq_accum,
         opts.alibi_slopes,
         cu_seqlens_q,
         cu_seqlens_k,
@@ -258,23 +253,17 @@ def attention_backward(
         *seq_strides,
         *_seq_strides(dk, varlen),
         *_seq_strides(dv, varlen),
-        *(_seq_strides(dq_accum, varlen) if cfg_fused else (0, 0, 0)),
         *alibi_strides(opts),
         seqlen_q,
         seqlen_k,
         nheads // nheads_k,
         dk_scale=opts.softmax_scale,
-        dq_scale=opts.softmax_scale,
-        BLOCK_M=cfg_dkdv.block_m,
-        BLOCK_N=cfg_dkdv.block_n,
-        FUSED_DQ=cfg_fused is not None,
-        num_warps=cfg_dkdv.num_warps,
-        num_stages=cfg_dkdv.num_stages,
+        BLOCK_M=cfg_kv.block_m,
+        BLOCK_N=cfg_kv.block_n,
+        num_warps=cfg_kv.num_warps,
+        num_stages=cfg_kv.num_stages,
         **common,
     )
-    if cfg_fused:
-        dq.copy_(dq_accum)
-        return dq, dk, dv, delta
     attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg_q.block_m), nheads, batch)](
         q,
         k,

@@ -1,13 +1,11 @@
-"""Attention backward, in two forms chosen by the launcher.
+"""Attention backward, without atomics, so it is deterministic.
 
 1. `attention_bwd_preprocess_kernel`: delta = rowsum(dO * O), per query row.
 2. `attention_bwd_dkdv_kernel`: grid (key blocks, nheads_k, batch). A program owns BLOCK_N keys of one
    KV head, loops over the query heads of its GQA group and the query blocks that see its keys, and
-   accumulates dK and dV in registers. With FUSED_DQ it also adds each block's dQ share, dS @ K, into
-   an fp32 accumulator with atomics: 5 dots per block pair instead of 7, but the order of the fp32
-   additions varies from run to run, so it is used only when determinism is not asked for.
-3. `attention_bwd_dq_kernel` (deterministic form): grid (query blocks, nheads, batch). A program owns
-   BLOCK_M query rows and loops over the KV blocks they see, as in the forward pass.
+   accumulates dK and dV in registers.
+3. `attention_bwd_dq_kernel`: grid (query blocks, nheads, batch). A program owns BLOCK_M query rows
+   and loops over the KV blocks they see, as in the forward pass.
 P is recomputed from the saved LSE: P = exp2(s - lse * log2(e)). dS = P * (dP - delta), chained through
 the softcap's tanh and the softmax scale.
 """
@@ -91,19 +89,19 @@ def attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_over_q_blocks(
-    dk, dv, k, v, Q, DO, LSE, Delta, DQ, AlibiSlopes,
-    stride_qm, stride_qh, stride_dom, stride_doh, stride_lh, stride_lm, stride_dqm, stride_dqh, stride_ah,
+    dk, dv, k, v, Q, DO, LSE, Delta, AlibiSlopes,
+    stride_qm, stride_qh, stride_dom, stride_doh, stride_lh, stride_lm, stride_ah,
     off_h0, group_size, start, end, offs_n, offs_d, offs_dv,
-    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2, dq_scale,
+    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2,
     dropout_seed, dropout_threshold, dropout_scale, philox_head0, philox_head_stride, philox_cols,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Accumulate into dK, dV of this key block the query blocks [start, end) of every query head of
-    the GQA group (off_h0 .. off_h0 + group_size - 1); with FUSED_DQ also add each block's dQ share
-    into DQ (fp32). Q, DO, LSE, Delta, DQ point at row 0, head 0 of this sequence.
+    the GQA group (off_h0 .. off_h0 + group_size - 1). Q, DO, LSE, Delta point at row 0, head 0 of
+    this sequence.
 
     One flat loop over (query block, head) pairs, heads innermost: a loop over heads around the
     block loop would let the compiler hoist every block-loop invariant above it, where they stay live
@@ -162,18 +160,7 @@ def _dkdv_over_q_blocks(
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             dst = dst * (1.0 - tt * tt)
-        dst = dst.to(qt.dtype)
-        dk = tl.dot(dst, tl.trans(qt), dk, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
-        if FUSED_DQ:
-            dqt = tl.dot(tl.trans(k), dst, input_precision=PRECISION)  # [BLOCK_D, BLOCK_M]
-            dq_mask = offs_d[:, None] < HEAD_DIM
-            if MASK:
-                dq_mask = dq_mask & row_ok[None, :]
-            # relaxed: the additions need no ordering among themselves, only to land
-            DQh = DQ + off_h.to(tl.int64) * stride_dqh
-            tl.atomic_add(
-                DQh + offs_m[None, :] * stride_dqm + offs_d[:, None], dqt * dq_scale, mask=dq_mask, sem="relaxed"
-            )
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
     return dk, dv
 
 
@@ -190,7 +177,7 @@ def _dkdv_over_q_blocks(
     ]
 )
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, DQAccum, AlibiSlopes, CuSeqlensQ, CuSeqlensK, SequsedK,
+    Q, K, V, DO, LSE, Delta, DK, DV, AlibiSlopes, CuSeqlensQ, CuSeqlensK, SequsedK,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -198,14 +185,13 @@ def attention_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
-    stride_dqb, stride_dqm, stride_dqh,
     stride_ab, stride_ah,
     seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, softcap_log2,
-    dropout_seed, dropout_threshold, dropout_scale, philox_rows, philox_cols, dk_scale, dq_scale,
+    dropout_seed, dropout_threshold, dropout_scale, philox_rows, philox_cols, dk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     off_hk = tl.program_id(1)
@@ -248,9 +234,6 @@ def attention_bwd_dkdv_kernel(
         DOb = DO + off_b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dom
         LSEb = LSE + off_b.to(tl.int64) * stride_lb + q_start.to(tl.int64) * stride_lm
         Deltab = Delta + off_b.to(tl.int64) * stride_lb + q_start.to(tl.int64) * stride_lm
-        DQb = DQAccum
-        if FUSED_DQ:
-            DQb = DQAccum + off_b.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqm
         Alibi = AlibiSlopes
         if HAS_ALIBI:
             Alibi = AlibiSlopes + off_b * stride_ab
@@ -266,13 +249,13 @@ def attention_bwd_dkdv_kernel(
             start = full_lo if part == 0 else (lo if part == 1 else full_hi)
             end = full_hi if part == 0 else (full_lo if part == 1 else hi)
             dk, dv = _dkdv_over_q_blocks(
-                dk, dv, k, v, Qb, DOb, LSEb, Deltab, DQb, Alibi,
-                stride_qm, stride_qh, stride_dom, stride_doh, stride_lh, stride_lm, stride_dqm, stride_dqh, stride_ah,
+                dk, dv, k, v, Qb, DOb, LSEb, Deltab, Alibi,
+                stride_qm, stride_qh, stride_dom, stride_doh, stride_lh, stride_lm, stride_ah,
                 off_h0, group_size, start, end, offs_n, offs_d, offs_dv,
-                seqlen_q, seqlen_k_used, window_left, window_right, qk_scale, softcap_log2, dq_scale,
+                seqlen_q, seqlen_k_used, window_left, window_right, qk_scale, softcap_log2,
                 dropout_seed, dropout_threshold, dropout_scale, philox_head0, philox_head_stride, philox_cols,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, part != 0, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, FUSED_DQ, DOT_FP32, PRECISION,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION,
             )  # fmt: skip
     dk = dk * dk_scale
     n_ok = offs_n[:, None] < seqlen_k
