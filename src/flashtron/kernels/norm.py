@@ -38,7 +38,9 @@ def norm_fwd_kernel(
         hc = tl.where(mask, h - mean, 0.0)
     var = tl.sum(hc * hc, axis=0) / N
     if ACC_DTYPE == tl.float32:
-        rstd = 1.0 / tl.sqrt_rn(var + eps)  # IEEE sqrt: tl.sqrt is approximate in fp32 on the GPU
+        # IEEE sqrt: tl.sqrt is approximate in fp32 on the GPU. The cast: under torch.compile, Inductor
+        # passes the float eps as an fp64 scalar, which would promote the sum (and sqrt_rn is fp32-only).
+        rstd = 1.0 / tl.sqrt_rn((var + eps).to(tl.float32))
     else:
         rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(Rstd + row, rstd)
