@@ -289,6 +289,11 @@ def test_dropout_cpu_path(causal):
     _dropout_case("cpu", torch.float32, 0.17, causal)
 
 
+def test_dropout_cpu_path_query_blocks():
+    """Causal with more rows than one CPU query block (256): every block must draw its own rows."""
+    _dropout_case("cpu", torch.float32, 0.17, True, seqlens=(300, 333), heads=(2, 1), d=16)
+
+
 def _dropped_fraction(device, p):
     q, k, v = (torch.randn(1, 256, 1, 32, device=device) for _ in range(3))
     _, _, s_dmask = flashtron.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)

@@ -3,6 +3,8 @@
 The forward pass streams over KV blocks of `block_n` keys with a running max `m_i`, a running sum
 `l_i` and a rescaled accumulator `acc`, so it never holds more than a (seqlen_q, block_n) block of
 scores. The backward pass recomputes each block's probabilities from the saved lse. Memory is O(N).
+With a window (causal included) the queries are taken in blocks of `block_n` rows too, and each
+query block visits only the KV blocks its rows can see, so masked-out blocks cost nothing.
 Everything is computed in fp32 (fp64 for fp64 inputs). There is no autograd in here: the caller
 wraps these functions in an autograd Function.
 
@@ -50,10 +52,10 @@ class _Dropout(NamedTuple):
     cols_total: int
     col0: int
 
-    def keep(self, nrows: int, j0: int, j1: int) -> torch.Tensor:
-        """(batch_size, nheads_k, group, nrows, j1 - j0) bool."""
+    def keep(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        """(batch_size, nheads_k, group, i1 - i0, j1 - j0) bool: rows i0..i1-1, keys j0..j1-1."""
         return block_keep(
-            self.seed, self.p, self.bh, self.rows_total, self.row0, nrows, self.cols_total, self.col0, j0, j1
+            self.seed, self.p, self.bh, self.rows_total, self.row0 + i0, i1 - i0, self.cols_total, self.col0, j0, j1
         )
 
 
@@ -87,36 +89,45 @@ def _problem(opts, sq, sk, nheads_k, group, slopes, dtype, block_n) -> _Problem:
     return _Problem(sq, sk, opts.softmax_scale, opts.softcap, opts.window_left, opts.window_right, slopes, block_n)
 
 
-def _key_range(p: _Problem) -> range:
-    """Starts of the KV blocks that some query row can see; fully masked blocks are skipped.
+def _query_blocks(p: _Problem) -> list[tuple[int, int]]:
+    """Query rows in blocks of block_n when a window bounds what they see, else all rows at once."""
+    if p.window_left < 0 and p.window_right < 0:
+        return [(0, p.seqlen_q)] if p.seqlen_q > 0 else []
+    return [(i0, min(i0 + p.block_n, p.seqlen_q)) for i0 in range(0, p.seqlen_q, p.block_n)]
 
-    Row i sees [i + sk - sq - left, i + sk - sq + right]; over all rows that is one contiguous range.
+
+def _key_blocks(p: _Problem, i0: int, i1: int) -> list[tuple[int, int]]:
+    """KV blocks (j0, j1) that some row of [i0, i1) can see; fully masked blocks are skipped.
+
+    Row i sees [i + sk - sq - left, i + sk - sq + right]; over the rows that is one contiguous range.
     """
     lo, hi = 0, p.seqlen_k
+    shift = p.seqlen_k - p.seqlen_q
     if p.window_left >= 0:
-        lo = max(lo, p.seqlen_k - p.seqlen_q - p.window_left)
+        lo = max(lo, i0 + shift - p.window_left)
     if p.window_right >= 0:
-        hi = min(hi, p.seqlen_k + p.window_right)
-    return range(lo, hi, p.block_n) if p.seqlen_q > 0 else range(0)
+        hi = min(hi, i1 - 1 + shift + p.window_right + 1)
+    return [(j0, min(j0 + p.block_n, hi)) for j0 in range(lo, hi, p.block_n)]
 
 
-def _block_logits(p: _Problem, q: torch.Tensor, k_blk: torch.Tensor, j0: int):
-    """Scores of all query rows against the keys j0 .. j0 + n - 1, shared by forward and backward.
+def _block_logits(p: _Problem, q: torch.Tensor, k_blk: torch.Tensor, i0: int, i1: int, j0: int):
+    """Scores of query rows i0 .. i1 - 1 against the keys j0 .. j0 + n - 1, shared by forward and
+    backward.
 
-    q: (batch_size, nheads_k, group * seqlen_q, headdim); k_blk: (batch_size, nheads_k, n, headdim).
-    Returns the logits (batch_size, nheads_k, group, seqlen_q, n), -inf where masked, and
+    q: (batch_size, nheads_k, group * (i1 - i0), headdim); k_blk: (batch_size, nheads_k, n, headdim).
+    Returns the logits (batch_size, nheads_k, group, i1 - i0, n), -inf where masked, and
     tanh(scaled scores / softcap) of the same shape (None without softcap) for the backward.
     """
     b, hk, _, _ = q.shape
     n = k_blk.shape[2]
-    s = torch.matmul(q, k_blk.transpose(-1, -2)).view(b, hk, -1, p.seqlen_q, n).mul_(p.scale)
+    s = torch.matmul(q, k_blk.transpose(-1, -2)).view(b, hk, -1, i1 - i0, n).mul_(p.scale)
     t = None
     if p.softcap > 0:
         t = torch.tanh(s.div_(p.softcap))
         s = t * p.softcap
     # rel = j - (i + sk - sq): the key's offset from the query's bottom-right-aligned diagonal.
-    rows = torch.arange(p.seqlen_q, device=q.device) + (p.seqlen_k - p.seqlen_q)
-    rel = torch.arange(j0, j0 + n, device=q.device)[None, :] - rows[:, None]  # [sq, n]
+    rows = torch.arange(i0, i1, device=q.device) + (p.seqlen_k - p.seqlen_q)
+    rel = torch.arange(j0, j0 + n, device=q.device)[None, :] - rows[:, None]  # [i1 - i0, n]
     if p.slopes is not None:
         s.addcmul_(p.slopes, rel.abs().to(s.dtype), value=-1.0)
     masked = None
@@ -162,36 +173,42 @@ def _forward_dense(q, k, v, opts, slopes, block_n, drop=None):
     g = h // hk
     p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
     qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
+    qh5 = qh.view(b, hk, g, sq, -1)
 
-    m_i = torch.full((b, hk, g, sq), _NEG_INF, dtype=dt)
-    l_i = torch.zeros((b, hk, g, sq), dtype=dt)
-    acc = torch.zeros((b, hk, g * sq, dv), dtype=dt)
-    for j0 in _key_range(p):
-        j1 = min(j0 + block_n, sk)
-        s, _ = _block_logits(p, qh, kh[:, :, j0:j1], j0)  # [b, hk, g, sq, n]
-        m_new = torch.maximum(m_i, s.amax(dim=-1))
-        # Rows that have seen no visible key yet keep m = -inf; subtract 0 there, never -inf - -inf.
-        m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
-        pr = s.sub_(m_safe[..., None]).exp_()  # in place: blocks are the only O(sq * n) memory
-        alpha = torch.exp(m_i - m_safe)
-        l_i = l_i * alpha + pr.sum(dim=-1)
-        if drop is not None:  # the denominator counts every probability, the output only the kept
-            pr = pr * drop.keep(sq, j0, j1)
-        acc = acc * alpha.view(b, hk, g * sq, 1) + pr.view(b, hk, g * sq, -1) @ vh[:, :, j0:j1]
-        m_i = m_new
-
-    lse = m_i + torch.log(l_i)  # -inf + -inf = -inf for rows with nothing to attend to
-    inv_l = torch.where(l_i > 0, 1.0 / l_i, 0.0)
+    out = torch.zeros((b, hk, g, sq, dv), dtype=dt)
+    lse = torch.full((b, hk, g, sq), _NEG_INF, dtype=dt)
     sink = _sink(opts, hk, dt)
-    if sink is not None:
-        lse_keys = lse
-        lse = torch.logaddexp(lse_keys, sink)
-        # The sink only enlarges the denominator: scale by sum_keys / (sum_keys + e^sink).
-        inv_l = inv_l * torch.exp(lse_keys - lse)
-    if drop is not None:
-        inv_l = inv_l / (1.0 - drop.p)
-    out = acc * inv_l.view(b, hk, g * sq, 1)
-    return _heads_last(out, q), lse.reshape(b, h, sq)
+    for i0, i1 in _query_blocks(p):
+        nr = i1 - i0
+        q_blk = qh5[:, :, :, i0:i1].reshape(b, hk, g * nr, -1)
+        m_i = torch.full((b, hk, g, nr), _NEG_INF, dtype=dt)
+        l_i = torch.zeros((b, hk, g, nr), dtype=dt)
+        acc = torch.zeros((b, hk, g * nr, dv), dtype=dt)
+        for j0, j1 in _key_blocks(p, i0, i1):
+            s, _ = _block_logits(p, q_blk, kh[:, :, j0:j1], i0, i1, j0)  # [b, hk, g, nr, n]
+            m_new = torch.maximum(m_i, s.amax(dim=-1))
+            # Rows that have seen no visible key yet keep m = -inf; subtract 0 there, never -inf - -inf.
+            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
+            pr = s.sub_(m_safe[..., None]).exp_()  # in place: blocks are the only O(sq * n) memory
+            alpha = torch.exp(m_i - m_safe)
+            l_i = l_i * alpha + pr.sum(dim=-1)
+            if drop is not None:  # the denominator counts every probability, the output only the kept
+                pr = pr * drop.keep(i0, i1, j0, j1)
+            acc = acc * alpha.view(b, hk, g * nr, 1) + pr.view(b, hk, g * nr, -1) @ vh[:, :, j0:j1]
+            m_i = m_new
+
+        lse_blk = m_i + torch.log(l_i)  # -inf + -inf = -inf for rows with nothing to attend to
+        inv_l = torch.where(l_i > 0, 1.0 / l_i, 0.0)
+        if sink is not None:
+            lse_keys = lse_blk
+            lse_blk = torch.logaddexp(lse_keys, sink)
+            # The sink only enlarges the denominator: scale by sum_keys / (sum_keys + e^sink).
+            inv_l = inv_l * torch.exp(lse_keys - lse_blk)
+        if drop is not None:
+            inv_l = inv_l / (1.0 - drop.p)
+        out[:, :, :, i0:i1] = (acc * inv_l.view(b, hk, g * nr, 1)).view(b, hk, g, nr, dv)
+        lse[..., i0:i1] = lse_blk
+    return _heads_last(out.view(b, hk, g * sq, dv), q), lse.reshape(b, h, sq)
 
 
 def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=None):
@@ -211,26 +228,34 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=N
     # A row with lse = -inf has only -inf logits, so P = exp(-inf - 0) = 0 there.
     lse_safe = lse.masked_fill(lse == _NEG_INF, 0.0)
 
-    dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
-    for j0 in _key_range(p):
-        j1 = min(j0 + block_n, sk)
-        k_blk, v_blk = kh[:, :, j0:j1], vh[:, :, j0:j1]
-        s, t = _block_logits(p, qh, k_blk, j0)  # [b, hk, g, sq, n]
-        pr = s.sub_(lse_safe[..., None]).exp_()
-        dp = (doh @ v_blk.transpose(-1, -2)).view_as(pr)
-        if drop is not None:
-            # out used the kept probabilities scaled by 1/(1-p): so do dV and the flow into P
-            kept = drop.keep(sq, j0, j1).to(dt) / (1.0 - drop.p)
-            dv[:, :, j0:j1] += (pr * kept).view(b, hk, g * sq, -1).transpose(-1, -2) @ doh
-            dp.mul_(kept)
-        else:
-            dv[:, :, j0:j1] += pr.view(b, hk, g * sq, -1).transpose(-1, -2) @ doh
-        ds = dp.sub_(delta[..., None]).mul_(pr)  # gradient of the logits (alibi's bias has slope 1)
-        if t is not None:
-            ds.mul_(t.square_().neg_().add_(1.0))  # d/ds of c * tanh(s / c) = 1 - tanh^2
-        ds = ds.view(b, hk, g * sq, -1).mul_(p.scale)
-        dq += ds @ k_blk
-        dk[:, :, j0:j1] += ds.transpose(-1, -2) @ qh
+    qh5, doh5 = qh.view(b, hk, g, sq, -1), doh.view(b, hk, g, sq, -1)
+    dq, dk, dv = torch.zeros_like(qh5), torch.zeros_like(kh), torch.zeros_like(vh)
+    for i0, i1 in _query_blocks(p):
+        nr = i1 - i0
+        q_blk = qh5[:, :, :, i0:i1].reshape(b, hk, g * nr, -1)
+        do_blk = doh5[:, :, :, i0:i1].reshape(b, hk, g * nr, -1)
+        lse_blk, delta_blk = lse_safe[..., i0:i1, None], delta[..., i0:i1, None]
+        dq_blk = torch.zeros_like(q_blk)
+        for j0, j1 in _key_blocks(p, i0, i1):
+            k_blk, v_blk = kh[:, :, j0:j1], vh[:, :, j0:j1]
+            s, t = _block_logits(p, q_blk, k_blk, i0, i1, j0)  # [b, hk, g, nr, n]
+            pr = s.sub_(lse_blk).exp_()
+            dp = (do_blk @ v_blk.transpose(-1, -2)).view_as(pr)
+            if drop is not None:
+                # out used the kept probabilities scaled by 1/(1-p): so do dV and the flow into P
+                kept = drop.keep(i0, i1, j0, j1).to(dt) / (1.0 - drop.p)
+                dv[:, :, j0:j1] += (pr * kept).view(b, hk, g * nr, -1).transpose(-1, -2) @ do_blk
+                dp.mul_(kept)
+            else:
+                dv[:, :, j0:j1] += pr.view(b, hk, g * nr, -1).transpose(-1, -2) @ do_blk
+            ds = dp.sub_(delta_blk).mul_(pr)  # gradient of the logits (alibi's bias has slope 1)
+            if t is not None:
+                ds.mul_(t.square_().neg_().add_(1.0))  # d/ds of c * tanh(s / c) = 1 - tanh^2
+            ds = ds.view(b, hk, g * nr, -1).mul_(p.scale)
+            dq_blk += ds @ k_blk
+            dk[:, :, j0:j1] += ds.transpose(-1, -2) @ q_blk
+        dq[:, :, :, i0:i1] = dq_blk.view(b, hk, g, nr, -1)
+    dq = dq.view(b, hk, g * sq, -1)
 
     dsink = None
     sink = _sink(opts, hk, dt)

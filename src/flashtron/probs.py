@@ -20,12 +20,12 @@ def _dense_probs(q, k, lse, opts: AttnOptions, slopes, drop=None):
     group = h // hk
     problem = cpu._problem(opts, sq, sk, hk, group, slopes, torch.float32, max(sk, 1))
     logits, _ = cpu._block_logits(
-        problem, cpu._heads_first(q, hk, torch.float32), cpu._heads_first(k, hk, torch.float32), 0
+        problem, cpu._heads_first(q, hk, torch.float32), cpu._heads_first(k, hk, torch.float32), 0, sq, 0
     )  # (b, hk, group, sq, sk)
     lse = lse.float().reshape(b, hk, group, sq, 1)
     probs = torch.exp(logits - torch.where(torch.isneginf(lse), 0.0, lse))
     if drop is not None:  # flash_attn marks dropped entries by their sign
-        probs = torch.where(drop.keep(sq, 0, sk).to(probs.device), probs, -probs)
+        probs = torch.where(drop.keep(0, sq, 0, sk).to(probs.device), probs, -probs)
     return probs.reshape(b, h, sq, sk)
 
 
