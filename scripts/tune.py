@@ -213,17 +213,13 @@ def backward(out, do, leaves) -> None:
 
 
 def graph_ms(fn) -> float:
-    """Median ms of a CUDA-graph replay of fn (L2 flushed before each, by do_bench)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
+    """Median ms of a CUDA-graph replay of fn, L2 flushed before each: how the bench times decode."""
+    from flashtron.bench.runner import Budget, bench_graph_ms
+
+    ms, note = bench_graph_ms(fn, torch.device("cuda"), Budget())
+    if note:
+        raise RuntimeError(note)
+    return ms
 
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
