@@ -35,7 +35,7 @@ if has tune; then
   tune_pid=$!
 fi
 if has tests; then
-  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -v -p no:warnings -n "${WORKERS:-12}" -rfE --tb=short \
+  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -v -p no:warnings -n "${WORKERS:-12}" -rfE --tb=short --durations=30 \
     ${GPU_TESTS:-tests} > "$OUT/gpu-tests.log" 2>&1
   test_rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -40
