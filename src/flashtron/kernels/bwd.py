@@ -94,10 +94,9 @@ def _dkdv_over_q_blocks(
     off_h0, group_size, start, end, offs_n, offs_d, offs_dv,
     seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2,
     dropout_seed, dropout_threshold, dropout_scale, philox_head0, philox_head_stride, philox_cols,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Accumulate into dK, dV of this key block the query blocks [start, end) of every query head of
     the GQA group (off_h0 .. off_h0 + group_size - 1). Q, DO, LSE, Delta point at row 0, head 0 of
@@ -254,7 +253,7 @@ def attention_bwd_dkdv_kernel(
                 off_h0, group_size, start, end, offs_n, offs_d, offs_dv,
                 seqlen_q, seqlen_k_used, window_left, window_right, qk_scale, softcap_log2,
                 dropout_seed, dropout_threshold, dropout_scale, philox_head0, philox_head_stride, philox_cols,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, part != 0, HAS_LEFT, HAS_RIGHT,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, part != 0, HAS_LEFT, HAS_RIGHT,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION,
             )  # fmt: skip
     dk = dk * dk_scale
