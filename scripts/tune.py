@@ -3,6 +3,7 @@ correctness, then timed, and the results land in $OUT/tune.json with a table on 
 
     python scripts/tune.py check [--workers N]  # compile and check every candidate (may share the GPU)
     python scripts/tune.py time                 # time the candidates that passed (needs an idle GPU)
+    python scripts/tune.py paged                # paged decode against contiguous at 32k, by extra stages
 
 Kinds: `fwd` (forward tile), `dkdv` and `dq` (the backward's two kernels, each swept with the other
 at its current tile), `decode` (decode tile and split count, timed as CUDA-graph replays next to
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import functools
 import json
 import math
 import multiprocessing
@@ -66,6 +68,8 @@ def install(kind: str, d: int, cfg: tuple) -> None:
         inference.GPU_DECODE[d] = inference.DecodeConfig(*cfg)
         return
     table = {"fwd": configs.HOPPER_FWD, "dkdv": configs.HOPPER_BWD_DKDV, "dq": configs.HOPPER_BWD_DQ}[kind]
+    if kind == "dkdv":  # the candidate serves causal calls too, so that both columns time it
+        configs.HOPPER_BWD_DKDV_CAUSAL.pop(d, None)
     table[d] = configs.TileConfig(*cfg)
 
 
@@ -330,13 +334,43 @@ def summarize_decode(times: dict) -> None:
         print(f"decode L={L}: {peers}  ours(default, heuristic) {heur:.1f}us  best: {best}", flush=True)
 
 
+def time_paged() -> None:
+    """Paged decode (page 16 and 256) against contiguous at 32k keys, default tile and split rule, with
+    the paged launch given 0, 1, 2 or 3 stages more than the dense one (DecodeConfig.stages)."""
+    import flashtron
+    from flashtron import inference
+
+    kernel_stages = inference.DecodeConfig.stages
+    q, kc, vc, lens, _ = decode_problem(32768)
+    dense_us = graph_ms(lambda: flashtron.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)) * 1e3
+    print(f"paged sweep: contiguous 32k {dense_us:.1f} us", flush=True)
+    for page in (16, 256):
+        q, kc, vc, lens, table = decode_problem(32768, page)
+        fn = functools.partial(flashtron.flash_attn_with_kvcache, q, kc, vc, cache_seqlens=lens, block_table=table)
+        gathered = (kc[table].flatten(1, 2), vc[table].flatten(1, 2))  # the same keys as a dense cache
+        expected = flashtron.flash_attn_with_kvcache(q, *gathered, cache_seqlens=lens)
+        for extra in (0, 1, 2, 3):
+            inference.DecodeConfig.stages = lambda self, paged, e=extra: self.num_stages + (e if paged else 0)
+            label = f"paged{page} +{extra} stages"
+            try:
+                same = torch.equal(fn(), expected)
+                us = graph_ms(fn) * 1e3
+                print(f"{label}: {us:.1f} us ({us / dense_us:.3f}x contiguous, equal {same})", flush=True)
+            except Exception as exc:
+                print(f"{label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            finally:
+                inference.DecodeConfig.stages = kernel_stages
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("check", "time"))
+    ap.add_argument("mode", choices=("check", "time", "paged"))
     ap.add_argument("--workers", type=int, default=6)
     args = ap.parse_args()
     if args.mode == "check":
         save(do_check(args.workers))
+    elif args.mode == "paged":
+        time_paged()
     else:
         save(do_time(json.load(open(STATE)) if os.path.exists(STATE) else {}))
 

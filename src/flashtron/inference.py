@@ -44,6 +44,14 @@ class DecodeConfig:
     num_stages: int
     min_blocks_per_split: int  # a split shorter than this costs more in combine than it gains
 
+    def stages(self, paged: bool) -> int:
+        """Pipeline stages to launch with. Triton's pipeliner puts a paged loop's block-table load two
+        stages ahead of the K/V loads that depend on it, leaving those loads num_stages - 2 buffers
+        where a dense loop gets num_stages - 1: the sm_90 compile of (16, 128, 4, 3) takes 74 KB of
+        shared memory paged against 139 KB dense, and paged at 5 stages 140 KB. Paged calls get
+        2 more stages (one more buffer than the dense loop's, which the page lookup's latency uses)."""
+        return self.num_stages + 2 if paged else self.num_stages
+
 
 # Hopper and others, by head-dim bucket, 16-bit inputs. d128 measured on one H200, 2026-12-01
 # (scripts/tune.py: decode b=8, 32/8 heads, bf16, CUDA-graph replays, 5 tiles x 7 split counts):
@@ -354,7 +362,7 @@ def _kvcache_triton(
         ROTARY_PER_TOKEN=opts.has_window,
         WRITE_FINAL=splits == 1,
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.stages(cache.paged),
         **layout,
         **rotary,
         **score,

@@ -51,13 +51,21 @@ def rotate(
 
 
 @triton.jit
-def _kv_offsets(BlockTable, pos, valid, page_size, stride_b, stride_n, PAGED: tl.constexpr):
-    """int64 offsets of cache positions pos [N] of one cache row: page * stride_b + slot * stride_n
-    through the row's block table, or pos * stride_n in a dense row."""
+def _cache_slots(BlockTable, pos, valid, page_size, PAGED: tl.constexpr):
+    """(page, slot), int64, of cache positions pos [N] of one cache row: the page through the row's
+    block table and the slot within it, or (0, pos) in a dense row. K and V share one lookup."""
     if PAGED:
         page = tl.load(BlockTable + pos // page_size, mask=valid, other=0).to(tl.int64)
-        return page * stride_b + (pos % page_size).to(tl.int64) * stride_n
-    return pos.to(tl.int64) * stride_n
+        return page, (pos % page_size).to(tl.int64)
+    return pos.to(tl.int64) * 0, pos.to(tl.int64)
+
+
+@triton.jit
+def _kv_offsets(page, slot, stride_b, stride_n, PAGED: tl.constexpr):
+    """Element offsets of (page, slot) in a cache whose pages (or rows) are stride_b apart."""
+    if PAGED:
+        return page * stride_b + slot * stride_n
+    return slot * stride_n
 
 
 @triton.jit(do_not_specialize=["seqlen_new", "page_size", "rotary_dim", "seqlen_ro"])
@@ -94,8 +102,9 @@ def append_kv_kernel(
             row = tl.load(CacheBatchIdx + off_b).to(tl.int64)
         KCache += row * stride_kb + off_hk * stride_kh
         VCache += row * stride_vb + off_hk * stride_vh
-    k_dst = _kv_offsets(BlockTable, pos, t_mask, page_size, stride_kb, stride_kn, PAGED)
-    v_dst = _kv_offsets(BlockTable, pos, t_mask, page_size, stride_vb, stride_vn, PAGED)
+    page, slot = _cache_slots(BlockTable, pos, t_mask, page_size, PAGED)
+    k_dst = _kv_offsets(page, slot, stride_kb, stride_kn, PAGED)
+    v_dst = _kv_offsets(page, slot, stride_vb, stride_vn, PAGED)
 
     k_rows = KNew + off_b * stride_knb + offs_t.to(tl.int64)[:, None] * stride_knn + off_hk * stride_knh
     k_mask = t_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -131,8 +140,8 @@ def _attend_cache_blocks(
         if MASK:
             k_mask = k_mask & in_range[:, None]
             v_mask = v_mask & in_range[:, None]
-        pos = offs_n + k_start
-        k_off = _kv_offsets(BlockTable, pos, in_range, page_size, stride_kb, stride_kn, PAGED)
+        page, slot = _cache_slots(BlockTable, offs_n + k_start, in_range, page_size, PAGED)
+        k_off = _kv_offsets(page, slot, stride_kb, stride_kn, PAGED)
         k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=k_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         if DOT_FP32:
             k = k.to(tl.float32)
@@ -157,7 +166,7 @@ def _attend_cache_blocks(
             HAS_ALIBI,
         )  # p: [BLOCK_M, BLOCK_N]
         acc = acc * alpha[:, None]
-        v_off = _kv_offsets(BlockTable, pos, in_range, page_size, stride_vb, stride_vn, PAGED)
+        v_off = _kv_offsets(page, slot, stride_vb, stride_vn, PAGED)
         v = tl.load(V + v_off[:, None] + offs_dv[None, :], mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_DV]
         if DOT_FP32:
             acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
