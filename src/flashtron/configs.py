@@ -59,6 +59,10 @@ HOPPER_BWD_DKDV = {
     256: TileConfig(64, 64, 8, 2),
     512: TileConfig(16, 32, 4, 1),
 }
+# Causal calls (bottom-right, no left bound), where they differ. Same sweep, whole backward at seqlen
+# 1024 / 8192, d128: (32, 64, 4, 2) gave 234/333 causal against 221/333 for (32, 128, 8, 3), which
+# stays the full-attention tile (296/361 against 284/349).
+HOPPER_BWD_DKDV_CAUSAL = {128: TileConfig(32, 64, 4, 2)}
 HOPPER_BWD_DQ = {
     64: TileConfig(64, 64, 4, 3),
     128: TileConfig(64, 32, 4, 3),
@@ -126,9 +130,14 @@ def fwd_config(device: torch.device, dtype: torch.dtype, head_dim: int, left_win
     return _pick(device, dtype, head_dim, HOPPER_FWD, SAFE_FWD, INTERPRET_FWD)
 
 
-def bwd_configs(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, TileConfig]:
-    """(dK/dV kernel config, dQ kernel config)."""
+def bwd_configs(
+    device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool = False
+) -> tuple[TileConfig, TileConfig]:
+    """(dK/dV kernel config, dQ kernel config); `causal`: plain bottom-right causal (HOPPER_BWD_DKDV_CAUSAL)."""
+    dkdv_causal = HOPPER_BWD_DKDV_CAUSAL.get(head_dim_bucket(head_dim)) if causal else None
     return (
-        _pick(device, dtype, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV),
+        dkdv_causal
+        if dkdv_causal is not None and _hopper_tiles(device, dtype)
+        else _pick(device, dtype, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV),
         _pick(device, dtype, head_dim, HOPPER_BWD_DQ, SAFE_BWD_DQ, INTERPRET_BWD_DQ),
     )

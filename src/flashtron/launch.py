@@ -218,7 +218,7 @@ def attention_backward(
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse))
         delta.sub_(dlse)
-    cfg_kv, cfg_q = bwd_configs(q.device, q.dtype, max(head_dim, head_dim_v))
+    cfg_kv, cfg_q = bwd_configs(q.device, q.dtype, max(head_dim, head_dim_v), causal=opts.causal)
     score = score_args(q, opts)
     common = dict(
         HEAD_DIM=head_dim,
