@@ -8,6 +8,7 @@ import torch
 
 import flashtron
 import flashtron.autograd
+import flashtron.ops  # registers the library ops of rotary, norm and cross entropy
 from flashtron import compile as compiled
 from flashtron.options import AttnOptions
 
@@ -135,15 +136,72 @@ def test_compiled_public_functions(route_through_custom_ops, dynamic):
 
 @pytest.mark.gpu
 def test_compiled_gpu_training_step(route_through_custom_ops):
-    from flashtron.models import GPT, GPTConfig
-
-    model = GPT(GPTConfig.from_name("tiny-llama"), device="cuda")
-    idx = torch.randint(0, 96, (2, 64), device="cuda")
-    _, loss_ref = model(idx, idx)
-    grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
-    step = torch.compile(lambda i: model(i, i)[1], dynamic=False)
-    loss = step(idx)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    """As the CPU test below, with every op on its Triton kernels (fp32 inputs, IEEE dots)."""
+    torch._dynamo.reset()
+    loss, loss_ref, grads, grads_ref = _training_step_grads("cuda")
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _norm_outputs(x, residual, weight, bias, is_rms, residual_dtype, store_h):
+    return torch.ops.flashtron.norm_fwd(x, residual, weight, bias, 1e-5, is_rms, residual_dtype, store_h)
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck_norm(is_rms, residual):
+    x, w, b = torch.randn(6, 16), torch.randn(16), torch.randn(16)
+    res = torch.randn(6, 16) if residual else None
+    bias = None if is_rms else b
+    fwd_args = (x, res, w, bias, 1e-5, is_rms, torch.float32, residual)
+    torch.library.opcheck(torch.ops.flashtron.norm_fwd.default, fwd_args)
+    y, h, mean, rstd = _norm_outputs(x, res, w, bias, is_rms, torch.float32, residual)
+    saved = h if residual else x
+    bwd_args = (torch.randn_like(y), None, saved, w, bias, None if is_rms else mean, rstd, is_rms, torch.float32)
+    torch.library.opcheck(torch.ops.flashtron.norm_bwd.default, (*bwd_args, torch.float32 if residual else None))
+
+
+@pytest.mark.parametrize("offsets", ["int", "tensor", "varlen"])
+def test_opcheck_rotary(offsets):
+    cos, sin = torch.rand(12, 3), torch.rand(12, 3)
+    if offsets == "varlen":
+        x, cu = torch.randn(9, 2, 8), torch.tensor([0, 4, 9], dtype=torch.int32)
+        args = (x, cos, sin, False, 1, None, cu, 5, False)
+    elif offsets == "tensor":
+        args = (torch.randn(2, 5, 3, 8), cos, sin, True, 0, torch.tensor([0, 3]), None, None, True)
+    else:
+        args = (torch.randn(2, 5, 3, 8), cos, sin, False, 2, None, None, None, False)
+    torch.library.opcheck(torch.ops.flashtron.rotary.default, args)
+
+
+def test_opcheck_cross_entropy():
+    logits, labels = torch.randn(7, 11), torch.tensor([1, 0, -100, 10, 3, 3, 5])
+    fwd_args = (logits, labels, -100, 0.1)
+    torch.library.opcheck(torch.ops.flashtron.cross_entropy_fwd.default, fwd_args)
+    _, lse = torch.ops.flashtron.cross_entropy_fwd(*fwd_args)
+    torch.library.opcheck(torch.ops.flashtron.cross_entropy_bwd.default, (torch.randn(7), logits, labels, lse, -100, 0.1))
+
+
+def _training_step_grads(device):
+    """Eager and compiled (fullgraph: no graph break) loss and gradients of one tiny-llama step."""
+    from flashtron.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny-llama"), device=device)
+    idx = torch.randint(0, 96, (2, 64), device=device)
+    _, loss_ref = model(idx, idx)
+    grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
+    step = torch.compile(lambda i: model(i, i)[1], dynamic=False, fullgraph=True)
+    loss = step(idx)
+    return loss, loss_ref, torch.autograd.grad(loss, list(model.parameters())), grads_ref
+
+
+def test_compiled_cpu_training_step():
+    """The whole model under fullgraph=True: attention, rotary, norms and cross entropy go through
+    their library ops; Inductor compiles the rest, so agreement is to rounding, not bitwise."""
+    torch._dynamo.reset()
+    loss, loss_ref, grads, grads_ref = _training_step_grads("cpu")
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

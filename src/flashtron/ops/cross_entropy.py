@@ -17,6 +17,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from flashtron import checks
 from flashtron.env import uses_triton
@@ -88,7 +89,8 @@ class _CrossEntropyFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, label_smoothing, inplace_backward):
-        losses, lse = _ce_fwd(logits, labels, ignore_index, label_smoothing)
+        fwd = _ce_fwd_library if torch.compiler.is_compiling() else _ce_fwd
+        losses, lse = fwd(logits, labels, ignore_index, label_smoothing)
         ctx.save_for_backward(logits, labels, lse)
         ctx.ignore_index, ctx.label_smoothing, ctx.inplace = ignore_index, label_smoothing, inplace_backward
         return losses
@@ -96,8 +98,11 @@ class _CrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlosses):
         logits, labels, lse = ctx.saved_tensors
-        dlogits = logits if ctx.inplace else None
-        dlogits = _ce_bwd(dlosses, logits, labels, lse, ctx.ignore_index, ctx.label_smoothing, dlogits)
+        if torch.compiler.is_compiling():  # out of place: a library op may not write over its input
+            dlogits = _ce_bwd_library(dlosses, logits, labels, lse, ctx.ignore_index, ctx.label_smoothing)
+        else:
+            dlogits = logits if ctx.inplace else None
+            dlogits = _ce_bwd(dlosses, logits, labels, lse, ctx.ignore_index, ctx.label_smoothing, dlogits)
         return dlogits, None, None, None, None
 
 
@@ -195,3 +200,31 @@ def _ce_bwd_cpu(dlosses, logits, labels, lse, ignore_index, label_smoothing, dlo
         dloss = torch.where(y == ignore_index, 0.0, dlosses[r : r + step].to(acc))
         dlogits[r : r + step] = (grad * dloss[:, None]).to(logits.dtype)
     return dlogits
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: each launcher as one opaque torch.library op (ops/library.py says why)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashtron::cross_entropy_fwd", mutates_args=())
+def _ce_fwd_library(logits: Tensor, labels: Tensor, ignore_index: int, label_smoothing: float) -> tuple[Tensor, Tensor]:
+    return _ce_fwd(logits, labels, ignore_index, label_smoothing)
+
+
+@_ce_fwd_library.register_fake
+def _(logits, labels, ignore_index, label_smoothing):
+    rows, acc = logits.shape[0], _acc_dtype(logits.dtype)
+    return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
+
+
+@torch.library.custom_op("flashtron::cross_entropy_bwd", mutates_args=())
+def _ce_bwd_library(
+    dlosses: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int, label_smoothing: float
+) -> Tensor:
+    return _ce_bwd(dlosses, logits, labels, lse, ignore_index, label_smoothing, None)
+
+
+@_ce_bwd_library.register_fake
+def _(dlosses, logits, labels, lse, ignore_index, label_smoothing):
+    return logits.new_empty(logits.shape)

@@ -20,11 +20,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from flashtron import checks
 from flashtron.env import uses_triton
 from flashtron.kernels.norm import norm_bwd_kernel, norm_fwd_kernel
 from flashtron.launch import new_output
+from flashtron.ops import library
 
 _DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
 # A row is one block; past 64 KB per row the block no longer fits in registers (as flash_attn).
@@ -119,7 +121,8 @@ class _NormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, eps, is_rms, residual_dtype, prenorm):
         # h must be stored whenever it differs from x: it is what the backward normalises.
         store_h = prenorm or residual is not None or residual_dtype != x.dtype
-        y, h, mean, rstd = _norm_fwd(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h)
+        fwd = _norm_fwd_op if torch.compiler.is_compiling() else _norm_fwd
+        y, h, mean, rstd = fwd(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h)
         ctx.save_for_backward(h if store_h else x, weight, bias, mean, rstd)
         ctx.is_rms = is_rms
         ctx.x_dtype = x.dtype
@@ -132,7 +135,8 @@ class _NormFn(torch.autograd.Function):
         h, weight, bias, mean, rstd = ctx.saved_tensors
         if dy is None:  # only the returned residual stream was used
             dy = torch.zeros_like(h, dtype=ctx.x_dtype)
-        dx, dresidual, dw, db = _norm_bwd(
+        bwd = _norm_bwd_op if torch.compiler.is_compiling() else _norm_bwd
+        dx, dresidual, dw, db = bwd(
             dy, dh_out, h, weight, bias, mean, rstd, ctx.is_rms, ctx.x_dtype, ctx.residual_dtype
         )
         return dx, dw, db, dresidual, None, None, None, None
@@ -257,7 +261,59 @@ def _norm_bwd_cpu(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, resi
     dh = (wdy - proj) * rstd[:, None]
     if dh_out is not None:
         dh = dh + dh_out.to(acc)
-    dres = None if residual_dtype is None else dh.to(residual_dtype)
+    dres = None if residual_dtype is None else dh.to(residual_dtype, copy=True)  # never an alias of dx
     dw = None if weight is None else (dy * xhat).sum(0).to(weight.dtype)
     db = None if bias is None else dy.sum(0).to(bias.dtype)
     return dh.to(x_dtype), dres, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: each launcher as one opaque torch.library op (ops/library.py says why)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashtron::norm_fwd", mutates_args=())
+def _norm_fwd_library(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
+    residual_dtype: torch.dtype, store_h: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    y, h, mean, rstd = _norm_fwd(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h)
+    return y, library.encode(h, residual_dtype, x.device), library.encode(mean, rstd.dtype, x.device), rstd
+
+
+@_norm_fwd_library.register_fake
+def _(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h):
+    (m, n), acc = x.shape, _acc_dtype(x.dtype)
+    h = x.new_empty((m, n) if store_h else (0,), dtype=residual_dtype)
+    return x.new_empty((m, n)), h, x.new_empty((0,) if is_rms else (m,), dtype=acc), x.new_empty((m,), dtype=acc)
+
+
+def _norm_fwd_op(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h):
+    y, h, mean, rstd = _norm_fwd_library(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h)
+    return y, h if store_h else None, None if is_rms else mean, rstd
+
+
+@torch.library.custom_op("flashtron::norm_bwd", mutates_args=())
+def _norm_bwd_library(
+    dy: Tensor, dh_out: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor | None,
+    rstd: Tensor, is_rms: bool, x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    dx, dres, dw, db = _norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual_dtype)
+    device = h.device
+    dres = library.encode(dres, residual_dtype or x_dtype, device)
+    dw = library.encode(dw, x_dtype if weight is None else weight.dtype, device)
+    return dx, dres, dw, library.encode(db, x_dtype if bias is None else bias.dtype, device)
+
+
+@_norm_bwd_library.register_fake
+def _(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual_dtype):
+    (m, n), none = h.shape, (0,)
+    dres = h.new_empty(none if residual_dtype is None else (m, n), dtype=residual_dtype or x_dtype)
+    dw = h.new_empty(none, dtype=x_dtype) if weight is None else weight.new_empty((n,))
+    db = h.new_empty(none, dtype=x_dtype) if bias is None else bias.new_empty((n,))
+    return h.new_empty((m, n), dtype=x_dtype), dres, dw, db
+
+
+def _norm_bwd_op(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual_dtype):
+    dx, dres, dw, db = _norm_bwd_library(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual_dtype)
+    return dx, None if residual_dtype is None else dres, None if weight is None else dw, None if bias is None else db

@@ -13,10 +13,12 @@ through unrotated (an int offset is checked up front; a tensor one cannot be wit
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from flashtron import checks
 from flashtron.env import uses_triton
@@ -105,7 +107,11 @@ def apply_rotary_emb(
 class _ApplyRotaryEmb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen):
-        out = _rotary(x, cos, sin, interleaved, seqlen_offsets, cu_seqlens, max_seqlen, False, inplace)
+        if torch.compiler.is_compiling():
+            out = _rotary_op(x, cos, sin, interleaved, seqlen_offsets, cu_seqlens, max_seqlen, False)
+            out = x.copy_(out) if inplace else out
+        else:
+            out = _rotary(x, cos, sin, interleaved, seqlen_offsets, cu_seqlens, max_seqlen, False, inplace)
         offsets_tensor = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
         ctx.save_for_backward(cos, sin, cu_seqlens, offsets_tensor)
         ctx.offset_int = None if offsets_tensor is not None else seqlen_offsets
@@ -120,7 +126,8 @@ class _ApplyRotaryEmb(torch.autograd.Function):
         offsets = offsets_tensor if offsets_tensor is not None else ctx.offset_int
         if dout.stride(-1) != 1:  # e.g. the expanded gradient of a sum()
             dout = dout.contiguous()
-        dx = _rotary(dout, cos, sin, ctx.interleaved, offsets, cu_seqlens, ctx.max_seqlen, True, False)
+        rotary = _rotary_op if torch.compiler.is_compiling() else functools.partial(_rotary, inplace=False)
+        dx = rotary(dout, cos, sin, ctx.interleaved, offsets, cu_seqlens, ctx.max_seqlen, True)
         return dx, None, None, None, None, None, None, None
 
 
@@ -187,3 +194,29 @@ def _rotary_cpu(x, cos, sin, interleaved, offsets, cu_seqlens, conjugate):
     o0, o1 = x0 * c - x1 * s, x0 * s + x1 * c
     rotated = torch.stack((o0, o1), dim=-1).flatten(-2) if interleaved else torch.cat((o0, o1), dim=-1)
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half :]), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the launcher as one opaque torch.library op (ops/library.py says why)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashtron::rotary", mutates_args=())
+def _rotary_library(
+    x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, offset: int, offsets: Tensor | None,
+    cu_seqlens: Tensor | None, max_seqlen: int | None, conjugate: bool,
+) -> Tensor:  # fmt: skip
+    offsets = offset if offsets is None else offsets
+    return _rotary(x, cos, sin, interleaved, offsets, cu_seqlens, max_seqlen, conjugate, False)
+
+
+@_rotary_library.register_fake
+def _(x, cos, sin, interleaved, offset, offsets, cu_seqlens, max_seqlen, conjugate):
+    return x.new_empty(x.shape)
+
+
+def _rotary_op(x, cos, sin, interleaved, offsets, cu_seqlens, max_seqlen, conjugate):
+    """_rotary out of place, through the library op (an int offset and a tensor one travel apart)."""
+    tensor = isinstance(offsets, torch.Tensor)
+    offset, offsets = (0, offsets) if tensor else (offsets, None)
+    return _rotary_library(x, cos, sin, interleaved, offset, offsets, cu_seqlens, max_seqlen, conjugate)
