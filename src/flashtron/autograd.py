@@ -101,7 +101,7 @@ def _sink_grad(sink, lse, delta, varlen):
     return -(p_sink * delta).sum(dim=dims).to(sink.dtype)
 
 
-def _gather_pages(k_pages, v_pages, block_table, cu_seqlens_k, max_seqlen_k, seqused_k):
+def gather_pages(k_pages, v_pages, block_table, cu_seqlens_k, max_seqlen_k, seqused_k):
     """Paged prefill: k/v (num_pages, page_size, nheads_k, d) and block_table (batch, max_pages) become
     varlen tensors in which sequence b owns rows [b * span, (b + 1) * span), span = the pages that
     max_seqlen_k needs. Its real length (cu_seqlens_k[b+1] - cu_seqlens_k[b], capped by seqused_k)
@@ -160,7 +160,7 @@ def attention(
     opts.learnable_sink; lse is differentiable too. S_dmask holds the probabilities, with the
     entries that dropout removed negated."""
     if block_table is not None:
-        k, v, cu_seqlens_k, seqused_k = _gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k)
+        k, v, cu_seqlens_k, seqused_k = gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k)
     if torch.compiler.is_compiling():
         # torch.compile sees attention as torch.library ops (one opaque node, no graph break)
         from flashtron import compile as compiled

@@ -30,7 +30,7 @@ from torch import Tensor
 from flashtron import attention_backward, attention_forward
 from flashtron.options import AttnOptions
 
-__all__ = ["attention", "attn_fwd", "attn_bwd"]
+__all__ = ["attention", "attn_fwd", "attn_bwd", "kvcache_attention", "kvcache_attn", "combine", "combine_op"]
 
 
 def _options(softmax_scale, window_left, window_right, softcap, alibi_slopes, learnable_sink, dropout_p, deterministic):
@@ -212,8 +212,10 @@ def attention(
     Shapes as flash_attn_func / flash_attn_varlen_func; gradients reach q, k, v,
     opts.learnable_sink, and lse is differentiable.
     """
-    if block_table is not None:
-        raise NotImplementedError("block_table (paged KV) for flash_attn_varlen_func is not implemented yet")
+    if block_table is not None:  # paged prefill: the pages gathered first, as flashtron.autograd does
+        from flashtron.autograd import gather_pages
+
+        k, v, cu_seqlens_k, seqused_k = gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k)
     seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64) if opts.dropout_p > 0 else None
     out, lse = attn_fwd(
         q,
@@ -249,3 +251,81 @@ def attention(
             dropout_seed=_seed(seed),
         )
     return out, lse, probs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inference: flash_attn_with_kvcache and flash_attn_combine
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashtron::kvcache_attn", mutates_args=("k_cache", "v_cache"))
+def kvcache_attn(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
+    rotary_cos: Tensor | None,
+    rotary_sin: Tensor | None,
+    cache_seqlens: Tensor | None,
+    cache_batch_idx: Tensor | None,
+    cache_leftpad: Tensor | None,
+    block_table: Tensor | None,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Tensor | None,
+    learnable_sink: Tensor | None,
+    rotary_interleaved: bool,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of flashtron.inference.kvcache_attention; appends k, v into the caches in place."""
+    from flashtron import inference
+
+    opts = _options(softmax_scale, window_left, window_right, softcap, alibi_slopes, learnable_sink, 0.0, False)
+    out, lse = inference.kvcache_attention(
+        q, k_cache, v_cache, opts, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+        block_table=block_table, rotary_interleaved=rotary_interleaved, num_splits=num_splits,
+    )  # fmt: skip
+    return out.contiguous(), lse.contiguous()
+
+
+@kvcache_attn.register_fake
+def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+      block_table, softmax_scale, window_left, window_right, softcap, alibi_slopes, learnable_sink,
+      rotary_interleaved, num_splits):  # fmt: skip
+    batch, seqlen_q, nheads, _ = q.shape
+    out = q.new_empty((batch, seqlen_q, nheads, v_cache.shape[-1]))
+    return out, q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+
+
+def kvcache_attention(q, k_cache, v_cache, opts: AttnOptions, **kwargs):
+    """flashtron.inference.kvcache_attention's contract, through the kvcache_attn op."""
+    names = ("k", "v", "rotary_cos", "rotary_sin", "cache_seqlens", "cache_batch_idx", "cache_leftpad", "block_table")
+    return kvcache_attn(
+        q, k_cache, v_cache, *(kwargs.get(n) for n in names), opts.softmax_scale, opts.window_left,
+        opts.window_right, opts.softcap, opts.alibi_slopes, opts.learnable_sink,
+        kwargs.get("rotary_interleaved", True), kwargs.get("num_splits", 0),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("flashtron::combine", mutates_args=())
+def combine_op(out_partial: Tensor, lse_partial: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(out, lse) of flashtron.inference.combine into a new output of out_dtype."""
+    from flashtron import inference
+
+    return inference.combine(out_partial, lse_partial, out_dtype=out_dtype)
+
+
+@combine_op.register_fake
+def _(out_partial, lse_partial, out_dtype):
+    return out_partial.new_empty(out_partial.shape[1:], dtype=out_dtype), lse_partial.new_empty(lse_partial.shape[1:])
+
+
+def combine(out_partial, lse_partial, out=None, out_dtype=None):
+    """flashtron.inference.combine's contract, through the combine op (a given `out` is copied into)."""
+    out_dtype = out_dtype or (out.dtype if out is not None else out_partial.dtype)
+    result, lse = combine_op(out_partial, lse_partial, out_dtype)
+    return (result if out is None else out.copy_(result)), lse

@@ -173,7 +173,6 @@ def kvcache_attention(
     """
     if opts.dropout_p > 0:
         raise NotImplementedError("flash_attn_with_kvcache: dropout_p > 0 is not supported")
-    cache = _cache_layout(k_cache, block_table)
     args = dict(
         k=k,
         v=v,
@@ -185,6 +184,11 @@ def kvcache_attention(
         block_table=block_table,
         rotary_interleaved=rotary_interleaved,
     )
+    if torch.compiler.is_compiling():  # one opaque node (the CPU path's host reads would not trace)
+        from flashtron import compile as compiled
+
+        return compiled.kvcache_attention(q, k_cache, v_cache, opts, num_splits=num_splits, **args)
+    cache = _cache_layout(k_cache, block_table)
     if uses_triton(q):
         return _kvcache_triton(q, k_cache, v_cache, opts, cache, num_splits=num_splits, **args)
     return _kvcache_cpu(q, k_cache, v_cache, opts, cache, **args)
@@ -198,6 +202,10 @@ def combine(out_partial, lse_partial, out=None, out_dtype=None):
     out_dtype (default out_partial's dtype) or None. Returns (out, lse): lse (batch_size, seqlen,
     nheads) fp32; rows where every split has lse -inf get out 0 and lse -inf.
     """
+    if torch.compiler.is_compiling():
+        from flashtron import compile as compiled
+
+        return compiled.combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)
     out_dtype = out_dtype or (out.dtype if out is not None else out_partial.dtype)
     if uses_triton(out_partial):
         from flashtron.launch import new_output
