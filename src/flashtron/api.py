@@ -5,8 +5,9 @@ Each function checks its inputs (checks.py), turns the loose flash_attn argument
 (KV cache, combine). Features from later FlashAttention versions are keyword-only arguments after
 the FA2 ones, so FA2's positional calls keep working.
 
-dtypes: fp16, bf16 and fp32. fp32 inputs use IEEE fp32 dot products unless
-`torch.backends.cuda.matmul.allow_tf32` is True. softmax_lse is fp32, natural log.
+dtypes: fp16, bf16 and fp32. fp32 inputs use IEEE fp32 dot products unless TF32 is on for CUDA
+matmuls (`torch.backends.cuda.matmul.fp32_precision = "tf32"`, or the older `allow_tf32 = True`).
+softmax_lse is fp32, natural log.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def flash_attn_func(
     softcap > 0: scores become softcap * tanh(scores / softcap). alibi_slopes: (nheads,) or
     (batch_size, nheads), fp32. deterministic: bitwise reproducible backward.
     learnable_sink (keyword): (nheads,) sink logit added to each row's softmax denominator.
-    fp32 inputs use IEEE fp32 dot products unless torch.backends.cuda.matmul.allow_tf32 is True.
+    fp32 inputs use IEEE fp32 dot products unless TF32 is on for CUDA matmuls
+    (torch.backends.cuda.matmul.fp32_precision = "tf32", or the older allow_tf32 = True).
 
     Returns out: (batch_size, seqlen_q, nheads, headdim_v); with return_attn_probs=True
     (out, softmax_lse, S_dmask), softmax_lse (batch_size, nheads, seqlen_q) fp32 and S_dmask the
@@ -154,7 +156,7 @@ def flash_attn_qkvpacked_func(
     """flash_attn_func on qkv: (batch_size, seqlen, 3, nheads, headdim); q, k, v are views of it.
 
     Other arguments and the return value as flash_attn_func. fp32 inputs use IEEE fp32 dot products
-    unless torch.backends.cuda.matmul.allow_tf32 is True.
+    unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
     args, fn = locals(), "flash_attn_qkvpacked_func"
     checks.check_packed(fn, "qkv", qkv, ndim=5, count=3, layout="(batch_size, seqlen, 3, nheads, headdim)")
@@ -180,7 +182,7 @@ def flash_attn_kvpacked_func(
     kv: (batch_size, seqlen_k, 2, nheads_k, headdim); k and v are views of kv.
 
     Other arguments and the return value as flash_attn_func. fp32 inputs use IEEE fp32 dot products
-    unless torch.backends.cuda.matmul.allow_tf32 is True.
+    unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
     args, fn = locals(), "flash_attn_kvpacked_func"
     checks.check_packed(fn, "kv", kv, ndim=5, count=2, layout="(batch_size, seqlen_k, 2, nheads_k, headdim)")
@@ -218,7 +220,7 @@ def flash_attn_varlen_func(
     (num_blocks, page_block_size, nheads_k, headdim). seqused_k (keyword): (batch_size,), int32,
     the number of keys actually used in each sequence. Causal and window positions are relative
     to each sequence. Other arguments as flash_attn_func. fp32 inputs use IEEE fp32 dot products
-    unless torch.backends.cuda.matmul.allow_tf32 is True.
+    unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
 
     Returns out: (total_q, nheads, headdim_v); softmax_lse (when asked for) is (nheads, total_q).
     """
@@ -247,7 +249,7 @@ def flash_attn_varlen_qkvpacked_func(
     int32, and max_seqlen: int shared by queries and keys.
 
     Other arguments and the return value as flash_attn_varlen_func. fp32 inputs use IEEE fp32 dot
-    products unless torch.backends.cuda.matmul.allow_tf32 is True.
+    products unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
     args, fn = locals(), "flash_attn_varlen_qkvpacked_func"
     checks.check_packed(fn, "qkv", qkv, ndim=4, count=3, layout="(total, 3, nheads, headdim)")
@@ -280,7 +282,7 @@ def flash_attn_varlen_kvpacked_func(
     headdim); k and v are views of kv.
 
     Other arguments and the return value as flash_attn_varlen_func. fp32 inputs use IEEE fp32 dot
-    products unless torch.backends.cuda.matmul.allow_tf32 is True.
+    products unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
     args, fn = locals(), "flash_attn_varlen_kvpacked_func"
     checks.check_packed(fn, "kv", kv, ndim=4, count=2, layout="(total_k, 2, nheads_k, headdim)")
@@ -328,7 +330,8 @@ def flash_attn_with_kvcache(
     cache_leftpad: (batch_size,) int32, where the valid keys start in each row.
     block_table: (batch_size, max_num_blocks_per_seq) int32. num_splits: 0 = heuristic, 1 = no
     split, n = n splits. learnable_sink (keyword): (nheads,). Other arguments as flash_attn_func.
-    fp32 inputs use IEEE fp32 dot products unless torch.backends.cuda.matmul.allow_tf32 is True.
+    fp32 inputs use IEEE fp32 dot products unless TF32 is on for CUDA matmuls
+    (torch.backends.cuda.matmul.fp32_precision = "tf32", or the older allow_tf32 = True).
 
     Returns out: (batch_size, seqlen, nheads, headdim_v), or (out, softmax_lse) with
     return_softmax_lse=True, softmax_lse (batch_size, nheads, seqlen) fp32.

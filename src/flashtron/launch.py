@@ -67,8 +67,22 @@ def score_args(q: torch.Tensor, opts: AttnOptions) -> dict:
         HAS_ALIBI=opts.alibi_slopes is not None,
         # Triton's interpreter computes bf16 dots wrongly (NOTES.md): upcast there only.
         DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-        PRECISION="tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        PRECISION="tf32" if q.dtype == torch.float32 and cuda_matmul_uses_tf32() else "ieee",
     )
+
+
+def cuda_matmul_uses_tf32() -> bool:
+    """Whether the user enabled TF32 for fp32 CUDA matmuls. torch >= 2.9 has fp32_precision (on
+    the matmul backend, else inherited from torch.backends), and reading the older allow_tf32 raises
+    once the new API set it; older torch has only allow_tf32."""
+    for backend in (torch.backends.cuda.matmul, torch.backends):
+        precision = getattr(backend, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch refuses to read it after a mix of the two APIs: IEEE, the default
+        return False
 
 
 def _dropout_args(q, k, opts: AttnOptions, dropout_seed, varlen: bool) -> dict:
