@@ -61,6 +61,13 @@ def test_kernels_interpreted(case, kernel_device):
     check_attention(2, sq, sk, h, hk, d, dv, dtype, kernel_device, layouts=layouts, **feat)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("d,dv", [(320, 320), (256, 64)])
+def test_large_head_dims_interpreted(kernel_device, d, dv):
+    """Head dims past 256 that are not powers of two, and dv < d: padded blocks of 512 and 256."""
+    check_attention(1, 17, 33, 2, 1, d, dv, torch.float16, kernel_device, causal=True, softcap=3.0)
+
+
 @pytest.mark.parametrize("case", TINY_CASES, ids=[_case_id(c) for c in TINY_CASES])
 def test_cpu_path(case):
     (sq, sk), dtype, (h, hk, d, dv), feat, layouts = case
@@ -94,7 +101,7 @@ def test_packed_cpu_path():
     _packed_case("cpu", torch.float32)
 
 
-def _varlen_case(device, dtype, causal, window=(-1, -1), seqused=False):
+def _varlen_case(device, dtype, causal, window=(-1, -1), seqused=False, softcap=0.0):
     seqlens_q = torch.tensor([5, 0, 17, 33], dtype=torch.int32)
     seqlens_k = torch.tensor([9, 4, 17, 20], dtype=torch.int32)
     cu_q = torch.nn.functional.pad(seqlens_q.cumsum(0), (1, 0)).to(torch.int32).to(device)
@@ -106,10 +113,11 @@ def _varlen_case(device, dtype, causal, window=(-1, -1), seqused=False):
     v = torch.randn(int(seqlens_k.sum()), hk, d, device=device).to(dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = flashtron.flash_attn_varlen_func(
-        *leaves, cu_q, cu_k, 33, 20, causal=causal, window_size=window, seqused_k=seqused_k, return_lse=True
-    )
+        *leaves, cu_q, cu_k, 33, 20, causal=causal, window_size=window, softcap=softcap, seqused_k=seqused_k,
+        return_lse=True,
+    )  # fmt: skip
     assert lse.shape == (h, q.shape[0])
-    kw = dict(causal=causal, window_size=window, seqused_k=seqused_k)
+    kw = dict(causal=causal, window_size=window, softcap=softcap, seqused_k=seqused_k)
     ins_ref = [t.clone().requires_grad_() for t in (q, k, v)]
     ins_pt = [t.clone().requires_grad_() for t in (q, k, v)]
     out_ref, _ = attention_varlen_ref(*ins_ref, cu_q, cu_k, upcast=True, **kw)
@@ -125,15 +133,86 @@ def _varlen_case(device, dtype, causal, window=(-1, -1), seqused=False):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize(
-    "causal,window,seqused", [(False, (-1, -1), False), (True, (-1, -1), True), (False, (3, 5), False)]
+    "causal,window,seqused,softcap",
+    [
+        (False, (-1, -1), False, 0.0),
+        (True, (-1, -1), True, 0.0),
+        (False, (3, 5), False, 0.0),
+        (True, (6, -1), True, 2.5),
+    ],
 )
-def test_varlen_interpreted(kernel_device, causal, window, seqused):
-    _varlen_case(kernel_device, torch.float16, causal, window, seqused)
+def test_varlen_interpreted(kernel_device, causal, window, seqused, softcap):
+    _varlen_case(kernel_device, torch.float16, causal, window, seqused, softcap)
 
 
 @pytest.mark.parametrize("causal,seqused", [(False, False), (True, True)])
 def test_varlen_cpu_path(causal, seqused):
     _varlen_case("cpu", torch.bfloat16, causal, seqused=seqused)
+
+
+def _varlen_packed_case(device, dtype):
+    """The varlen qkv- and kv-packed variants: the unpacked call's outputs and gradients, bitwise."""
+    cu = torch.tensor([0, 5, 5, 22, 40], dtype=torch.int32, device=device)
+    qkv = torch.randn(40, 3, 4, 24, device=device).to(dtype).requires_grad_()
+    out = flashtron.flash_attn_varlen_qkvpacked_func(qkv, cu, 18, causal=True, softcap=3.0)
+    q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(1))
+    ref = flashtron.flash_attn_varlen_func(q, k, v, cu, cu, 18, 18, causal=True, softcap=3.0)
+    assert torch.equal(out, ref)
+    dout = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    assert torch.equal(dqkv, torch.stack(torch.autograd.grad(ref, (q, k, v), dout), dim=1))
+
+    cu_k = torch.tensor([0, 9, 12, 12, 30], dtype=torch.int32, device=device)
+    q = torch.randn(40, 4, 24, device=device).to(dtype).requires_grad_()
+    kv = torch.randn(30, 2, 2, 24, device=device).to(dtype).requires_grad_()
+    out = flashtron.flash_attn_varlen_kvpacked_func(q, kv, cu, cu_k, 18, 18, window_size=(4, 2))
+    k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(1))
+    q2 = q.detach().clone().requires_grad_()
+    ref = flashtron.flash_attn_varlen_func(q2, k, v, cu, cu_k, 18, 18, window_size=(4, 2))
+    assert torch.equal(out, ref)
+    dq, dkv = torch.autograd.grad(out, (q, kv), dout)
+    dq2, dk, dv = torch.autograd.grad(ref, (q2, k, v), dout)
+    assert torch.equal(dq, dq2) and torch.equal(dkv, torch.stack((dk, dv), dim=1))
+
+
+@pytest.mark.interpret
+def test_varlen_packed_interpreted(kernel_device):
+    _varlen_packed_case(kernel_device, torch.float16)
+
+
+def test_varlen_packed_cpu_path():
+    _varlen_packed_case("cpu", torch.float32)
+
+
+def _low_level_case(device, dtype):
+    """attention_forward / attention_backward without autograd (the context-parallel entry points):
+    the autograd path's out, lse and gradients, with a gradient on lse and a learnable sink."""
+    from flashtron.options import AttnOptions
+
+    q = torch.randn(2, 19, 4, 32, device=device).to(dtype)
+    k, v = (torch.randn(2, 27, 2, 32, device=device).to(dtype) for _ in "kv")
+    sink = torch.randn(4, device=device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sink)]
+    out, lse = flashtron.flash_attn_func(
+        *leaves[:3], causal=True, softcap=4.0, learnable_sink=leaves[3], softmax_scale=0.3, return_lse=True
+    )
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), leaves, (dout, dlse))
+    opts = AttnOptions(softmax_scale=0.3, window_right=0, softcap=4.0, learnable_sink=sink)
+    out2, lse2 = flashtron.attention_forward(q, k, v, opts)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    grads2 = flashtron.attention_backward(dout, q, k, v, out2, lse2, opts, dlse=dlse)
+    for a, b, name in zip(grads2, grads, ("dq", "dk", "dv", "dsink")):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.interpret
+def test_low_level_interpreted(kernel_device):
+    _low_level_case(kernel_device, torch.float16)
+
+
+def test_low_level_cpu_path():
+    _low_level_case("cpu", torch.float32)
 
 
 def _empty_rows_case(device):
@@ -219,7 +298,7 @@ def test_gpu_grid(causal, d, dtype):
     ],
     ids=["window-causal", "window", "softcap", "alibi", "sink"],
 )
-@pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (192, 128), (256, 256), (512, 512)])
+@pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (192, 128), (64, 256), (256, 256), (384, 384), (512, 512)])
 def test_gpu_features(feat, d, dv):
     check_attention(2, 300, 517, 4, 2, d, dv, torch.bfloat16, "cuda", **feat)
 
@@ -228,6 +307,9 @@ def test_gpu_features(feat, d, dv):
 def test_gpu_varlen():
     _varlen_case("cuda", torch.bfloat16, True, seqused=True)
     _varlen_case("cuda", torch.float16, False, window=(8, 4))
+    _varlen_case("cuda", torch.bfloat16, True, window=(6, -1), seqused=True, softcap=2.5)
+    _varlen_packed_case("cuda", torch.bfloat16)
+    _low_level_case("cuda", torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -294,10 +376,42 @@ def test_dropout_cpu_path_query_blocks():
     _dropout_case("cpu", torch.float32, 0.17, True, seqlens=(300, 333), heads=(2, 1), d=16)
 
 
-def _dropped_fraction(device, p):
-    q, k, v = (torch.randn(1, 256, 1, 32, device=device) for _ in range(3))
-    _, _, s_dmask = flashtron.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
-    return (s_dmask < 0).float().mean().item()
+def _dropout_kept(out, p, n_keys):
+    """out of a call with q = 0 (every key gets probability 1 / n_keys) and v = identity (key j's
+    weight lands in feature j): kept entries read 1 / (n_keys (1 - p)), dropped ones exactly 0."""
+    kept = out != 0
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (n_keys * (1 - p))))  # dtype's tolerance
+    return kept
+
+
+def _dropped_fraction(device, p, dtype=torch.float32):
+    """The fraction the kernel itself dropped on 256 x 256, read off its output, after checking that
+    S_dmask (rebuilt in PyTorch, flashtron/dropout.py) marks exactly the same entries."""
+    n = 256
+    q, k = torch.zeros(1, n, 1, n, device=device, dtype=dtype), torch.randn(1, n, 1, n, device=device).to(dtype)
+    v = torch.eye(n, device=device, dtype=dtype).view(1, n, 1, n)
+    out, _, s_dmask = flashtron.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
+    kept = _dropout_kept(out[0, :, 0], p, n)  # (query, key)
+    assert torch.equal(kept, s_dmask[0, 0] >= 0)
+    return 1.0 - kept.float().mean().item()
+
+
+def _dropout_varlen_mask_case(device, dtype, p):
+    """Varlen draws its mask at each sequence's offsets: the kernel's mask, read off its output as in
+    _dropped_fraction, equals the padded S_dmask's inside each sequence and is empty outside."""
+    lens = [100, 0, 1, 155]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    n = sum(lens)
+    q, k = torch.zeros(n, 2, n, device=device, dtype=dtype), torch.randn(n, 2, n, device=device).to(dtype)
+    v = torch.eye(n, device=device, dtype=dtype)[:, None, :].expand(n, 2, n).contiguous()
+    torch.manual_seed(11)
+    out, _, s_dmask = flashtron.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), dropout_p=p,
+                                                       return_attn_probs=True)  # fmt: skip
+    for b, (start, length) in enumerate(zip(cu.tolist(), lens)):
+        rows = out[start : start + length].transpose(0, 1)  # (head, query, key of the whole batch)
+        assert torch.all(rows[..., :start] == 0) and torch.all(rows[..., start + length :] == 0)
+        kept = _dropout_kept(rows[..., start : start + length], p, length) if length else rows[..., :0] != 0
+        assert torch.equal(kept, s_dmask[b, :, :length, :length] >= 0), f"sequence {b}"
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -307,7 +421,16 @@ def test_dropout_fraction_cpu_path(p):
 
 @pytest.mark.interpret
 def test_dropout_fraction_interpreted(kernel_device):
-    assert abs(_dropped_fraction(kernel_device, 0.3) - 0.3) < 0.01
+    assert abs(_dropped_fraction(kernel_device, 0.3, torch.float16) - 0.3) < 0.01
+
+
+def test_dropout_varlen_mask_cpu_path():
+    _dropout_varlen_mask_case("cpu", torch.float32, 0.25)
+
+
+@pytest.mark.interpret
+def test_dropout_varlen_mask_interpreted(kernel_device):
+    _dropout_varlen_mask_case(kernel_device, torch.float16, 0.25)
 
 
 def test_dropout_varlen_cpu_path():
@@ -327,7 +450,8 @@ def test_dropout_varlen_cpu_path():
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_dropout(dtype, causal):
     _dropout_case("cuda", dtype, 0.17, causal, seqlens=(300, 517), heads=(8, 2), d=128)
-    assert abs(_dropped_fraction("cuda", 0.3) - 0.3) < 0.01
+    assert abs(_dropped_fraction("cuda", 0.3, dtype) - 0.3) < 0.01
+    _dropout_varlen_mask_case("cuda", dtype, 0.25)
 
 
 # ---------------------------------------------------------------- paged prefill (varlen + block_table)
@@ -379,3 +503,33 @@ def test_large_and_mixed_headdims_interpreted(kernel_device, d, dv):
 @pytest.mark.parametrize("d,dv", [(512, 512), (192, 128)], ids=["512", "192-128"])
 def test_large_and_mixed_headdims_cpu_path(d, dv):
     check_attention(1, 17, 33, 2, 1, d, dv, torch.bfloat16, "cpu", window=(4, 2))
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        (("allow_tf32", True), "tf32"),
+        (("allow_tf32", False), "ieee"),
+        (("fp32_precision", "tf32"), "tf32"),
+        (("fp32_precision", "ieee"), "ieee"),
+    ],
+)
+def test_fp32_dot_precision_follows_torch(setting, expected):
+    """fp32 dots are IEEE unless the user turned TF32 on, through either of torch's APIs (reading the
+    legacy allow_tf32 raises once the new fp32_precision was set, so the launcher must not)."""
+    from flashtron.launch import score_args
+    from flashtron.options import AttnOptions
+
+    matmul = torch.backends.cuda.matmul
+    name, value = setting
+    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; allow_tf32 exists everywhere
+    if name == "fp32_precision" and not new_api:
+        pytest.skip("this torch has no torch.backends.cuda.matmul.fp32_precision")
+    saved = matmul.fp32_precision if new_api else matmul.allow_tf32
+    try:
+        setattr(matmul, name, value)
+        q = torch.zeros(1, 1, 1, 8)
+        assert score_args(q, AttnOptions(softmax_scale=1.0))["PRECISION"] == expected
+        assert score_args(q.half(), AttnOptions(softmax_scale=1.0))["PRECISION"] == "ieee"  # 16-bit: no tf32
+    finally:
+        setattr(matmul, "fp32_precision" if new_api else "allow_tf32", saved)

@@ -41,6 +41,8 @@ def attention_probs(
     max_k = max((k1 - k0 for _, _, _, k0, k1 in seqs), default=0)
     out = torch.zeros(len(seqs), q.shape[1], max_q, max_k, dtype=torch.float32, device=q.device)
     for i, q0, q1, k0, k1 in seqs:
+        if q1 == q0 or k1 == k0:  # an empty sequence: its block stays zero
+            continue
         drop = cpu._varlen_dropout(opts, dropout_seed, q, k, q0, k0)
         probs = _dense_probs(q[None, q0:q1], k[None, k0:k1], lse[None, :, q0:q1], opts, cpu._slopes_of(opts, i), drop)
         out[i, :, : q1 - q0, : k1 - k0] = probs[0]
