@@ -180,7 +180,9 @@ def test_opcheck_cross_entropy():
     fwd_args = (logits, labels, -100, 0.1)
     torch.library.opcheck(torch.ops.flashtron.cross_entropy_fwd.default, fwd_args)
     _, lse = torch.ops.flashtron.cross_entropy_fwd(*fwd_args)
-    torch.library.opcheck(torch.ops.flashtron.cross_entropy_bwd.default, (torch.randn(7), logits, labels, lse, -100, 0.1))
+    torch.library.opcheck(
+        torch.ops.flashtron.cross_entropy_bwd.default, (torch.randn(7), logits, labels, lse, -100, 0.1)
+    )
 
 
 def _training_step_grads(device):
@@ -231,7 +233,27 @@ def _kvcache_tensors(paged: bool):
 @pytest.mark.parametrize("paged", [False, True])
 def test_opcheck_kvcache(paged):
     q, k_cache, v_cache, k_new, v_new, cos, sin, lens, table = _kvcache_inputs(paged)
-    args = (q, k_cache, v_cache, k_new, v_new, cos, sin, lens, None, None, table, 0.35, -1, 0, 0.0, None, None, False, 0)
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        cos,
+        sin,
+        lens,
+        None,
+        None,
+        table,
+        0.35,
+        -1,
+        0,
+        0.0,
+        None,
+        None,
+        False,
+        0,
+    )
     torch.library.opcheck(torch.ops.flashtron.kvcache_attn.default, args)
 
 

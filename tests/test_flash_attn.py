@@ -494,6 +494,12 @@ def test_paged_varlen_interpreted(kernel_device):
     _paged_varlen_case(kernel_device, torch.float16, 3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16, 256])
+def test_gpu_paged_varlen(page_size):
+    _paged_varlen_case("cuda", torch.bfloat16, page_size)
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("d,dv", [(512, 512), (192, 128), (64, 256)], ids=["512", "192-128", "64-256"])
 def test_large_and_mixed_headdims_interpreted(kernel_device, d, dv):

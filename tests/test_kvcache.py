@@ -70,6 +70,10 @@ CASES = {
     "seqlens_none_full_cache": KVCase(seqlens="none", sn=0, capacity=24, window=(4, -1)),
     "causal_sq_gt_keys": KVCase(sq=3, sn=0, causal=True, seqlen=1),  # queries 0, 1 see nothing
     "window_right_only_sq3": KVCase(sq=3, sn=1, window=(-1, 1), h=8, hk=2, dv=24),
+    "paged64_gqa_neox_causal": KVCase(sq=2, sn=2, h=8, hk=2, page=64, capacity=128, rotary="neox", causal=True),
+    "paged256_softcap_window_alibi_head": KVCase(
+        sq=1, sn=1, page=256, capacity=256, softcap=3.0, window=(50, 0), alibi="head", leftpad=True
+    ),
     "everything": KVCase(
         sq=3, sn=2, h=8, hk=2, d=40, dv=24, page=3, capacity=45, leftpad=True, rotary="interleaved",
         causal=True, window=(9, 0), softcap=4.0, alibi="batch", sink=True,
@@ -294,6 +298,10 @@ INTERPRET_CASES = [
     ("seqlens_int_append", torch.float16, 1),
     ("everything", torch.bfloat16, 3),
     ("everything", torch.float16, 1),
+    ("paged64_gqa_neox_causal", torch.float16, 3),
+    ("paged256_softcap_window_alibi_head", torch.bfloat16, 2),
+    ("alibi_head_causal_sq3", torch.float16, 0),
+    ("seqlens_none_full_cache", torch.float16, 2),
 ]
 
 
@@ -301,6 +309,12 @@ INTERPRET_CASES = [
 @pytest.mark.parametrize("name,dtype,splits", INTERPRET_CASES, ids=lambda x: str(x))
 def test_kvcache_interpret(kernel_device, name, dtype, splits):
     check_kvcache(CASES[name], dtype, kernel_device, num_splits=splits)
+
+
+@pytest.mark.interpret
+def test_kvcache_interpret_out_only(kernel_device):
+    """return_softmax_lse=False: the output alone, split (the combine writes no lse anyone reads)."""
+    check_kvcache(CASES["everything"], torch.float16, kernel_device, return_lse=False, num_splits=3)
 
 
 @pytest.mark.interpret
@@ -364,17 +378,19 @@ def test_combine_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [0, 3])
 @pytest.mark.parametrize("page", [0, 16])
-def test_kvcache_cuda_graph(page):
-    """One decode step (append + attention, split) captured once and replayed with new cache_seqlens
-    copied into the captured tensor: each replay must match the reference for those lengths."""
+def test_kvcache_cuda_graph(page, num_splits):
+    """One decode step (append + attention; with 3 splits, the combine kernel too) captured once and
+    replayed with new cache_seqlens copied into the captured tensor: each replay must match the
+    reference for those lengths."""
     c = KVCase(b=4, sq=1, sn=1, h=16, hk=4, d=128, dv=128, capacity=1024, page=page, causal=True, rotary="neox",
                rotary_dim=128)  # fmt: skip
     kw = make_problem(c, torch.bfloat16, "cuda")
     pristine = {name: x.clone() for name, x in kw.items() if isinstance(x, torch.Tensor)}
 
     def step():
-        return flashtron.flash_attn_with_kvcache(**kw, num_splits=0, return_softmax_lse=True)
+        return flashtron.flash_attn_with_kvcache(**kw, num_splits=num_splits, return_softmax_lse=True)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -313,3 +313,16 @@ def test_mha_gpu_matches_reference(dtype):
         steps.append(m_gpu(xg[:, t : t + 1], kv_cache=cache))
         cache.advance(1)
     assert_fa_close(torch.cat(steps, dim=1).cpu(), ref, pt)
+
+
+@pytest.mark.gpu
+def test_mha_gpu_cross_attention_with_padding():
+    """Cross-attention on the Triton path, then with a key padding mask (the varlen path), holes too."""
+    m = MHA(256, 4, num_heads_kv=2, cross_attn=True).to("cuda", torch.bfloat16)
+    x = torch.randn(3, 70, 256, device="cuda", dtype=torch.bfloat16)
+    x_kv = torch.randn(3, 130, 256, device="cuda", dtype=torch.bfloat16)
+    mask = torch.arange(130, device="cuda")[None, :] < torch.tensor([[130], [40], [90]], device="cuda")
+    mask[2, 0] = False
+    for kw in (dict(x_kv=x_kv), dict(x_kv=x_kv, key_padding_mask=mask)):
+        ours = m(x, kw["x_kv"], key_padding_mask=kw.get("key_padding_mask")).cpu()
+        assert_fa_close(ours, ref_mha(m, x, **kw).cpu(), ref_mha(m, x, dtype=x.dtype, **kw).cpu())

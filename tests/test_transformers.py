@@ -71,11 +71,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_left_padded_logits_and_greedy_generation(name, case):
+def _check_left_padded_and_generation(name, case, device):
     make_config, peers = CASES[case]
-    models = _models(make_config(), (name, *peers))
-    ids, mask = _left_padded_batch()
+    models = {impl: m.to(device) for impl, m in _models(make_config(), (name, *peers)).items()}
+    ids, mask = (t.to(device) for t in _left_padded_batch())
     real = mask.bool()
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them
     with torch.no_grad():
@@ -100,6 +99,19 @@ def test_left_padded_logits_and_greedy_generation(name, case):
     # without padding, decoding takes the dense path (one query over the cached keys)
     ours = models[name].generate(ids[:1], **generate)
     assert torch.equal(ours, models["eager"].generate(ids[:1], **generate))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_left_padded_logits_and_greedy_generation(name, case):
+    _check_left_padded_and_generation(name, case, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_left_padded_logits_and_greedy_generation(name, case):
+    """The same on the Triton kernels (fp32 models): Llama and Gemma-2 (window, softcap) against
+    eager and sdpa."""
+    _check_left_padded_and_generation(name, case, "cuda")
 
 
 def test_sliding_window_is_honoured(name):
