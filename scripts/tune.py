@@ -31,25 +31,12 @@ sys.path[:0] = [os.path.join(HERE, "..", "src"), os.path.join(HERE, "..", "tests
 
 import torch  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of each list is the config in use; the
-# others were picked from scripts/aot_report.py's sm_90 register report (no or few spilled bytes).
+from flashtron.configs import HOPPER_CANDIDATES  # noqa: E402
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kind, head dim): the autotune candidates, whose first
+# entry is the table's tile.
 TILES = {
-    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-    ("fwd", 128): [
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (64, 64, 4, 3),
-        (128, 32, 8, 3),
-        (128, 64, 8, 4),
-        (128, 64, 8, 2),
-    ],
-    ("fwd", 256): [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
-    ("dkdv", 64): [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2)],
-    ("dkdv", 128): [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2), (64, 64, 8, 2)],
-    ("dkdv", 256): [(64, 64, 8, 2), (16, 64, 4, 2), (32, 64, 8, 2)],
-    ("dq", 64): [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
-    ("dq", 128): [(64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
-    ("dq", 256): [(128, 32, 8, 2), (64, 16, 4, 2), (64, 32, 4, 2)],
+    kd: [(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in cfgs] for kd, cfgs in HOPPER_CANDIDATES.items()
 }
 # decode: (BLOCK_M, BLOCK_N, num_warps, num_stages, min_blocks_per_split) at head dim 128; split counts
 DECODE_TILES = [(64, 128, 4, 3, 8), (64, 64, 4, 3, 4), (64, 32, 4, 3, 8), (64, 64, 4, 2, 4), (64, 128, 8, 3, 8)]

@@ -94,6 +94,28 @@ SAFE_BWD_DQ = {
 }
 
 
+# Candidates for FLASHTRON_AUTOTUNE (autotune.py) and the tiles scripts/tune.py sweeps, by (kernel,
+# head-dim bucket), Hopper and 16-bit inputs: the tiles in use above plus those picked from
+# scripts/aot_report.py's sm_90 report (few or no spilled bytes). Every one passed tune.py's
+# fp32-reference check on an H200 (2026-12-01).
+_T = TileConfig
+HOPPER_CANDIDATES = {
+    ("fwd", 64): [_T(128, 64, 4, 3), _T(128, 128, 8, 3), _T(128, 64, 8, 3), _T(64, 64, 4, 3), _T(128, 32, 4, 3)],
+    ("fwd", 128): [
+        _T(128, 64, 8, 3), _T(128, 128, 8, 3), _T(64, 64, 4, 3), _T(128, 32, 8, 3), _T(128, 64, 8, 4), _T(128, 64, 8, 2)
+    ],
+    ("fwd", 256): [_T(64, 32, 4, 2), _T(64, 64, 4, 2), _T(128, 32, 8, 2)],
+    ("dkdv", 64): [
+        _T(64, 64, 4, 2), _T(32, 128, 8, 2), _T(32, 64, 4, 2), _T(64, 64, 8, 2), _T(32, 128, 8, 3), _T(16, 128, 8, 2)
+    ],
+    ("dkdv", 128): [_T(32, 128, 8, 3), _T(32, 128, 8, 2), _T(32, 64, 4, 2), _T(16, 128, 8, 2), _T(64, 64, 8, 2)],
+    ("dkdv", 256): [_T(64, 64, 8, 2), _T(16, 64, 4, 2), _T(32, 64, 8, 2)],
+    ("dq", 64): [_T(64, 64, 4, 3), _T(128, 32, 4, 3), _T(128, 64, 8, 3), _T(64, 32, 4, 3)],
+    ("dq", 128): [_T(64, 32, 4, 3), _T(128, 64, 8, 2), _T(128, 32, 8, 3), _T(64, 64, 8, 2)],
+    ("dq", 256): [_T(128, 32, 8, 2), _T(64, 16, 4, 2), _T(64, 32, 4, 2)],
+}  # fmt: skip
+
+
 def head_dim_bucket(head_dim: int) -> int:
     for bucket in (64, 128, 256, 512):
         if head_dim <= bucket:
@@ -141,3 +163,11 @@ def bwd_configs(
         else _pick(device, dtype, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV),
         _pick(device, dtype, head_dim, HOPPER_BWD_DQ, SAFE_BWD_DQ, INTERPRET_BWD_DQ),
     )
+
+
+def tune_candidates(kind: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> list[TileConfig]:
+    """The tiles FLASHTRON_AUTOTUNE may choose among for kernel `kind` ("fwd", "dkdv", "dq"); empty
+    where only the table's tile applies (not Hopper, fp32, head dims past 256, the interpreter)."""
+    if device.type != "cuda" or not _hopper_tiles(device, dtype):
+        return []
+    return list(HOPPER_CANDIDATES.get((kind, head_dim_bucket(head_dim)), []))

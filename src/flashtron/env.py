@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def _flag(name: str) -> bool:
@@ -19,6 +20,19 @@ def force_cpu_path() -> bool:
     return _flag("FLASHTRON_FORCE_CPU_PATH")
 
 
+def autotune() -> bool:
+    """FLASHTRON_AUTOTUNE=1: time the candidate tiles on first use and cache the fastest (autotune.py)."""
+    return _flag("FLASHTRON_AUTOTUNE")
+
+
+def cache_dir() -> Path:
+    """FLASHTRON_CACHE_DIR, else $XDG_CACHE_HOME/flashtron, else ~/.cache/flashtron."""
+    given = os.environ.get("FLASHTRON_CACHE_DIR")
+    if given:
+        return Path(given)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashtron"
+
+
 def uses_triton(t) -> bool:
     """The one dispatch rule: CUDA tensors run the Triton kernels, and so do CPU tensors under
     TRITON_INTERPRET=1 (unless FLASHTRON_FORCE_CPU_PATH=1); other CPU tensors take the PyTorch path."""
@@ -30,4 +44,6 @@ def uses_triton(t) -> bool:
 VARIABLES = {
     "TRITON_INTERPRET": "1 runs the Triton kernels on CPU tensors through Triton's interpreter (tests).",
     "FLASHTRON_FORCE_CPU_PATH": "1 keeps CPU tensors on the PyTorch path even when TRITON_INTERPRET=1.",
+    "FLASHTRON_AUTOTUNE": "1 times the candidate tiles of a kernel on first use and keeps the fastest (GPU).",
+    "FLASHTRON_CACHE_DIR": "where the autotune cache lives (default $XDG_CACHE_HOME/flashtron or ~/.cache/flashtron).",
 }

@@ -7,11 +7,13 @@ varlen tensors are (total, nheads, d) with cu_seqlens, which the kernels see as 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 
-from flashtron.configs import bwd_configs, fwd_config
+from flashtron import autotune
+from flashtron.configs import TileConfig, bwd_configs, fwd_config, tune_candidates
 from flashtron.dropout import keep_threshold
 from flashtron.kernels.bwd import (
     attention_bwd_dkdv_kernel,
@@ -141,42 +143,22 @@ def attention_forward(
         return out, lse
     cfg = fwd_config(q.device, q.dtype, max(head_dim, head_dim_v), left_window=opts.window_left >= 0)
     score = score_args(q, opts)
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
-    attention_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        opts.alibi_slopes,
-        opts.learnable_sink,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        seqused_k,
-        *_seq_strides(q, varlen),
-        *_seq_strides(k, varlen),
-        *_seq_strides(v, varlen),
-        *_seq_strides(out, varlen),
-        *_lse_strides(lse, varlen),
-        *alibi_strides(opts),
-        seqlen_q,
-        seqlen_k,
-        nheads // nheads_k,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_V=head_dim_v,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        HAS_SINK=opts.learnable_sink is not None,
-        IS_VARLEN=varlen,
-        HAS_SEQUSED_K=seqused_k is not None,
-        HEAVY_FIRST=opts.window_right >= 0,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **score,
-        **_dropout_args(q, k, opts, dropout_seed, varlen),
-    )
+
+    def launch(cfg):
+        attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+            q, k, v, out, lse, opts.alibi_slopes, opts.learnable_sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
+            *_seq_strides(out, varlen), *_lse_strides(lse, varlen), *alibi_strides(opts),
+            seqlen_q, seqlen_k, nheads // nheads_k,
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+            HAS_SINK=opts.learnable_sink is not None, IS_VARLEN=varlen, HAS_SEQUSED_K=seqused_k is not None,
+            HEAVY_FIRST=opts.window_right >= 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **score, **_dropout_args(q, k, opts, dropout_seed, varlen),
+        )  # fmt: skip
+
+    problem = _Problem(q, opts, (head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, varlen, seqused_k)
+    launch(_tuned("fwd", cfg, problem, launch))
     return out, lse
 
 
@@ -251,57 +233,56 @@ def attention_backward(
         *_seq_strides(dout, varlen),
         *lse_strides,
     )
-    attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg_kv.block_n), nheads_k, batch)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        opts.alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        seqused_k,
-        *seq_strides,
-        *_seq_strides(dk, varlen),
-        *_seq_strides(dv, varlen),
-        *alibi_strides(opts),
-        seqlen_q,
-        seqlen_k,
-        nheads // nheads_k,
-        dk_scale=opts.softmax_scale,
-        BLOCK_M=cfg_kv.block_m,
-        BLOCK_N=cfg_kv.block_n,
-        num_warps=cfg_kv.num_warps,
-        num_stages=cfg_kv.num_stages,
-        **common,
-    )
-    attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg_q.block_m), nheads, batch)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        opts.alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        seqused_k,
-        *seq_strides,
-        *_seq_strides(dq, varlen),
-        *alibi_strides(opts),
-        seqlen_q,
-        seqlen_k,
-        nheads // nheads_k,
-        dq_scale=opts.softmax_scale,
-        BLOCK_M=cfg_q.block_m,
-        BLOCK_N=cfg_q.block_n,
-        HEAVY_FIRST=opts.window_right >= 0,
-        num_warps=cfg_q.num_warps,
-        num_stages=cfg_q.num_stages,
-        **common,
-    )
+
+    def launch_dkdv(cfg):
+        attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), nheads_k, batch)](
+            q, k, v, dout, lse, delta, dk, dv, opts.alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            *seq_strides, *_seq_strides(dk, varlen), *_seq_strides(dv, varlen), *alibi_strides(opts),
+            seqlen_q, seqlen_k, nheads // nheads_k, dk_scale=opts.softmax_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )  # fmt: skip
+
+    def launch_dq(cfg):
+        attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+            q, k, v, dout, lse, delta, dq, opts.alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            *seq_strides, *_seq_strides(dq, varlen), *alibi_strides(opts),
+            seqlen_q, seqlen_k, nheads // nheads_k, dq_scale=opts.softmax_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAVY_FIRST=opts.window_right >= 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )  # fmt: skip
+
+    problem = _Problem(q, opts, (head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, varlen, seqused_k)
+    launch_dkdv(_tuned("dkdv", cfg_kv, problem, launch_dkdv))
+    launch_dq(_tuned("dq", cfg_q, problem, launch_dq))
     return dq, dk, dv, delta
+
+
+class _Problem(NamedTuple):
+    """What an autotune key is made of (autotune.key)."""
+
+    q: torch.Tensor
+    opts: AttnOptions
+    head_dims: tuple[int, int]
+    seqlens: tuple[int, int]
+    programs: int  # batch * nheads
+    varlen: bool
+    seqused_k: torch.Tensor | None
+
+
+def _tuned(kind: str, table_cfg: TileConfig, p: _Problem, launch) -> TileConfig:
+    """The tile to launch with: the table's, or under FLASHTRON_AUTOTUNE the tuner's pick among the
+    candidates (the table's tile included), timed by launch(cfg) on this call's tensors."""
+    if not autotune.enabled(p.q.device):
+        return table_cfg
+    candidates = tune_candidates(kind, p.q.device, p.q.dtype, max(p.head_dims))
+    if not candidates:
+        return table_cfg
+    if table_cfg not in candidates:
+        candidates.insert(0, table_cfg)
+    opts = p.opts
+    mask = "causal" if opts.causal else "window" if opts.has_window else "full"
+    flags = dict(softcap=opts.softcap > 0, alibi=opts.alibi_slopes is not None, sink=opts.learnable_sink is not None,
+                 dropout=opts.dropout_p > 0, varlen=p.varlen, seqused=p.seqused_k is not None)  # fmt: skip
+    features = ",".join(name for name, on in flags.items() if on)
+    key = autotune.key(kind, p.q, p.head_dims, mask, features, p.seqlens, p.programs)
+    return autotune.tuner().choose(key, table_cfg, candidates, launch, p.q.device, may_time=not autotune.capturing())
