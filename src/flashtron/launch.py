@@ -22,24 +22,9 @@ from flashtron.kernels.bwd import (
 )
 from flashtron.kernels.fwd import attention_fwd_kernel
 from flashtron.options import AttnOptions
+from flashtron.outputs import new_output, set_output_poisoning  # noqa: F401 (re-exported)
 
 LOG2E = math.log2(math.e)
-_poison_outputs = False
-
-
-def set_output_poisoning(enabled: bool) -> bool:
-    """Fill freshly allocated outputs with NaN (tests), so memory a kernel forgot to write fails.
-    Returns the previous setting."""
-    global _poison_outputs
-    previous, _poison_outputs = _poison_outputs, bool(enabled)
-    return previous
-
-
-def new_output(shape, dtype, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if _poison_outputs:
-        out.fill_(float("nan"))
-    return out
 
 
 def _seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:

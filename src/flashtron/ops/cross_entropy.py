@@ -15,14 +15,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from flashtron import checks
 from flashtron.env import uses_triton
-from flashtron.kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
-from flashtron.launch import new_output
+from flashtron.outputs import new_output
 
 _FN = "cross_entropy_loss"
 _DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
@@ -111,6 +108,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _launch_args(logits: torch.Tensor) -> dict:
+    import triton  # triton only on the Triton path
+    import triton.language as tl
+
     if logits.is_cuda:
         block_v = min(_BLOCK_V_GPU, triton.next_power_of_2(logits.shape[1]))
         extra = dict(num_warps=_NUM_WARPS_GPU)
@@ -128,6 +128,8 @@ def _ce_fwd(logits, labels, ignore_index, label_smoothing):
     """Returns losses (batch,) and lse (batch,), both in the compute dtype."""
     if not uses_triton(logits):
         return _ce_fwd_cpu(logits, labels, ignore_index, label_smoothing)
+    from flashtron.kernels.cross_entropy import cross_entropy_fwd_kernel
+
     rows, vocab = logits.shape
     acc = _acc_dtype(logits.dtype)
     losses = new_output((rows,), acc, logits.device)
@@ -145,6 +147,10 @@ def _ce_bwd(dlosses, logits, labels, lse, ignore_index, label_smoothing, dlogits
     """dlosses: (batch,). Writes into dlogits when given (the logits themselves), else a new buffer."""
     if not uses_triton(logits):
         return _ce_bwd_cpu(dlosses, logits, labels, lse, ignore_index, label_smoothing, dlogits)
+    import triton
+
+    from flashtron.kernels.cross_entropy import cross_entropy_bwd_kernel
+
     rows, vocab = logits.shape
     if dlogits is None:
         dlogits = new_output((rows, vocab), logits.dtype, logits.device)

@@ -18,15 +18,12 @@ import contextlib
 import functools
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from flashtron import checks
 from flashtron.env import uses_triton
-from flashtron.kernels.norm import norm_bwd_kernel, norm_fwd_kernel
-from flashtron.launch import new_output
 from flashtron.ops import library
+from flashtron.outputs import new_output
 
 _DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
 # A row is one block; past 64 KB per row the block no longer fits in registers (as flash_attn).
@@ -149,6 +146,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _launch_args(n: int, acc: torch.dtype) -> dict:
     """Constexprs shared by both kernels. num_warps as flash_attn picks them; on an H100 80GB
     (2026-11-22), rms_norm of (16384, 4096) bf16 ran at 2.81 TB/s forward (torch's F.rms_norm 2.26)."""
+    import triton
+    import triton.language as tl
+
     block_n = triton.next_power_of_2(n)
     return dict(
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
@@ -175,6 +175,8 @@ def _norm_fwd(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h):
     """x, residual: (rows, N). Returns y (rows, N), h (rows, N) or None, mean (rows,) or None, rstd."""
     if not uses_triton(x):
         return _norm_fwd_cpu(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h)
+    from flashtron.kernels.norm import norm_fwd_kernel  # triton only on this path
+
     m, n = x.shape
     acc = _acc_dtype(x.dtype)
     y = new_output((m, n), x.dtype, x.device)
@@ -226,6 +228,10 @@ def _norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual
         dh_out = dh_out.contiguous()
     if not uses_triton(h):
         return _norm_bwd_cpu(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual_dtype)
+    import triton
+
+    from flashtron.kernels.norm import norm_bwd_kernel
+
     m, n = h.shape
     acc = rstd.dtype
     dx = new_output((m, n), x_dtype, h.device)

@@ -16,14 +16,11 @@ import contextlib
 import functools
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from flashtron import checks
 from flashtron.env import uses_triton
-from flashtron.kernels.rotary import rotary_kernel
-from flashtron.launch import new_output
+from flashtron.outputs import new_output
 
 _FN = "apply_rotary_emb"
 _DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
@@ -151,6 +148,11 @@ def _rotary(x, cos, sin, interleaved, offsets, cu_seqlens, max_seqlen, conjugate
 
 def _rotary_triton(out, x, cos, sin, interleaved, offsets, cu_seqlens, max_seqlen, conjugate):
     """Launcher. out, x: (batch_size, seqlen, nheads, headdim) or (total, nheads, headdim)."""
+    import triton  # triton only on this path
+    import triton.language as tl
+
+    from flashtron.kernels.rotary import rotary_kernel
+
     varlen = cu_seqlens is not None
     batch = cu_seqlens.shape[0] - 1 if varlen else x.shape[0]
     nheads = x.shape[-2]
