@@ -4,6 +4,10 @@
 #     serial pytest -m gpu on SERIAL_TESTS, one process, CUDA_LAUNCH_BLOCKING=1, long tracebacks
 #     tests  pytest -m gpu (xdist, -v log)          GPU_TESTS=paths  TEST_TIMEOUT=s  WORKERS=n
 #     tune   scripts/tune.py check (alongside the tests), then time on the idle GPU   TUNE_TIMEOUT=s
+#     paged  scripts/tune.py paged: paged decode against contiguous, by extra pipeline stages
+#     diag   scripts/diag_compile.py: compiled vs eager GPT step, one op at a time on its PyTorch path
+#     fa4    make FlashAttention-4 importable for the bench (scripts/fa4_peer.sh install; carry .fa4b,
+#            after a call that ran `bash scripts/fa4_peer.sh unpack` with .fa4a on the same warm machine)
 #     demo   flashtron train-demo on the GPU        DEMO_ARGS="..."
 #     bench  flashtron bench "$@" (default --quick)
 #   SAVE_CACHE=1 brings the compiled kernels back (carry .triton-cache next time to skip compiling).
@@ -20,6 +24,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/device.txt"
 date -u +%FT%TZ | tee -a "$OUT/device.txt"
 summary=()
+
+if has fa4; then
+  source scripts/fa4_peer.sh install > "$OUT/fa4.log" 2>&1  # no pipe: it exports PYTHONPATH into this shell
+  tail -3 "$OUT/fa4.log"
+  summary+=("fa4: $(python3 -c 'import flash_attn.cute.interface; print("importable")' 2>&1 | tail -1)")
+fi
 
 if has serial; then  # failures with their full messages: a crashed xdist worker loses them
   CUDA_LAUNCH_BLOCKING=1 timeout "${SERIAL_TIMEOUT:-150}" python3 -m pytest -m gpu -p no:warnings -n 0 -rfE \
@@ -49,6 +59,16 @@ if has tune; then
   summary+=("tune time: exit $?")
   grep " BAD " "$OUT/tune-check.log" | cut -c1-200
   cat "$OUT/tune-time.log"
+fi
+if has paged; then
+  timeout "${PAGED_TIMEOUT:-150}" python3 scripts/tune.py paged > "$OUT/paged.log" 2>&1
+  summary+=("paged sweep: exit $?")
+  grep -E "^(paged|contiguous)" "$OUT/paged.log"
+fi
+if has diag; then
+  timeout "${DIAG_TIMEOUT:-200}" python3 scripts/diag_compile.py > "$OUT/diag-compile.log" 2>&1
+  summary+=("diag compile: exit $?")
+  grep -E "^(tf32|pytorch path)" "$OUT/diag-compile.log"
 fi
 if has demo; then
   timeout "${DEMO_TIMEOUT:-150}" python3 -m flashtron.cli train-demo ${DEMO_ARGS:-} --out "$OUT/train-demo.md" \

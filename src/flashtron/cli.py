@@ -57,8 +57,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--peers",
         type=_csv("--peers"),
         default=None,
-        help="comma-separated peers, from standard,sdpa_math,sdpa_flash,sdpa_efficient,sdpa_cudnn,flex,fa4 or "
-        "'all' (default on GPU: all but sdpa_math; on CPU: standard,sdpa_math); flashtron always runs",
+        help="comma-separated peers, from standard,sdpa_math,sdpa_flash,sdpa_efficient,sdpa_cudnn,flex,fa4,"
+        "flashtron_autotune (ours with FLASHTRON_AUTOTUNE=1) or 'all' (default on GPU: standard, the three "
+        "SDPA backends, flex and fa4; on CPU: standard,sdpa_math); flashtron always runs",
     )
     p.add_argument(
         "--dtype",

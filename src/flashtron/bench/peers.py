@@ -11,6 +11,7 @@ a flashtron feature not built yet raises NotImplementedError ("not implemented")
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Callable
 
@@ -184,6 +185,31 @@ class Flashtron(Peer):
         return lambda: attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
 
 
+class FlashtronAutotune(Flashtron):
+    """Ours with FLASHTRON_AUTOTUNE=1 (flashtron/autotune.py). The untimed first call of each cell
+    tunes it; the cache directory is the user's, so a second run reuses the first run's choices."""
+
+    name = "flashtron_autotune"
+    label = "flashtron (autotune)"
+    needs_cuda = True
+
+    def context(self):
+        return _environ("FLASHTRON_AUTOTUNE", "1")
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
 class Standard(Peer):
     """Materialised attention in the input dtype: the O(seqlen^2)-memory baseline."""
 
@@ -352,6 +378,7 @@ PEERS: dict[str, Callable[[], Peer]] = {
     "sdpa_cudnn": lambda: Sdpa("sdpa_cudnn", "SDPA-cuDNN", "CUDNN_ATTENTION", needs_cuda=True),
     "flex": Flex,
     "fa4": Fa4,
+    "flashtron_autotune": FlashtronAutotune,
 }
 DEFAULT_PEERS = {
     "cuda": ("standard", "sdpa_efficient", "sdpa_flash", "flex", "sdpa_cudnn", "fa4"),
