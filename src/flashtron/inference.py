@@ -45,12 +45,13 @@ class DecodeConfig:
     min_blocks_per_split: int  # a split shorter than this costs more in combine than it gains
 
     def stages(self, paged: bool) -> int:
-        """Pipeline stages to launch with. Triton's pipeliner puts a paged loop's block-table load two
-        stages ahead of the K/V loads that depend on it, leaving those loads num_stages - 2 buffers
-        where a dense loop gets num_stages - 1: the sm_90 compile of (16, 128, 4, 3) takes 74 KB of
-        shared memory paged against 139 KB dense, and paged at 5 stages 140 KB. Paged calls get
-        2 more stages (one more buffer than the dense loop's, which the page lookup's latency uses)."""
-        return self.num_stages + 2 if paged else self.num_stages
+        """Pipeline stages to launch with. Triton's pipeliner runs a paged loop's block-table load ahead
+        of the K/V loads that depend on it, and gives those loads floor((s - 1) / 2) buffers at s stages
+        where a dense loop gets s - 1: sm_90 compiles of (16, 128, 4 warps) take 74 KB of shared memory
+        paged at 3 and 4 stages, 140 KB at 5 and 6, against 139 KB dense at 3. Paged calls therefore
+        launch with 2 s - 1 stages: the dense loop's buffering and shared memory, so every tile that
+        fits dense fits paged."""
+        return 2 * self.num_stages - 1 if paged else self.num_stages
 
 
 # Hopper and others, by head-dim bucket, 16-bit inputs. d128 measured on one H200, 2026-12-01
