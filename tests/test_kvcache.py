@@ -70,6 +70,9 @@ CASES = {
     "seqlens_none_full_cache": KVCase(seqlens="none", sn=0, capacity=24, window=(4, -1)),
     "causal_sq_gt_keys": KVCase(sq=3, sn=0, causal=True, seqlen=1),  # queries 0, 1 see nothing
     "window_right_only_sq3": KVCase(sq=3, sn=1, window=(-1, 1), h=8, hk=2, dv=24),
+    "alibi_batch_leftpad_dense": KVCase(alibi="batch", leftpad=True, h=4, hk=2, sq=2, sn=1, causal=True),
+    # equal rows of > 1 MiB of fp32 keys and values each: the CPU path attends them one row at a time
+    "long_equal_rows_dense": KVCase(b=2, h=4, hk=2, d=64, dv=64, capacity=1100, seqlen=1050, sn=1, causal=True),
     "paged64_gqa_neox_causal": KVCase(sq=2, sn=2, h=8, hk=2, page=64, capacity=128, rotary="neox", causal=True),
     "paged256_softcap_window_alibi_head": KVCase(
         sq=1, sn=1, page=256, capacity=256, softcap=3.0, window=(50, 0), alibi="head", leftpad=True

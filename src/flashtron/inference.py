@@ -438,6 +438,9 @@ def _rotate_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torc
     return torch.cat([rotated.to(x.dtype), x[..., 2 * half :]], dim=-1)
 
 
+_PER_ROW_BYTES = 1 << 20  # _dense_cache_cpu: keys and values per row past which rows go one at a time
+
+
 def _slots(cache: _Cache, block_table, rows: torch.Tensor, pos: torch.Tensor):
     """Cache index (first, second axis) of positions pos (any shape) of batch rows rows (same shape)."""
     if cache.paged:
@@ -484,15 +487,17 @@ def _kvcache_cpu(
 
     if batch * seqlen_q == 0:
         return q.new_zeros(batch, seqlen_q, nheads, v_cache.shape[3]), torch.empty(batch, nheads, seqlen_q)
-    # gather each row's valid keys [pad, len + seqlen_new) and run the exact varlen CPU attention
+    opts = dataclasses.replace(opts, dropout_p=0.0)
     bounds = list(zip(pads.tolist(), (lens + seqlen_new).tolist()))
+    if not cache.paged:
+        return _dense_cache_cpu(q, k_cache, v_cache, opts, cache_rows.tolist(), bounds)
+    # paged: gather each row's valid keys [pad, len + seqlen_new) and run the exact varlen CPU attention
     pos = torch.cat([torch.arange(start, end) for start, end in bounds])
     counts = torch.tensor([end - start for start, end in bounds])
     index = _slots(cache, block_table, cache_rows.repeat_interleave(counts), pos)
     cu_k = torch.zeros(batch + 1, dtype=torch.int32)
     cu_k[1:] = counts.cumsum(0)
     cu_q = torch.arange(batch + 1, dtype=torch.int32) * seqlen_q
-    opts = dataclasses.replace(opts, dropout_p=0.0)
     out, lse = cpu.attention_forward(
         q.reshape(batch * seqlen_q, nheads, -1),
         k_cache[index],
@@ -504,3 +509,36 @@ def _kvcache_cpu(
     out = out.view(batch, seqlen_q, nheads, -1)
     lse = lse.view(nheads, batch, seqlen_q).transpose(0, 1).float().contiguous()
     return out, lse
+
+
+def _dense_cache_cpu(q, k_cache, v_cache, opts, rows: list[int], bounds: list[tuple[int, int]]):
+    """Attention of each batch row over its cache row's keys [start, end), read in place (copying the
+    keys out first, as the paged path must, cost more than the attention itself on long caches).
+
+    One call covers the batch when the rows are consecutive cache rows with the same bounds and little
+    data; otherwise one call per row. A slice of several cache rows cannot fold its (batch, head) axes
+    into one batch stride, so each matmul copies its block; one row at a time reads in place. Measured
+    on this project's 2-core CPU machine, fp32 decode, h 32/8, d 128: batch 4 x 1k keys 9.1 ms in one
+    call against 5.6 ms per row (SDPA-math 4-5.7 ms); batch 2 x 256 keys at h 8/2, d 64: 0.48 against
+    0.66 ms. Past about 1 MiB of keys and values per row the per-row calls win."""
+    batch = q.shape[0]
+    (start, end), r0 = bounds[0], rows[0]
+    row_bytes = (end - start) * k_cache.shape[2] * (k_cache.shape[3] + v_cache.shape[3]) * k_cache.element_size()
+    same = len(set(bounds)) == 1 and rows == list(range(r0, r0 + batch))
+    if same and (batch == 1 or row_bytes < _PER_ROW_BYTES):
+        out, lse = cpu.attention_forward(
+            q, k_cache[r0 : r0 + batch, start:end], v_cache[r0 : r0 + batch, start:end], opts
+        )
+        return out, lse.float()
+    outs, lses = [], []
+    slopes = opts.alibi_slopes
+    for b, (row, (start, end)) in enumerate(zip(rows, bounds)):
+        row_opts = opts
+        if slopes is not None and slopes.dim() == 2:  # (batch_size, nheads): this row's slopes
+            row_opts = dataclasses.replace(opts, alibi_slopes=slopes[b : b + 1])
+        out, lse = cpu.attention_forward(
+            q[b : b + 1], k_cache[row : row + 1, start:end], v_cache[row : row + 1, start:end], row_opts
+        )
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses).float()
