@@ -49,6 +49,12 @@ def _seed_and_poison():
     launch.set_output_poisoning(previous)
 
 
+@pytest.fixture(autouse=True)
+def _tables_not_autotune(monkeypatch):
+    """Tests run the table tiles whatever the caller's environment says; the autotune tests opt in."""
+    monkeypatch.delenv("FLASHTRON_AUTOTUNE", raising=False)
+
+
 @pytest.fixture
 def kernel_device():
     """The device whose tensors exercise the Triton kernels in this tier."""
