@@ -151,3 +151,12 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--peers", "nosuchpeer", "--device", "cpu", "--out", str(tmp_path)])
     assert main([]) == 2
+
+
+def test_autotune_peer_is_reported_not_timed_on_cpu(tmp_path):
+    """The flashtron_autotune peer means FLASHTRON_AUTOTUNE on CUDA; on a CPU its cells say why they
+    are empty instead of timing the same code as flashtron twice."""
+    rc, rows, _ = _run(tmp_path, "--peers", "flashtron_autotune")
+    ours = [r for r in rows if r["impl"] == "flashtron_autotune"]
+    assert rc == 0 and ours
+    assert all(r["ms"] is None and "CUDA devices only" in r["status"] for r in ours)

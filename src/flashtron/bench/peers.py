@@ -191,7 +191,11 @@ class FlashtronAutotune(Flashtron):
 
     name = "flashtron_autotune"
     label = "flashtron (autotune)"
-    needs_cuda = True
+
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return "autotuning applies to CUDA devices only"
+        return super().unavailable(device)
 
     def context(self):
         return _environ("FLASHTRON_AUTOTUNE", "1")
