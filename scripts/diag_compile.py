@@ -56,7 +56,9 @@ def step_diff(names) -> str:
 
 
 def main() -> None:
-    print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32, "cudnn", torch.backends.cudnn.allow_tf32)
+    from flashtron.launch import cuda_matmul_uses_tf32
+
+    print("tf32 matmul", cuda_matmul_uses_tf32())
     for names in ((), tuple(OPS), ("cross_entropy",), ("norm",), ("rotary",)):
         try:
             print(f"pytorch path for {names or 'none'}: {step_diff(names)}", flush=True)

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 from flashtron.configs import HOPPER_CANDIDATES  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kind, head dim): the autotune candidates, whose first
-# entry is the table's tile.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kind, head dim): the autotune candidates. The first
+# entry is HOPPER_FWD's / HOPPER_BWD_*'s tile; the window and causal tables' tiles are among the rest.
 TILES = {
     kd: [(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in cfgs] for kd, cfgs in HOPPER_CANDIDATES.items()
 }

@@ -60,8 +60,8 @@ def test_tuner_skips_failing_candidates(tmp_path):
     assert choose(tuner, "k", [A, B, C], {A: RuntimeError("out of resources"), B: 2.0, C: 1.5}) == C
     report = json.loads((tmp_path / "autotune.json").read_text())["entries"]["k"]["ms"]
     assert report["16x16 w1 s1"] == "failed: RuntimeError"
-    with pytest.raises(RuntimeError, match="a"):  # every candidate failed: an error, not a result
-        choose(tuner, "k3", [A, B], {A: RuntimeError("a"), B: ValueError("b")})
+    with pytest.raises(RuntimeError, match="the first failure"):  # all failed: an error, not a result
+        choose(tuner, "k3", [A, B], {A: RuntimeError("the first failure"), B: ValueError("another")})
 
 
 def test_tuner_does_not_time_when_told_not_to(tmp_path):
@@ -74,12 +74,50 @@ def test_tuner_does_not_time_when_told_not_to(tmp_path):
     assert choose(tuner, "k", [A, B], {A: 2.0, B: 1.0}, calls, may_time=False) == B
 
 
-def test_unreadable_cache_is_ignored(tmp_path):
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "null",
+        "[]",
+        '{"version": 1, "entries": []}',
+        '{"version": 1, "entries": {"k": {"config": [16, 16]}}}',
+        '{"version": 1, "entries": {"k": null}}',
+        '{"version": 0, "entries": {"k": {"config": [16, 16, 1, 1], "ms": {}}}}',
+    ],
+)
+def test_unreadable_cache_is_ignored(tmp_path, content):
+    """A damaged, foreign or outdated file reads as empty (and is re-tuned), never an error per call."""
     path = tmp_path / "autotune.json"
-    path.write_text("{not json")
+    path.write_text(content)
     tuner = autotune.Tuner(path)
     assert tuner.lookup("k") is None
     assert choose(tuner, "k", [A, B], {A: 2.0, B: 1.0}) == B
+    assert autotune.Tuner(path).lookup("k") == B  # and the rewritten file is whole
+
+
+def test_cached_tile_that_is_no_longer_a_candidate_is_retuned(tmp_path):
+    tuner = autotune.Tuner(tmp_path / "autotune.json")
+    choose(tuner, "k", [A, B], {A: 2.0, B: 1.0})
+    calls = []
+    assert choose(autotune.Tuner(tmp_path / "autotune.json"), "k", [A, C], {A: 2.0, C: 3.0}, calls) == A
+    assert calls == [A, C]
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    """Threads of one process share one tuner; separate tuners (other processes) merge into the file."""
+    import threading
+
+    path = tmp_path / "autotune.json"
+    tuners = [autotune.Tuner(path) for _ in range(4)]
+    threads = [
+        threading.Thread(target=choose, args=(tuners[i % 4], f"k{i}", [A, B], {A: 2.0, B: 1.0})) for i in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(json.loads(path.read_text())["entries"]) == {f"k{i}" for i in range(16)}
 
 
 def test_keys_bucket_seqlens_and_programs():
@@ -120,14 +158,43 @@ def tuned_launches(monkeypatch, tmp_path):
     yield tmp_path / "autotune.json"
 
 
+class _LaunchLog:
+    """Stands in for a Triton kernel: records each launch's (BLOCK_M, BLOCK_N), then launches."""
+
+    def __init__(self, kernel, log: list):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 @pytest.mark.interpret
-def test_tuned_launches_are_correct(tuned_launches, kernel_device):
-    """Forward and backward through the tuning path (every candidate run on the call's tensors, then
-    the winner): the reference's answer, and one cache entry per kernel."""
+def test_tuned_launches_are_correct(tuned_launches, kernel_device, monkeypatch):
+    """Forward and backward through the tuning path, every candidate run on the call's tensors: the
+    reference's answer, one cache entry per kernel, and the winner (C, the table's tile only for dK/dV)
+    is the last launch of each kernel."""
+    import flashtron.launch
+
+    logs = {name: [] for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")}
+    for name, log in logs.items():
+        monkeypatch.setattr(flashtron.launch, name, _LaunchLog(getattr(flashtron.launch, name), log))
+    order = iter([3.0, 2.0, 1.0] * 3)  # A, B, C in candidate order, for each kernel: C is fastest
+
+    def timer(fn, device):
+        fn()
+        return next(order)
+
+    monkeypatch.setattr(autotune, "time_ms", timer)
     check_attention(1, 17, 23, 2, 1, 16, 16, torch.float16, kernel_device, causal=True, softcap=2.0)
     entries = json.loads(tuned_launches.read_text())["entries"]
     assert sorted(key.split("|")[0] for key in entries) == ["dkdv", "dq", "fwd"]
-    assert all(len(e["ms"]) == 3 for e in entries.values())  # the interpreter's table tiles are among them
+    assert all(e["config"] == [16, 32, 1, 1] and len(e["ms"]) == 3 for e in entries.values())
+    for name, log in logs.items():
+        assert len(log) == 4 and log[-1] == (C.block_m, C.block_n), (name, log)  # 3 timed, then the winner
 
 
 @pytest.mark.gpu
@@ -139,6 +206,6 @@ def test_gpu_autotune_fills_the_cache_once(monkeypatch, tmp_path):
     assert sorted(key.split("|")[0] for key in entries) == ["dkdv", "dq", "fwd"]
     timed = []
     monkeypatch.setattr(autotune, "time_ms", lambda run, device: timed.append(1) or 1.0)
-    q, k, v = (torch.randn(2, 1000, h, 128, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
-    flashtron.flash_attn_func(q, k, v, causal=True)
-    assert timed == [], "a cached key was timed again"
+    q, k, v = (torch.randn(2, 1000, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
+    flashtron.flash_attn_func(q, k, v, causal=True).sum().backward()
+    assert timed == [], "a cached key was timed again (forward, dK/dV or dQ)"

@@ -293,3 +293,20 @@ def test_compiled_kvcache_and_combine(paged, dynamic, device, dtype):
     torch.testing.assert_close(ours[2], ours[0])  # two equal splits merge into themselves
     for a, b in zip(inputs[1:3], eager_inputs[1:3]):  # the appended caches
         assert torch.equal(a, b)
+
+
+def test_compiled_combine_into_given_out():
+    """flash_attn_combine(out=...) under fullgraph=True writes the caller's tensor, as eager does."""
+    torch._dynamo.reset()
+    out_partial, lse_partial = torch.randn(3, 2, 4, 5, 8), torch.randn(3, 2, 4, 5)
+    lse_partial[:, 1, 2] = float("-inf")
+
+    def merge(out_partial, lse_partial, out):
+        result, lse = flashtron.flash_attn_combine(out_partial, lse_partial, out=out, out_dtype=torch.bfloat16)
+        return result, lse
+
+    out, out_ref = torch.empty(2, 4, 5, 8, dtype=torch.bfloat16), torch.empty(2, 4, 5, 8, dtype=torch.bfloat16)
+    result, lse = torch.compile(merge, fullgraph=True)(out_partial, lse_partial, out)
+    result_ref, lse_ref = merge(out_partial, lse_partial, out_ref)
+    assert torch.equal(out, out_ref) and torch.equal(result, result_ref) and torch.equal(lse, lse_ref)
+    assert torch.all(out[1, 2] == 0) and torch.isneginf(lse[1, 2]).all()

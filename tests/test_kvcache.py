@@ -70,6 +70,7 @@ CASES = {
     "seqlens_none_full_cache": KVCase(seqlens="none", sn=0, capacity=24, window=(4, -1)),
     "causal_sq_gt_keys": KVCase(sq=3, sn=0, causal=True, seqlen=1),  # queries 0, 1 see nothing
     "window_right_only_sq3": KVCase(sq=3, sn=1, window=(-1, 1), h=8, hk=2, dv=24),
+    "alibi_batch_equal_rows_dense": KVCase(alibi="batch", h=4, hk=2, seqlen=20, sn=1, causal=True),  # one CPU call
     "alibi_batch_leftpad_dense": KVCase(alibi="batch", leftpad=True, h=4, hk=2, sq=2, sn=1, causal=True),
     # equal rows of > 1 MiB of fp32 keys and values each: the CPU path attends them one row at a time
     "long_equal_rows_dense": KVCase(b=2, h=4, hk=2, d=64, dv=64, capacity=1100, seqlen=1050, sn=1, causal=True),
@@ -418,3 +419,20 @@ def test_kvcache_cuda_graph(page, num_splits):
         _assert_lse_close(lse.cpu(), ref[1].cpu(), pt[1].cpu())
         _assert_cache_close(kw["k_cache"].cpu(), ref[2].cpu(), True, "k_cache")
         _assert_cache_close(kw["v_cache"].cpu(), ref[3].cpu(), False, "v_cache")
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_cpu_lengths_past_capacity_raise(paged):
+    """A cache_seqlens tensor is not checked on the GPU (that would sync), but the CPU path reads the
+    lengths anyway: past the capacity it names the row instead of attending a clipped cache."""
+    q, k_new, v_new = torch.randn(2, 1, 4, 8), torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8)
+    if paged:
+        k_cache, v_cache = torch.randn(5, 4, 2, 8), torch.randn(5, 4, 2, 8)
+        kw = dict(block_table=torch.tensor([[0, 3], [4, 1]], dtype=torch.int32))  # capacity 8
+    else:
+        k_cache, v_cache, kw = torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8), {}
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] \+ seqlen_new = 7 \+ 2 exceeds the cache capacity of 8"):
+        flashtron.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, **kw)
+    lens = torch.tensor([3, 6], dtype=torch.int32)  # exactly full is fine
+    flashtron.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, **kw)

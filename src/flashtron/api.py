@@ -357,7 +357,13 @@ def flash_attn_with_kvcache(
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     from flashtron import inference  # at call time, as in _run
 
-    out, lse = inference.kvcache_attention(
+    # under torch.compile: one opaque library op (flashtron/compile.py)
+    kvcache_attention = inference.kvcache_attention
+    if torch.compiler.is_compiling():
+        from flashtron import compile as compiled
+
+        kvcache_attention = compiled.kvcache_attention
+    out, lse = kvcache_attention(
         q,
         k_cache,
         v_cache,
@@ -390,4 +396,8 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     checks.check_combine("flash_attn_combine", out_partial, lse_partial, out, out_dtype)
     from flashtron import inference  # at call time, as in _run
 
+    if torch.compiler.is_compiling():  # one opaque library op (flashtron/compile.py)
+        from flashtron import compile as compiled
+
+        return compiled.combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)
     return inference.combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)

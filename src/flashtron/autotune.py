@@ -6,23 +6,30 @@ candidate passed the fp32-reference check of scripts/tune.py), keeps the fastest
 $FLASHTRON_CACHE_DIR/autotune.json (default ~/.cache/flashtron), so later calls and later processes
 skip the timing. Keys are bucketed so that nearby shapes share one entry:
 
-    kernel | device name | triton version | dtype | head dims | mask kind | features | seqlens | batch*heads
+    kernel | device | flashtron and triton versions | dtype | head dims | mask kind | features | seqlens | batch*heads
 
-with seqlens and batch * heads rounded up to powers of two. Where there is nothing to choose from
-(other archs, fp32, head dims past 256) the table's tile is used and nothing is timed. Nothing is
-timed while a CUDA graph is being captured (a cached entry is still used). Tuning launches the kernel
-several times on the call's inputs; the kernels overwrite their outputs, so the call's result is the
-winner's. Results are reproducible for a given cache file; the first call of each key costs a compile
-per candidate.
+with seqlens and batch * heads rounded up to powers of two; the features include the GQA group size.
+Where there is nothing to choose from (other archs, fp32, head dims past 256) the table's tile is
+used and nothing is timed.
+
+Which tile runs can change the result's last bits, so: calls with deterministic=True always take the
+table's tile; nothing is timed while a CUDA graph is being captured (a cached entry is used, else the
+table's tile, so a graph captured before its key was tuned keeps the table's tile while later eager
+calls take the tuned one); results are reproducible for a given cache file. Tuning launches the kernel
+several times on the call's inputs; the kernels overwrite their outputs, and the winner is launched
+once more, so the call's result is the winner's. The first call of each key costs a compile per
+candidate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,12 +58,14 @@ def key(kernel: str, q: torch.Tensor, head_dims: tuple[int, int], mask: str, fea
     batch * heads."""
     import triton
 
+    from flashtron import __version__
+
     name = torch.cuda.get_device_name(q.device) if q.is_cuda else q.device.type
     dtype = str(q.dtype).removeprefix("torch.")
     sq, sk = (bucket(s) for s in seqlens)
     return (
-        f"{kernel}|{name}|triton {triton.__version__}|{dtype}|d{head_dims[0]}/{head_dims[1]}|{mask}|"
-        f"{features or '-'}|s{sq}x{sk}|bh{bucket(programs)}"
+        f"{kernel}|{name}|flashtron {__version__}|triton {triton.__version__}|{dtype}|d{head_dims[0]}/{head_dims[1]}|"
+        f"{mask}|{features or '-'}|s{sq}x{sk}|bh{bucket(programs)}"
     )
 
 
@@ -81,7 +90,12 @@ def time_ms(run: Callable[[], None], device: torch.device) -> float:
 
 
 class Tuner:
-    """Chosen tiles by key, backed by a JSON file that several processes may share."""
+    """Chosen tiles by key, backed by a JSON file that several threads and processes may share.
+
+    Writes merge with the file's current entries under an advisory lock (POSIX flock; without it a
+    concurrent writer's new entry can be lost, never the file) and replace it atomically. Entries that
+    do not parse, or whose tile is no longer a candidate (the kernels or the lists changed), are
+    ignored and re-tuned."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -97,24 +111,27 @@ class Tuner:
     def _read(self) -> dict:
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            entries = data["entries"] if data["version"] == _VERSION else {}
+            return {k: e for k, e in entries.items() if _tile(e) is not None}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):  # absent, or not ours
             return {}
-        return data.get("entries", {}) if data.get("version") == _VERSION else {}
 
-    def lookup(self, key: str) -> TileConfig | None:
-        entry = self._load().get(key)
-        return None if entry is None else TileConfig(*entry["config"])
+    def lookup(self, key: str, candidates: Sequence[TileConfig] = ()) -> TileConfig | None:
+        """The cached tile for key, if it is one of the candidates (any tile when none are given)."""
+        tile = _tile(self._load().get(key))
+        return tile if tile is not None and (not candidates or tile in candidates) else None
 
     def record(self, key: str, cfg: TileConfig, timings: dict) -> None:
         entry = {"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages], "ms": timings}
         self._load()[key] = entry
-        try:  # merge with what other processes wrote meanwhile, then replace the file atomically
-            entries = self._read()
-            entries[key] = entry
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": _VERSION, "entries": entries}, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            with _file_lock(self.path.with_name(self.path.name + ".lock")):
+                entries = self._read()
+                entries[key] = entry
+                tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")
+                tmp.write_text(json.dumps({"version": _VERSION, "entries": entries}, indent=1, sort_keys=True))
+                os.replace(tmp, self.path)
         except OSError as exc:
             if not self._warned:
                 message = f"flashtron autotune: cannot write {self.path} ({exc}); results stay in memory"
@@ -135,7 +152,7 @@ class Tuner:
         and recorded); else default. A candidate that fails (e.g. out of shared memory) is skipped;
         if every one fails, the first failure is raised."""
         with self._lock:
-            cached = self.lookup(key)
+            cached = self.lookup(key, candidates)
             if cached is not None:
                 return cached
             if not may_time or len(candidates) < 2:
@@ -156,19 +173,47 @@ class Tuner:
             return best
 
 
+def _tile(entry) -> TileConfig | None:
+    """The tile of a cache entry, or None for anything malformed."""
+    try:
+        config = entry["config"]
+        if len(config) == 4 and all(isinstance(x, int) and x > 0 for x in config):
+            return TileConfig(*config)
+    except (TypeError, KeyError, IndexError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unlocked (a concurrent entry may be lost, the file stays whole)
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _label(cfg: TileConfig) -> str:
     return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
 
 
 _tuners: dict[Path, Tuner] = {}
+_tuners_lock = threading.Lock()
 
 
 def tuner() -> Tuner:
-    """The process's tuner for the current FLASHTRON_CACHE_DIR."""
+    """The process's tuner for the current FLASHTRON_CACHE_DIR (one per file, shared by threads)."""
     path = env.cache_dir() / _FILE
-    if path not in _tuners:
-        _tuners[path] = Tuner(path)
-    return _tuners[path]
+    with _tuners_lock:
+        if path not in _tuners:
+            _tuners[path] = Tuner(path)
+        return _tuners[path]
 
 
 def capturing() -> bool:

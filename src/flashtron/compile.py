@@ -21,7 +21,17 @@ ops. The public functions route through it while compiling with this hook at the
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                   seqused_k=seqused_k, block_table=block_table, return_probs=return_probs)
 
-Importing this module registers the ops (no device work).
+flash_attn_with_kvcache and flash_attn_combine become `flashtron::kvcache_attn` (it mutates the
+caches: the in-place append) and `flashtron::combine` the same way, from the API functions. The ops
+beside attention (rotary, the norms, cross entropy) register their launchers as library ops in their
+own modules (`flashtron::rotary`, `norm_fwd` / `norm_bwd`, `cross_entropy_fwd` / `_bwd`), which
+their autograd Functions call while compiling. In every case Inductor sees one opaque node per
+launch, with shapes from a fake implementation, instead of tracing into the launchers (the CPU
+paths read tensor values on the host, which cannot be traced) or rewriting the Triton kernels'
+buffers through its own analysis of them: compiled and eager run the same kernels on the same
+inputs. Eager calls skip the op dispatch.
+
+Importing this module registers the attention and inference ops (no device work).
 """
 
 import torch

@@ -131,9 +131,13 @@ def _arch(device_index: int) -> str:
     return "hopper" if major == 9 else "other"
 
 
+def is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and _arch(device.index or 0) == "hopper"
+
+
 def _hopper_tiles(device: torch.device, dtype: torch.dtype) -> bool:
     """The HOPPER_* tables apply: a Hopper GPU and 16-bit inputs (fp32 takes the SAFE_* tiles)."""
-    return device.type == "cuda" and _arch(device.index or 0) == "hopper" and dtype != torch.float32
+    return is_hopper(device) and dtype != torch.float32
 
 
 def _pick(

@@ -45,12 +45,13 @@ class DecodeConfig:
     min_blocks_per_split: int  # a split shorter than this costs more in combine than it gains
 
     def stages(self, paged: bool) -> int:
-        """Pipeline stages to launch with. Triton's pipeliner runs a paged loop's block-table load ahead
-        of the K/V loads that depend on it, and gives those loads floor((s - 1) / 2) buffers at s stages
-        where a dense loop gets s - 1: sm_90 compiles of (16, 128, 4 warps) take 74 KB of shared memory
-        paged at 3 and 4 stages, 140 KB at 5 and 6, against 139 KB dense at 3. Paged calls therefore
-        launch with 2 s - 1 stages: the dense loop's buffering and shared memory, so every tile that
-        fits dense fits paged."""
+        """Pipeline stages to launch with; `paged`: a paged call on Hopper. Triton's pipeliner runs a
+        paged loop's block-table load ahead of the K/V loads that depend on it, and gives those loads
+        floor((s - 1) / 2) buffers at s stages where a dense loop gets s - 1: sm_90 compiles of
+        (16, 128, 4 warps) take 74 KB of shared memory paged at 3 and 4 stages, 140 KB at 5 and 6,
+        against 139 KB dense at 3. Paged calls therefore launch with 2 s - 1 stages: the dense loop's
+        buffering and shared memory, so every tile that fits dense fits paged. Seen on sm_90 only;
+        other archs keep s."""
         return 2 * self.num_stages - 1 if paged else self.num_stages
 
 
@@ -185,10 +186,6 @@ def kvcache_attention(
         block_table=block_table,
         rotary_interleaved=rotary_interleaved,
     )
-    if torch.compiler.is_compiling():  # one opaque node (the CPU path's host reads would not trace)
-        from flashtron import compile as compiled
-
-        return compiled.kvcache_attention(q, k_cache, v_cache, opts, num_splits=num_splits, **args)
     cache = _cache_layout(k_cache, block_table)
     if uses_triton(q):
         return _kvcache_triton(q, k_cache, v_cache, opts, cache, num_splits=num_splits, **args)
@@ -203,10 +200,6 @@ def combine(out_partial, lse_partial, out=None, out_dtype=None):
     out_dtype (default out_partial's dtype) or None. Returns (out, lse): lse (batch_size, seqlen,
     nheads) fp32; rows where every split has lse -inf get out 0 and lse -inf.
     """
-    if torch.compiler.is_compiling():
-        from flashtron import compile as compiled
-
-        return compiled.combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)
     out_dtype = out_dtype or (out.dtype if out is not None else out_partial.dtype)
     if uses_triton(out_partial):
         from flashtron.launch import new_output
@@ -252,6 +245,7 @@ def _kvcache_triton(
 ):
     import triton
 
+    from flashtron.configs import is_hopper
     from flashtron.kernels.decode import append_kv_kernel, decode_kernel
     from flashtron.launch import alibi_strides, new_output, score_args
 
@@ -371,7 +365,7 @@ def _kvcache_triton(
         ROTARY_PER_TOKEN=opts.has_window,
         WRITE_FINAL=splits == 1,
         num_warps=cfg.num_warps,
-        num_stages=cfg.stages(cache.paged),
+        num_stages=cfg.stages(cache.paged and is_hopper(q.device)),
         **layout,
         **rotary,
         **score,
@@ -471,6 +465,13 @@ def _kvcache_cpu(
     pads = cache_leftpad.long() if cache_leftpad is not None else torch.zeros(batch, dtype=torch.long)
     cache_rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch)
     pos_new = lens[:, None] + torch.arange(seqlen_new)  # (batch_size, seqlen_new)
+    ends = lens + seqlen_new
+    if batch > 0 and int(ends.max()) > cache.capacity:  # the CPU path reads the lengths anyway: say so
+        b = int(ends.argmax())
+        raise ValueError(
+            f"flash_attn_with_kvcache: cache_seqlens[{b}] + seqlen_new = {int(lens[b])} + {seqlen_new} exceeds "
+            f"the cache capacity of {cache.capacity} positions per row"
+        )
 
     if seqlen_new > 0 and batch > 0:
         k_new = k

@@ -142,7 +142,9 @@ def attention_forward(
             **score, **_dropout_args(q, k, opts, dropout_seed, varlen),
         )  # fmt: skip
 
-    problem = _Problem(q, opts, (head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, varlen, seqused_k)
+    problem = _TuneProblem(
+        q, opts, (head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, nheads // nheads_k, varlen, seqused_k
+    )
     launch(_tuned("fwd", cfg, problem, launch))
     return out, lse
 
@@ -236,13 +238,15 @@ def attention_backward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )  # fmt: skip
 
-    problem = _Problem(q, opts, (head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, varlen, seqused_k)
+    problem = _TuneProblem(
+        q, opts, (head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, nheads // nheads_k, varlen, seqused_k
+    )
     launch_dkdv(_tuned("dkdv", cfg_kv, problem, launch_dkdv))
     launch_dq(_tuned("dq", cfg_q, problem, launch_dq))
     return dq, dk, dv, delta
 
 
-class _Problem(NamedTuple):
+class _TuneProblem(NamedTuple):
     """What an autotune key is made of (autotune.key)."""
 
     q: torch.Tensor
@@ -250,24 +254,32 @@ class _Problem(NamedTuple):
     head_dims: tuple[int, int]
     seqlens: tuple[int, int]
     programs: int  # batch * nheads
+    group: int  # nheads // nheads_k
     varlen: bool
     seqused_k: torch.Tensor | None
 
 
-def _tuned(kind: str, table_cfg: TileConfig, p: _Problem, launch) -> TileConfig:
+def _tuned(kind: str, table_cfg: TileConfig, p: _TuneProblem, launch) -> TileConfig:
     """The tile to launch with: the table's, or under FLASHTRON_AUTOTUNE the tuner's pick among the
-    candidates (the table's tile included), timed by launch(cfg) on this call's tensors."""
-    if not autotune.enabled(p.q.device):
+    candidates (the table's tile included), timed by launch(cfg) on this call's tensors. Calls with
+    deterministic=True keep the table's tile (autotune.py says why)."""
+    opts = p.opts
+    if not autotune.enabled(p.q.device) or opts.deterministic:
         return table_cfg
     candidates = tune_candidates(kind, p.q.device, p.q.dtype, max(p.head_dims))
     if not candidates:
         return table_cfg
     if table_cfg not in candidates:
         candidates.insert(0, table_cfg)
-    opts = p.opts
-    mask = "causal" if opts.causal else "window" if opts.has_window else "full"
+    # the mask kinds that the tables tell apart (fwd_config: a left bound; bwd_configs: plain causal)
+    if opts.causal:
+        mask = "causal"
+    elif opts.window_left >= 0:
+        mask = f"left-window{'+right' if opts.window_right >= 0 else ''}"
+    else:
+        mask = "right-window" if opts.window_right >= 0 else "full"
     flags = dict(softcap=opts.softcap > 0, alibi=opts.alibi_slopes is not None, sink=opts.learnable_sink is not None,
                  dropout=opts.dropout_p > 0, varlen=p.varlen, seqused=p.seqused_k is not None)  # fmt: skip
-    features = ",".join(name for name, on in flags.items() if on)
+    features = ",".join([f"g{p.group}"] + [name for name, on in flags.items() if on])
     key = autotune.key(kind, p.q, p.head_dims, mask, features, p.seqlens, p.programs)
     return autotune.tuner().choose(key, table_cfg, candidates, launch, p.q.device, may_time=not autotune.capturing())

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from flashtron import checks
 from flashtron.env import uses_triton
-from flashtron.ops import library
 from flashtron.outputs import new_output
 
 _DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
@@ -274,8 +273,15 @@ def _norm_bwd_cpu(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, resi
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile: each launcher as one opaque torch.library op (ops/library.py says why)
+# torch.compile: each launcher as one opaque torch.library op (flashtron/compile.py says why).
+# Custom ops cannot return None, so an absent output (no residual, no mean for RMSNorm) travels as an
+# empty tensor and the caller, which knows from its flags which outputs exist, turns it back.
 # ---------------------------------------------------------------------------------------------
+
+
+def _encode(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """t, or an empty placeholder for None."""
+    return torch.empty(0, dtype=dtype, device=device) if t is None else t
 
 
 @torch.library.custom_op("flashtron::norm_fwd", mutates_args=())
@@ -284,7 +290,7 @@ def _norm_fwd_library(
     residual_dtype: torch.dtype, store_h: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     y, h, mean, rstd = _norm_fwd(x, residual, weight, bias, eps, is_rms, residual_dtype, store_h)
-    return y, library.encode(h, residual_dtype, x.device), library.encode(mean, rstd.dtype, x.device), rstd
+    return y, _encode(h, residual_dtype, x.device), _encode(mean, rstd.dtype, x.device), rstd
 
 
 @_norm_fwd_library.register_fake
@@ -306,9 +312,9 @@ def _norm_bwd_library(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     dx, dres, dw, db = _norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual_dtype)
     device = h.device
-    dres = library.encode(dres, residual_dtype or x_dtype, device)
-    dw = library.encode(dw, x_dtype if weight is None else weight.dtype, device)
-    return dx, dres, dw, library.encode(db, x_dtype if bias is None else bias.dtype, device)
+    dres = _encode(dres, residual_dtype or x_dtype, device)
+    dw = _encode(dw, x_dtype if weight is None else weight.dtype, device)
+    return dx, dres, dw, _encode(db, x_dtype if bias is None else bias.dtype, device)
 
 
 @_norm_bwd_library.register_fake

@@ -199,7 +199,7 @@ def _rotary_cpu(x, cos, sin, interleaved, offsets, cu_seqlens, conjugate):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile: the launcher as one opaque torch.library op (ops/library.py says why)
+# torch.compile: the launcher as one opaque torch.library op (flashtron/compile.py says why)
 # ---------------------------------------------------------------------------------------------
 
 
