@@ -310,3 +310,23 @@ def test_compiled_combine_into_given_out():
     result_ref, lse_ref = merge(out_partial, lse_partial, out_ref)
     assert torch.equal(out, out_ref) and torch.equal(result, result_ref) and torch.equal(lse, lse_ref)
     assert torch.all(out[1, 2] == 0) and torch.isneginf(lse[1, 2]).all()
+
+
+def test_compiled_training_step_dynamic_seqlen():
+    """dynamic=True: one graph serves every seqlen of the GPT (rotary tables are not rounded to a
+    pinned size under tracing), with eager's loss and gradients at each."""
+    from flashtron.models import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    model = GPT(GPTConfig.from_name("tiny-llama"))
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    step = torch.compile(lambda i: model(i, i)[1], dynamic=True, fullgraph=True)
+    for seqlen in (32, 48, 17):
+        idx = torch.randint(0, 96, (2, seqlen))
+        loss, loss_ref = step(idx), model(idx, idx)[1]
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        for a, b in zip(grads, torch.autograd.grad(loss_ref, list(model.parameters()))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1

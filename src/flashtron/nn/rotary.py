@@ -37,18 +37,26 @@ class RotaryEmbedding(torch.nn.Module):
         """(cos, sin): (seqlen_ro, dim / 2) with seqlen_ro >= seqlen, in dtype, on device.
 
         Grows the tables to the next power of two, so decoding does not recompute them each step.
+        Under torch.compile the tables are computed for exactly seqlen and not cached: rounding a
+        symbolic seqlen up would pin it to one value, and one graph must serve every seqlen.
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
+        if torch.compiler.is_compiling():
+            cos, sin = self._compute(seqlen, device)
+            return cos.to(dtype), sin.to(dtype)
         tables = self._tables
         if tables is None or tables[0].shape[0] < seqlen or tables[0].device != device:
-            n = max(16, 1 << max(int(seqlen) - 1, 0).bit_length())
-            inv_freq = self.base ** -(torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
-            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
-            self._tables, self._cast = (freqs.cos(), freqs.sin()), {}
+            self._tables, self._cast = self._compute(max(16, 1 << max(int(seqlen) - 1, 0).bit_length()), device), {}
         if dtype not in self._cast:
             cos, sin = self._tables
             self._cast[dtype] = (cos.to(dtype), sin.to(dtype))
         return self._cast[dtype]
+
+    def _compute(self, n, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin) of positions 0 .. n - 1, each (n, dim / 2)."""
+        inv_freq = self.base ** -(torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
+        freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
+        return freqs.cos(), freqs.sin()
 
     def forward(self, q, k, seqlen_offset: int = 0, cu_seqlens=None, max_seqlen=None):
         """Rotates q and k at their positions; returns (q, k), new tensors.
