@@ -519,9 +519,9 @@ def _dense_cache_cpu(q, k_cache, v_cache, opts, rows: list[int], bounds: list[tu
     One call covers the batch when the rows are consecutive cache rows with the same bounds and little
     data; otherwise one call per row. A slice of several cache rows cannot fold its (batch, head) axes
     into one batch stride, so each matmul copies its block; one row at a time reads in place. Measured
-    on this project's 2-core CPU machine, fp32 decode, h 32/8, d 128: batch 4 x 1k keys 9.1 ms in one
-    call against 5.6 ms per row (SDPA-math 4-5.7 ms); batch 2 x 256 keys at h 8/2, d 64: 0.48 against
-    0.66 ms. Past about 1 MiB of keys and values per row the per-row calls win."""
+    on this project's 2-core CPU machine (2026-12-01, scripts/cpu_time.py --decode shapes), fp32, h
+    32/8, d 128: batch 4 x 1k keys 9.1 ms in one call against 5.6 ms per row; batch 2 x 256 keys at h
+    8/2, d 64: 0.48 against 0.66 ms. Past about 1 MiB of keys and values per row the per-row calls win."""
     batch = q.shape[0]
     (start, end), r0 = bounds[0], rows[0]
     row_bytes = (end - start) * k_cache.shape[2] * (k_cache.shape[3] + v_cache.shape[3]) * k_cache.element_size()
