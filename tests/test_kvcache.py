@@ -270,6 +270,15 @@ def test_combine_cpu(out_dtype, given_out):
     check_combine("cpu", out_dtype=out_dtype, given_out=given_out)
 
 
+def test_paged_decode_stages():
+    """Paged launches on Hopper get 2s - 1 stages (the dense loop's K/V buffering, see DecodeConfig.stages);
+    dense launches and other archs keep the table's s."""
+    from flashtron.inference import GPU_DECODE, DecodeConfig
+
+    assert [DecodeConfig(16, 64, 4, s, 1).stages(paged=True) for s in (1, 2, 3, 4)] == [1, 3, 5, 7]
+    assert all(cfg.stages(paged=False) == cfg.num_stages for cfg in GPU_DECODE.values())
+
+
 def test_choose_num_splits():
     from flashtron.inference import MAX_SPLITS, choose_num_splits
 
