@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # One device call: the GPU work in phases, a short summary last, full logs and results under $OUT.
-#   PHASES (default "tests,bench"), comma-separated, run in this order:
-#     serial pytest -m gpu on SERIAL_TESTS, one process, CUDA_LAUNCH_BLOCKING=1, long tracebacks
-#     tests  pytest -m gpu (xdist, -v log)          GPU_TESTS=paths  TEST_TIMEOUT=s  WORKERS=n
-#     tune   scripts/tune.py check (alongside the tests), then time on the idle GPU   TUNE_TIMEOUT=s
-#     paged  scripts/tune.py paged: paged decode against contiguous, by extra pipeline stages
-#     diag   scripts/diag_compile.py: compiled vs eager GPT step, one op at a time on its PyTorch path
+#   PHASES (default "tests,bench"), comma-separated; they run in this order, whatever order is given:
 #     fa4    make FlashAttention-4 importable for the bench (scripts/fa4_peer.sh install; carry .fa4b,
 #            after a call that ran `bash scripts/fa4_peer.sh unpack` with .fa4a on the same warm machine)
-#     demo   flashtron train-demo on the GPU        DEMO_ARGS="..."
+#     serial pytest -m gpu on SERIAL_TESTS, one process, CUDA_LAUNCH_BLOCKING=1, long tracebacks
+#            SERIAL_TIMEOUT=s
+#     tune   (1) scripts/tune.py check, started alongside the tests   TUNE_TIMEOUT=s TUNE_WORKERS=n
+#     tests  pytest -m gpu (xdist, -v log)          GPU_TESTS=paths  TEST_TIMEOUT=s  WORKERS=n
+#     tune   (2) scripts/tune.py time on the idle GPU   TUNE_TIME_TIMEOUT=s; TUNE_ONLY="kind:d,..."
+#     paged  scripts/tune.py paged: paged decode against contiguous, by extra pipeline stages
+#            PAGED_TIMEOUT=s
+#     diag   scripts/diag_compile.py: compiled vs eager GPT step, one op at a time on its PyTorch path
+#            DIAG_TIMEOUT=s
+#     demo   flashtron train-demo on the GPU        DEMO_ARGS="..."  DEMO_TIMEOUT=s
 #     bench  flashtron bench "$@" (default --quick)
 #   SAVE_CACHE=1 brings the compiled kernels back (carry .triton-cache next time to skip compiling).
 # Usage (device tool): PHASES=tests,tune,demo bash scripts/gpu.sh [bench args...]

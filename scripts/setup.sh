@@ -3,7 +3,7 @@
 #  - A machine whose python3 already has torch and triton (the GPU machine, offline): the venv sees
 #    them (--system-site-packages) and nothing is downloaded or reinstalled.
 #  - Anywhere else (a fresh CPU machine): torch 2.13.0 (CPU build) plus the dev pins from pyproject.toml
-#    (triton 3.6, numpy<2.3, pytest, ruff) and matplotlib for the benchmark plots.
+#    (triton 3.6, numpy<2.3, transformers 5.17.0, pytest, ruff) and matplotlib for the benchmark plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

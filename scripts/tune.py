@@ -1,16 +1,18 @@
 """Sweep tile configs and decode split counts on the GPU: every candidate is first checked for
-correctness, then timed, and the results land in $OUT/tune.json with a table on stdout.
+correctness, then timed; `check` and `time` save their results in $OUT/tune.json and print a table,
+`paged` only prints.
 
     python scripts/tune.py check [--workers N]  # compile and check every candidate (may share the GPU)
     python scripts/tune.py time                 # time the candidates that passed (needs an idle GPU)
     python scripts/tune.py paged                # paged decode against contiguous at 32k, by extra stages
 
 Kinds: `fwd` (forward tile), `dkdv` and `dq` (the backward's two kernels, each swept with the other
-at its current tile), `decode` (decode tile and split count, timed as CUDA-graph replays next to
-SDPA-flash and SDPA-cuDNN). A candidate is
-installed by editing the config tables in this process, never through the environment. Correctness
-uses the tests' tolerance rule (tests/tolerance.py) against an fp32 reference. Sizes follow PERF.md:
-batch * seqlen = 16384 tokens, nheads = 2048 / headdim, bf16.
+at its table tile; a dK/dV candidate serves causal calls too while swept), `decode` (decode tile and
+split count, timed as CUDA-graph replays next to SDPA-flash and SDPA-cuDNN). TUNE_ONLY="dkdv:128,..."
+limits a run to those (kind, head dim) pairs. A candidate is installed by editing the config tables
+in this process, never through the environment. Correctness uses the tests' tolerance rule
+(tests/tolerance.py) against an fp32 reference. Sizes follow ../shared/PERF.md: batch * seqlen =
+16384 tokens, nheads = 2048 / headdim, bf16.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from flashtron.configs import HOPPER_CANDIDATES  # noqa: E402
 TILES = {
     kd: [(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in cfgs] for kd, cfgs in HOPPER_CANDIDATES.items()
 }
-# decode: (BLOCK_M, BLOCK_N, num_warps, num_stages, min_blocks_per_split) at head dim 128; split counts
-# The later five have more stages (checked to fit sm_90 shared memory dense and paged, 2026-12-01).
+# decode: (BLOCK_M, BLOCK_N, num_warps, num_stages, min_blocks_per_split) at head dim 128, each timed at
+# every split count of DECODE_SPLITS. The later five have more stages (checked to fit sm_90 shared
+# memory dense and paged, 2026-12-01).
 DECODE_TILES = [
     (64, 128, 4, 3, 8), (64, 64, 4, 3, 4), (64, 32, 4, 3, 8), (64, 64, 4, 2, 4), (64, 128, 8, 3, 8),
     (64, 64, 4, 4, 4), (64, 64, 4, 5, 4), (64, 32, 4, 8, 8), (32, 128, 4, 4, 8), (32, 128, 8, 4, 8),
@@ -276,8 +279,8 @@ def save(results: dict) -> None:
 def do_time(results: dict) -> dict:
     from flashtron import configs
 
-    tables = (configs.HOPPER_FWD, configs.HOPPER_BWD_DKDV, configs.HOPPER_BWD_DQ)
-    defaults = [dict(t) for t in tables]
+    tables = (configs.HOPPER_FWD, configs.HOPPER_BWD_DKDV, configs.HOPPER_BWD_DQ, configs.HOPPER_BWD_DKDV_CAUSAL)
+    defaults = [dict(t) for t in tables]  # restored before each candidate (install() edits them)
     for (kind, d), cfgs in TILES.items():
         for cfg in cfgs:
             row = results.get(key(kind, d, cfg))

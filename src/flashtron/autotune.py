@@ -3,7 +3,8 @@
 Off by default: the tables in configs.py decide. With FLASHTRON_AUTOTUNE=1, the first call of a kernel
 for a key times each candidate tile of configs.HOPPER_CANDIDATES on that call's own tensors (every
 candidate passed the fp32-reference check of scripts/tune.py), keeps the fastest, and writes it to
-$FLASHTRON_CACHE_DIR/autotune.json (default ~/.cache/flashtron), so later calls and later processes
+autotune.json in env.cache_dir() ($FLASHTRON_CACHE_DIR, else $XDG_CACHE_HOME/flashtron, else
+~/.cache/flashtron), so later calls and later processes
 skip the timing. Keys are bucketed so that nearby shapes share one entry:
 
     kernel | device | flashtron and triton versions | dtype | head dims | mask kind | features | seqlens | batch*heads

@@ -12,14 +12,14 @@ The dropout seed is a 1-element int64 CPU tensor drawn with torch.randint, so th
 needs no `.item()` in the traced graph; the op reads it inside.
 
 `attention(q, k, v, opts, ...)` has the contract of `flashtron.autograd.attention` and calls the
-ops. The public functions route through it while compiling with this hook at the top of
-`flashtron.autograd.attention`:
+ops. The public functions route through it while compiling, from the top of
+`flashtron.autograd.attention` (after paged K/V has been gathered):
 
     if torch.compiler.is_compiling():
         from flashtron import compile as compiled
         return compiled.attention(q, k, v, opts, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                                  seqused_k=seqused_k, block_table=block_table, return_probs=return_probs)
+                                  seqused_k=seqused_k, return_probs=return_probs)
 
 flash_attn_with_kvcache and flash_attn_combine become `flashtron::kvcache_attn` (it mutates the
 caches: the in-place append) and `flashtron::combine` the same way, from the API functions. The ops

@@ -9,7 +9,8 @@ CUDA tensors, and CPU tensors under TRITON_INTERPRET=1, run three Triton kernels
 (kernels/decode.py), and the combine (kernels/combine.py), skipped when there is one split. That path
 never synchronises with the host, so a decode step can be captured in a CUDA graph: the split count
 comes from shapes, the cache capacity and the SM count only. Other CPU tensors take plain PyTorch:
-the same append, then the exact CPU attention (cpu.py) over the gathered keys.
+the same append, then the exact CPU attention (cpu.py): dense caches are read in place, row slices
+of the cache, and paged caches are gathered first.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ GPU_DECODE_FP32 = {
 # Interpreter: tiny blocks so that small tests stream several KV blocks and several splits.
 INTERPRET_DECODE = DecodeConfig(16, 16, 1, 1, 1)
 # Split counts whose waves are at least this fraction as full as the best count's are good enough;
-# the smallest of them wins. Same H100 runs: with 64 (batch, kv head) tiles on 132 SMs, 2 splits
-# (one program per SM) beat 3 (unbalanced) by 10% and 8-24 splits by 15-40% (measured before the
-# combine loaded all splits at once; to re-measure).
+# the smallest of them wins. Measured by a helper on an H100 80GB, 2026-11-22 (docs/perf-notes.md,
+# "Decode"): with 64 (batch, kv head) tiles on 132 SMs, 2 splits (one program per SM) beat 3
+# (unbalanced) by 10% and 8-24 splits by 15-40% (measured before the combine loaded all splits at
+# once; to re-measure).
 WAVE_EFFICIENCY = 0.85
 MAX_SPLITS = 64
 INTERPRET_SMS = 16  # a pretend SM count, so that num_splits=0 splits in interpreter tests too
@@ -518,10 +520,11 @@ def _dense_cache_cpu(q, k_cache, v_cache, opts, rows: list[int], bounds: list[tu
 
     One call covers the batch when the rows are consecutive cache rows with the same bounds and little
     data; otherwise one call per row. A slice of several cache rows cannot fold its (batch, head) axes
-    into one batch stride, so each matmul copies its block; one row at a time reads in place. Measured
-    on this project's 2-core CPU machine (2026-12-01, scripts/cpu_time.py --decode shapes), fp32, h
-    32/8, d 128: batch 4 x 1k keys 9.1 ms in one call against 5.6 ms per row; batch 2 x 256 keys at h
-    8/2, d 64: 0.48 against 0.66 ms. Past about 1 MiB of keys and values per row the per-row calls win."""
+    into one batch stride, so each matmul copies its block; one row at a time reads in place. An A/B of
+    the two branches on this project's 2-core CPU machine (2026-12-01, an ad-hoc switch, at
+    scripts/cpu_time.py --decode's shapes, one run), fp32, h 32/8, d 128: batch 4 x 1k keys 9.1 ms in
+    one call against 5.6 ms per row; batch 2 x 256 keys at h 8/2, d 64: 0.48 against 0.66 ms. Past
+    about 1 MiB of keys and values per row the per-row calls win."""
     batch = q.shape[0]
     (start, end), r0 = bounds[0], rows[0]
     row_bytes = (end - start) * k_cache.shape[2] * (k_cache.shape[3] + v_cache.shape[3]) * k_cache.element_size()

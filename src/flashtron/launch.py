@@ -52,7 +52,7 @@ def score_args(q: torch.Tensor, opts: AttnOptions) -> dict:
         HAS_RIGHT=opts.window_right >= 0,
         HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=opts.alibi_slopes is not None,
-        # Triton's interpreter computes bf16 dots wrongly (NOTES.md): upcast there only.
+        # Triton's interpreter computes bf16 dots wrongly (../shared/NOTES.md): upcast there only.
         DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         PRECISION="tf32" if q.dtype == torch.float32 and cuda_matmul_uses_tf32() else "ieee",
     )

@@ -54,7 +54,8 @@ def cross_entropy_loss(
         ignore_index: rows with this label have loss 0 and zero gradient, and are left out of "mean".
         label_smoothing: eps in [0, 1]: the target is (1 - eps) * one_hot + eps / vocab_size.
         reduction: "mean" (over rows not ignored), "sum" or "none".
-        inplace_backward: write dlogits over the logits in the backward, saving one buffer.
+        inplace_backward: write dlogits over the logits in the backward, saving one buffer (eager
+            only: under torch.compile the backward writes a new buffer, as a library op must).
     Returns:
         the loss, fp32 (fp64 for fp64 logits): a scalar, or (batch,) with reduction="none".
     """
