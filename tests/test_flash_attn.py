@@ -303,6 +303,26 @@ def test_gpu_features(feat, d, dv):
     check_attention(2, 300, 517, 4, 2, d, dv, torch.bfloat16, "cuda", **feat)
 
 
+# Features crossed with what the feature grid above holds fixed: one-sided windows, sq > sk, GQA 8,
+# ALiBi per head, fp16 and fp32. (batch, sq, sk, nheads, nheads_k, d, dtype, features)
+GPU_FEATURE_MIX = {
+    "right-window-sq>sk-gqa8-fp16": (2, 517, 300, 8, 1, 128, torch.float16, dict(window=(-1, 30))),
+    "left-window-softcap-fp32": (2, 300, 517, 4, 2, 64, torch.float32, dict(window=(50, -1), softcap=20.0)),
+    "alibi-heads-causal-gqa8-bf16": (1, 700, 700, 8, 1, 96, torch.bfloat16, dict(alibi="heads", causal=True)),
+    "sink-window-fp32": (2, 257, 257, 4, 4, 128, torch.float32, dict(sink=True, window=(64, 0))),
+    "everything-sq>sk-bf16": (
+        2, 517, 300, 4, 2, 256, torch.bfloat16, dict(window=(100, 20), softcap=15.0, alibi="batch_heads")
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_FEATURE_MIX))
+def test_gpu_feature_mix(case):
+    b, sq, sk, h, hk, d, dtype, feat = GPU_FEATURE_MIX[case]
+    check_attention(b, sq, sk, h, hk, d, d, dtype, "cuda", **feat)
+
+
 @pytest.mark.gpu
 def test_gpu_varlen():
     _varlen_case("cuda", torch.bfloat16, True, seqused=True)
