@@ -304,12 +304,15 @@ def test_gpu_features(feat, d, dv):
 
 
 # Features crossed with what the feature grid above holds fixed: one-sided windows, sq > sk, GQA 8,
-# ALiBi per head, fp16 and fp32. (batch, sq, sk, nheads, nheads_k, d, dtype, features)
+# ALiBi per head, fp16 and fp32, head dims past 256 outside bf16. (batch, sq, sk, nheads, nheads_k, d, dtype,
+# features)
 GPU_FEATURE_MIX = {
     "right-window-sq>sk-gqa8-fp16": (2, 517, 300, 8, 1, 128, torch.float16, dict(window=(-1, 30))),
     "left-window-softcap-fp32": (2, 300, 517, 4, 2, 64, torch.float32, dict(window=(50, -1), softcap=20.0)),
     "alibi-heads-causal-gqa8-bf16": (1, 700, 700, 8, 1, 96, torch.bfloat16, dict(alibi="heads", causal=True)),
     "sink-window-fp32": (2, 257, 257, 4, 4, 128, torch.float32, dict(sink=True, window=(64, 0))),
+    "d512-causal-fp32": (1, 300, 300, 2, 1, 512, torch.float32, dict(causal=True)),
+    "d320-window-fp16": (2, 200, 333, 4, 2, 320, torch.float16, dict(window=(40, 10))),
     "everything-sq>sk-bf16": (
         2, 517, 300, 4, 2, 256, torch.bfloat16, dict(window=(100, 20), softcap=15.0, alibi="batch_heads")
     ),
