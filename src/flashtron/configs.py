@@ -141,30 +141,32 @@ def _hopper_tiles(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _pick(
-    device: torch.device, dtype: torch.dtype, head_dim: int, hopper: dict, safe: dict, interpret: TileConfig
-) -> TileConfig:
+    device: torch.device, dtype: torch.dtype, head_dim: int, hopper: dict, safe: dict, interpret: TileConfig,
+    hopper_override: dict | None = None,
+) -> TileConfig:  # fmt: skip
+    """The tile for head_dim: the interpreter's on CPU, else Hopper's (a bucket of hopper_override
+    first) or the SAFE table's."""
     if device.type != "cuda":
         return interpret
-    return (hopper if _hopper_tiles(device, dtype) else safe)[head_dim_bucket(head_dim)]
+    bucket = head_dim_bucket(head_dim)
+    if not _hopper_tiles(device, dtype):
+        return safe[bucket]
+    return (hopper_override or {}).get(bucket, hopper[bucket])
 
 
 def fwd_config(device: torch.device, dtype: torch.dtype, head_dim: int, left_window: bool = False) -> TileConfig:
     """Forward tile; `left_window`: the call has a left window bound (see HOPPER_FWD_WINDOW)."""
-    window = HOPPER_FWD_WINDOW.get(head_dim_bucket(head_dim)) if left_window else None
-    if window is not None and _hopper_tiles(device, dtype):
-        return window
-    return _pick(device, dtype, head_dim, HOPPER_FWD, SAFE_FWD, INTERPRET_FWD)
+    window = HOPPER_FWD_WINDOW if left_window else None
+    return _pick(device, dtype, head_dim, HOPPER_FWD, SAFE_FWD, INTERPRET_FWD, window)
 
 
 def bwd_configs(
     device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool = False
 ) -> tuple[TileConfig, TileConfig]:
     """(dK/dV kernel config, dQ kernel config); `causal`: plain bottom-right causal (HOPPER_BWD_DKDV_CAUSAL)."""
-    dkdv_causal = HOPPER_BWD_DKDV_CAUSAL.get(head_dim_bucket(head_dim)) if causal else None
+    dkdv_causal = HOPPER_BWD_DKDV_CAUSAL if causal else None
     return (
-        dkdv_causal
-        if dkdv_causal is not None and _hopper_tiles(device, dtype)
-        else _pick(device, dtype, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV),
+        _pick(device, dtype, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV, dkdv_causal),
         _pick(device, dtype, head_dim, HOPPER_BWD_DQ, SAFE_BWD_DQ, INTERPRET_BWD_DQ),
     )
 
@@ -172,6 +174,6 @@ def bwd_configs(
 def tune_candidates(kind: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> list[TileConfig]:
     """The tiles FLASHTRON_AUTOTUNE may choose among for kernel `kind` ("fwd", "dkdv", "dq"); empty
     where only the table's tile applies (not Hopper, fp32, head dims past 256, the interpreter)."""
-    if device.type != "cuda" or not _hopper_tiles(device, dtype):
+    if not _hopper_tiles(device, dtype):
         return []
     return list(HOPPER_CANDIDATES.get((kind, head_dim_bucket(head_dim)), []))

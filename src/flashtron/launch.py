@@ -7,7 +7,6 @@ varlen tensors are (total, nheads, d) with cu_seqlens, which the kernels see as 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
@@ -142,10 +141,8 @@ def attention_forward(
             **score, **_dropout_args(q, k, opts, dropout_seed, varlen),
         )  # fmt: skip
 
-    problem = _TuneProblem(
-        q, opts, (head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, nheads // nheads_k, varlen, seqused_k
-    )
-    launch(_tuned("fwd", cfg, problem, launch))
+    shape = ((head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, nheads // nheads_k, varlen, seqused_k)
+    launch(_tuned("fwd", cfg, launch, q, opts, *shape))
     return out, lse
 
 
@@ -238,35 +235,21 @@ def attention_backward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )  # fmt: skip
 
-    problem = _TuneProblem(
-        q, opts, (head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, nheads // nheads_k, varlen, seqused_k
-    )
-    launch_dkdv(_tuned("dkdv", cfg_kv, problem, launch_dkdv))
-    launch_dq(_tuned("dq", cfg_q, problem, launch_dq))
+    shape = ((head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, nheads // nheads_k, varlen, seqused_k)
+    launch_dkdv(_tuned("dkdv", cfg_kv, launch_dkdv, q, opts, *shape))
+    launch_dq(_tuned("dq", cfg_q, launch_dq, q, opts, *shape))
     return dq, dk, dv, delta
 
 
-class _TuneProblem(NamedTuple):
-    """What an autotune key is made of (autotune.key)."""
-
-    q: torch.Tensor
-    opts: AttnOptions
-    head_dims: tuple[int, int]
-    seqlens: tuple[int, int]
-    programs: int  # batch * nheads
-    group: int  # nheads // nheads_k
-    varlen: bool
-    seqused_k: torch.Tensor | None
-
-
-def _tuned(kind: str, table_cfg: TileConfig, p: _TuneProblem, launch) -> TileConfig:
+def _tuned(kind: str, table_cfg: TileConfig, launch, q, opts: AttnOptions, head_dims, seqlens, programs, group,
+           varlen, seqused_k) -> TileConfig:  # fmt: skip
     """The tile to launch with: the table's, or under FLASHTRON_AUTOTUNE the tuner's pick among the
     candidates (the table's tile included), timed by launch(cfg) on this call's tensors. Calls with
-    deterministic=True keep the table's tile (autotune.py says why)."""
-    opts = p.opts
-    if not autotune.enabled(p.q.device) or opts.deterministic:
+    deterministic=True keep the table's tile (autotune.py says why). programs: batch * nheads;
+    group: nheads // nheads_k."""
+    if not autotune.enabled(q.device) or opts.deterministic:
         return table_cfg
-    candidates = tune_candidates(kind, p.q.device, p.q.dtype, max(p.head_dims))
+    candidates = tune_candidates(kind, q.device, q.dtype, max(head_dims))
     if not candidates:
         return table_cfg
     if table_cfg not in candidates:
@@ -279,7 +262,7 @@ def _tuned(kind: str, table_cfg: TileConfig, p: _TuneProblem, launch) -> TileCon
     else:
         mask = "right-window" if opts.window_right >= 0 else "full"
     flags = dict(softcap=opts.softcap > 0, alibi=opts.alibi_slopes is not None, sink=opts.learnable_sink is not None,
-                 dropout=opts.dropout_p > 0, varlen=p.varlen, seqused=p.seqused_k is not None)  # fmt: skip
-    features = ",".join([f"g{p.group}"] + [name for name, on in flags.items() if on])
-    key = autotune.key(kind, p.q, p.head_dims, mask, features, p.seqlens, p.programs)
-    return autotune.tuner().choose(key, table_cfg, candidates, launch, p.q.device, may_time=not autotune.capturing())
+                 dropout=opts.dropout_p > 0, varlen=varlen, seqused=seqused_k is not None)  # fmt: skip
+    features = ",".join([f"g{group}"] + [name for name, on in flags.items() if on])
+    key = autotune.key(kind, q, head_dims, mask, features, seqlens, programs)
+    return autotune.tuner().choose(key, table_cfg, candidates, launch, q.device, may_time=not autotune.capturing())
