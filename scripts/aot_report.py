@@ -4,6 +4,7 @@ compile time. A config that spills or needs more shared memory than an SM has (2
 device time.
 
     python scripts/aot_report.py [fwd|dkdv|dq ...] [--d 64,128]
+    python scripts/aot_report.py decode   # every decode table entry, dense and paged, and a stage sweep
 
 Needs only triton (its bundled ptxas). Pointer and stride arguments are marked 16-aligned as the JIT
 marks them for contiguous bf16 tensors, so the code matches what a launch would build.
@@ -48,24 +49,28 @@ def features(causal: bool) -> dict:
     )
 
 
-def compile_report(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def compile_report(
+    kernel, constexprs: dict, num_warps: int, num_stages: int, none=NONE_POINTERS, fp32=FP32_POINTERS, i32=(),
+    data="*bf16",
+) -> dict:  # fmt: skip
+    """none: pointer arguments passed as None; fp32 / i32: pointers of those types; data: the rest."""
     fn = kernel  # the JITFunction: ASTSource reads its arg_names
     names = fn.arg_names
     signature, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(names):
         if name in consts:
             signature[name] = "constexpr"
-        elif name in NONE_POINTERS:
+        elif name in none:
             consts[name] = None
             signature[name] = "constexpr"
         elif name[0].isupper():
-            signature[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
+            signature[name] = "*fp32" if name in fp32 else "*i32" if name in i32 else data
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("stride_"):
+            if name.startswith("stride_") and name not in ("stride_os", "stride_ls"):  # 0 for one split
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, {(names.index(k),): v for k, v in consts.items()}, attrs)
     t0 = time.time()
@@ -98,10 +103,59 @@ def constexprs_for(kind: str, d: int, block_m: int, block_n: int, causal: bool) 
     return attention_bwd_dkdv_kernel, common
 
 
+def decode_report(paged: bool, d: int, block_m: int, block_n: int, warps: int, stages: int, fp32: bool) -> dict:
+    """The decode kernel (one split's partials, no rotary or options), dense or paged."""
+    from flashtron.kernels.decode import decode_kernel
+
+    consts = dict(
+        HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d, BLOCK_DV=d, HAS_LEFT=False,
+        HAS_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINK=False, PAGED=paged, HAS_BATCH_IDX=False,
+        HAS_LEFTPAD=False, HAS_ROTARY=False, ROTARY_INTERLEAVED=False, ROTARY_PER_TOKEN=False, WRITE_FINAL=False,
+        DOT_FP32=False, PRECISION="tf32" if fp32 else "ieee",
+    )  # fmt: skip
+    none = {"CacheBatchIdx", "CacheLeftpad", "Cos", "Sin", "AlibiSlopes", "Sink"} | (set() if paged else {"BlockTable"})
+    return compile_report(
+        decode_kernel,
+        consts,
+        warps,
+        stages,
+        none=none,
+        fp32={"Out", "LSE"},
+        i32={"CacheSeqlens", "BlockTable"},
+        data="*fp32" if fp32 else "*bf16",
+    )
+
+
+def main_decode() -> None:
+    """Shared memory and registers of the decode kernel: each table entry dense at its stages and paged
+    at DecodeConfig.stages(paged=True), at 16 packed rows (a decode step) and at the table's BLOCK_M; then
+    the d128 tile over stage counts, dense and paged (the buffering rule in DecodeConfig.stages)."""
+    from flashtron.inference import GPU_DECODE, GPU_DECODE_FP32, DecodeConfig
+
+    def show(label, paged, d, bm, bn, w, st, fp32):
+        r = decode_report(paged, d, bm, bn, w, st, fp32)
+        kind = "paged" if paged else "dense"
+        print(f"{label:5} d{d:<3} {kind} ({bm:2},{bn:3},{w},{st}) regs {r['regs']:3} stack {r['spills']:4} "
+              f"smem {r['smem'] / 1024:6.1f}K", flush=True)  # fmt: skip
+
+    for fp32, table in ((False, GPU_DECODE), (True, GPU_DECODE_FP32)):
+        for d, c in table.items():
+            for bm in sorted({16, c.block_m}):
+                for paged in (False, True):
+                    show("fp32" if fp32 else "bf16", paged, d, bm, c.block_n, c.num_warps, c.stages(paged), fp32)
+    base = DecodeConfig(16, 128, 4, 3, 8)
+    for st in range(2, 8):
+        for paged in (False, True):
+            show("sweep", paged, 128, base.block_m, base.block_n, base.num_warps, st, False)
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tune import TILES
 
+    if sys.argv[1:2] == ["decode"]:
+        main_decode()
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("kinds", nargs="*", default=["fwd", "dkdv", "dq"])
     ap.add_argument("--d", default="64,128,256")

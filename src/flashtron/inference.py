@@ -50,9 +50,9 @@ class DecodeConfig:
         paged loop's block-table load ahead of the K/V loads that depend on it, and gives those loads
         floor((s - 1) / 2) buffers at s stages where a dense loop gets s - 1: sm_90 compiles of
         (16, 128, 4 warps) take 74 KB of shared memory paged at 3 and 4 stages, 140 KB at 5 and 6,
-        against 139 KB dense at 3. Paged calls therefore launch with 2 s - 1 stages: the dense loop's
-        buffering and shared memory, so every tile that fits dense fits paged. Seen on sm_90 only;
-        other archs keep s."""
+        against 139 KB dense at 3 (scripts/aot_report.py decode, 2026-12-01). Paged calls therefore
+        launch with 2 s - 1 stages: the dense loop's buffering and shared memory, so every tile that
+        fits dense fits paged. Seen on sm_90 only; other archs keep s."""
         return 2 * self.num_stages - 1 if paged else self.num_stages
 
 
