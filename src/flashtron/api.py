@@ -31,53 +31,52 @@ __all__ = [
 _QKV = ("q", "k", "v")
 _VARLEN_META = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
-# The public functions pass their arguments on as `locals()` (read first thing, so it holds exactly
-# the parameters): the option plumbing is written once here instead of eight times over.
 
-
-def _options(fn, q, nheads, batch, args) -> AttnOptions:
-    """Checks the scalar options and per-head tensors in `args` and normalises them."""
+def _options(
+    fn, q, nheads, batch, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    learnable_sink, deterministic,
+) -> AttnOptions:  # fmt: skip
+    """Checks the scalar options and per-head tensors and normalises them into one AttnOptions."""
     dropout_p, scale, left, right, softcap = checks.check_options(
-        fn,
-        dropout_p=args.get("dropout_p", 0.0),
-        softmax_scale=args["softmax_scale"],
-        window_size=args["window_size"],
-        softcap=args["softcap"],
+        fn, dropout_p=dropout_p, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
     )
-    checks.check_alibi(fn, args["alibi_slopes"], nheads=nheads, batch=batch, device=q.device)
-    checks.check_sink(fn, args["learnable_sink"], nheads=nheads, device=q.device)
-    if args["causal"]:  # bottom-right causal is a window with no right side; a left window is kept
+    checks.check_alibi(fn, alibi_slopes, nheads=nheads, batch=batch, device=q.device)
+    checks.check_sink(fn, learnable_sink, nheads=nheads, device=q.device)
+    if causal:  # bottom-right causal is a window with no right side; a left window is kept
         right = 0
     return AttnOptions(
         softmax_scale=scale if scale is not None else q.shape[-1] ** -0.5,
         window_left=left,
         window_right=right,
         softcap=softcap,
-        alibi_slopes=args["alibi_slopes"],
+        alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
-        learnable_sink=args["learnable_sink"],
-        deterministic=bool(args.get("deterministic", False)),
+        learnable_sink=learnable_sink,
+        deterministic=bool(deterministic),
     )
 
 
-def _run(q, k, v, opts, args, **varlen):
+def _run(q, k, v, opts, return_attn_probs, return_lse, **varlen):
     # Imported here, after validation, so the checks work (and are tested) without the backends.
     from flashtron import autograd
 
-    probs = bool(args["return_attn_probs"])
+    probs = bool(return_attn_probs)
     out, lse, s_dmask = autograd.attention(q, k, v, opts, return_probs=probs, **varlen)
     if probs:
         return out, lse, s_dmask
-    return (out, lse) if args["return_lse"] else out
+    return (out, lse) if return_lse else out
 
 
-def _dense(fn, names, q, k, v, args):
+def _dense(fn, names, q, k, v, *, return_attn_probs, return_lse, **options):
     nheads = checks.check_qkv(fn, q, k, v, names=names)[0]
-    return _run(q, k, v, _options(fn, q, nheads, q.shape[0], args), args)
+    opts = _options(fn, q, nheads, q.shape[0], **options)
+    return _run(q, k, v, opts, return_attn_probs, return_lse)
 
 
-def _varlen(fn, names, meta_names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args):
-    block_table, seqused_k = args.get("block_table"), args["seqused_k"]
+def _varlen(
+    fn, names, meta_names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_table,
+    seqused_k, return_attn_probs, return_lse, **options,
+):  # fmt: skip
     nheads = checks.check_qkv(fn, q, k, v, varlen=True, paged=block_table is not None, names=names)[0]
     batch = checks.check_cu_seqlens(fn, cu_seqlens_q, cu_seqlens_k, device=q.device, names=meta_names[:2])
     max_seqlen_q = checks.check_int(fn, meta_names[2], max_seqlen_q, minimum=0)
@@ -85,13 +84,14 @@ def _varlen(fn, names, meta_names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
     checks.check_batch_vector(fn, "seqused_k", seqused_k, batch=batch, device=q.device)
     if block_table is not None:
         checks.check_block_table(fn, block_table, batch=batch, device=q.device)
-    opts = _options(fn, q, nheads, batch, args)
+    opts = _options(fn, q, nheads, batch, **options)
     return _run(
         q,
         k,
         v,
         opts,
-        args,
+        return_attn_probs,
+        return_lse,
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q,
@@ -136,7 +136,12 @@ def flash_attn_func(
     probabilities (dropped entries negative); with return_lse=True (out, softmax_lse), where
     softmax_lse is differentiable.
     """
-    return _dense("flash_attn_func", _QKV, q, k, v, locals())
+    return _dense(
+        "flash_attn_func", _QKV, q, k, v,
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, deterministic=deterministic, learnable_sink=learnable_sink,
+        return_attn_probs=return_attn_probs, return_lse=return_lse,
+    )  # fmt: skip
 
 
 def flash_attn_qkvpacked_func(
@@ -158,9 +163,14 @@ def flash_attn_qkvpacked_func(
     Other arguments and the return value as flash_attn_func. fp32 inputs use IEEE fp32 dot products
     unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
-    args, fn = locals(), "flash_attn_qkvpacked_func"
+    fn = "flash_attn_qkvpacked_func"
     checks.check_packed(fn, "qkv", qkv, ndim=5, count=3, layout="(batch_size, seqlen, 3, nheads, headdim)")
-    return _dense(fn, ("qkv",) * 3, *qkv.unbind(2), args)
+    return _dense(
+        fn, ("qkv",) * 3, *qkv.unbind(2),
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, deterministic=deterministic, learnable_sink=learnable_sink,
+        return_attn_probs=return_attn_probs, return_lse=return_lse,
+    )  # fmt: skip
 
 
 def flash_attn_kvpacked_func(
@@ -184,9 +194,14 @@ def flash_attn_kvpacked_func(
     Other arguments and the return value as flash_attn_func. fp32 inputs use IEEE fp32 dot products
     unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
-    args, fn = locals(), "flash_attn_kvpacked_func"
+    fn = "flash_attn_kvpacked_func"
     checks.check_packed(fn, "kv", kv, ndim=5, count=2, layout="(batch_size, seqlen_k, 2, nheads_k, headdim)")
-    return _dense(fn, ("q", "kv", "kv"), q, *kv.unbind(2), args)
+    return _dense(
+        fn, ("q", "kv", "kv"), q, *kv.unbind(2),
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, deterministic=deterministic, learnable_sink=learnable_sink,
+        return_attn_probs=return_attn_probs, return_lse=return_lse,
+    )  # fmt: skip
 
 
 def flash_attn_varlen_func(
@@ -224,8 +239,14 @@ def flash_attn_varlen_func(
 
     Returns out: (total_q, nheads, headdim_v); softmax_lse (when asked for) is (nheads, total_q).
     """
-    args, fn = locals(), "flash_attn_varlen_func"
-    return _varlen(fn, _QKV, _VARLEN_META, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args)
+    return _varlen(
+        "flash_attn_varlen_func", _QKV, _VARLEN_META, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, block_table=block_table,
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, deterministic=deterministic, learnable_sink=learnable_sink,
+        return_attn_probs=return_attn_probs, return_lse=return_lse,
+        seqused_k=seqused_k,
+    )  # fmt: skip
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -251,11 +272,17 @@ def flash_attn_varlen_qkvpacked_func(
     Other arguments and the return value as flash_attn_varlen_func. fp32 inputs use IEEE fp32 dot
     products unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
-    args, fn = locals(), "flash_attn_varlen_qkvpacked_func"
+    fn = "flash_attn_varlen_qkvpacked_func"
     checks.check_packed(fn, "qkv", qkv, ndim=4, count=3, layout="(total, 3, nheads, headdim)")
     meta = ("cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen")
     q, k, v = qkv.unbind(1)
-    return _varlen(fn, ("qkv",) * 3, meta, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, args)
+    return _varlen(
+        fn, ("qkv",) * 3, meta, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, block_table=None,
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, deterministic=deterministic, learnable_sink=learnable_sink,
+        return_attn_probs=return_attn_probs, return_lse=return_lse,
+        seqused_k=seqused_k,
+    )  # fmt: skip
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -284,11 +311,17 @@ def flash_attn_varlen_kvpacked_func(
     Other arguments and the return value as flash_attn_varlen_func. fp32 inputs use IEEE fp32 dot
     products unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
-    args, fn = locals(), "flash_attn_varlen_kvpacked_func"
+    fn = "flash_attn_varlen_kvpacked_func"
     checks.check_packed(fn, "kv", kv, ndim=4, count=2, layout="(total_k, 2, nheads_k, headdim)")
     k, v = kv.unbind(1)
-    names = ("q", "kv", "kv")
-    return _varlen(fn, names, _VARLEN_META, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args)
+    return _varlen(
+        fn, ("q", "kv", "kv"), _VARLEN_META, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        block_table=None,
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, deterministic=deterministic, learnable_sink=learnable_sink,
+        return_attn_probs=return_attn_probs, return_lse=return_lse,
+        seqused_k=seqused_k,
+    )  # fmt: skip
 
 
 def flash_attn_with_kvcache(
@@ -336,7 +369,7 @@ def flash_attn_with_kvcache(
     Returns out: (batch_size, seqlen, nheads, headdim_v), or (out, softmax_lse) with
     return_softmax_lse=True, softmax_lse (batch_size, nheads, seqlen) fp32.
     """
-    args, fn = locals(), "flash_attn_with_kvcache"
+    fn = "flash_attn_with_kvcache"
     nheads = checks.check_kvcache(
         fn,
         q,
@@ -352,7 +385,10 @@ def flash_attn_with_kvcache(
         block_table=block_table,
         num_splits=num_splits,
     )
-    opts = _options(fn, q, nheads, q.shape[0], args)
+    opts = _options(
+        fn, q, nheads, q.shape[0], dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink, deterministic=False,
+    )  # fmt: skip
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     from flashtron import inference  # at call time, as in _run
