@@ -513,8 +513,9 @@ def test_paged_varlen_cpu_path(page_size):
 
 
 @pytest.mark.interpret
-def test_paged_varlen_interpreted(kernel_device):
-    _paged_varlen_case(kernel_device, torch.float16, 3)
+@pytest.mark.parametrize("page_size", [3, 64])  # 64: the gathered span passes the dK/dV tile's 32 keys
+def test_paged_varlen_interpreted(kernel_device, page_size):
+    _paged_varlen_case(kernel_device, torch.float16, page_size)
 
 
 @pytest.mark.gpu
