@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 
+from compile_count import count_compiles
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -53,6 +55,36 @@ def _seed_and_poison():
 def _tables_not_autotune(monkeypatch):
     """Tests run the table tiles whatever the caller's environment says; the autotune tests opt in."""
     monkeypatch.delenv("FLASHTRON_AUTOTUNE", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _count_kernel_compiles(request):
+    """On a GPU, records how many Triton kernels each test compiled (printed at the end of the run):
+    the GPU tier's time is mostly compiling, so this is where to look first."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    with count_compiles() as counts:
+        yield
+    request.node.user_properties.append(("compiles", sum(counts.values())))
+
+
+_COMPILES: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "compiles":  # appended at teardown, so the teardown report carries it
+            _COMPILES[report.nodeid] = value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _COMPILES:
+        return
+    top = sorted(_COMPILES.items(), key=lambda item: -item[1])[:25]
+    terminalreporter.section(f"Triton compiles: {sum(_COMPILES.values())} in {len(_COMPILES)} tests; most")
+    for nodeid, n in top:
+        terminalreporter.write_line(f"{n:4d}  {nodeid}")
 
 
 @pytest.fixture

@@ -125,8 +125,10 @@ def attention_forward(
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    cfg = fwd_config(q.device, q.dtype, max(head_dim, head_dim_v), left_window=opts.window_left >= 0)
     score = score_args(q, opts)
+    cfg = fwd_config(
+        q.device, q.dtype, max(head_dim, head_dim_v), left_window=opts.window_left >= 0, precision=score["PRECISION"]
+    )
 
     def launch(cfg):
         attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
@@ -198,8 +200,10 @@ def attention_backward(
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse))
         delta.sub_(dlse)
-    cfg_kv, cfg_q = bwd_configs(q.device, q.dtype, max(head_dim, head_dim_v), causal=opts.causal)
     score = score_args(q, opts)
+    cfg_kv, cfg_q = bwd_configs(
+        q.device, q.dtype, max(head_dim, head_dim_v), causal=opts.causal, precision=score["PRECISION"]
+    )
     common = dict(
         HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim_v,

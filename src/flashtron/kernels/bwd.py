@@ -24,7 +24,8 @@ from flashtron.kernels.common import (
 )
 
 
-@triton.jit(do_not_specialize=["seqlen_q"])
+# seqlens and the LSE/delta strides that follow them stay runtime values (see attention_fwd_kernel)
+@triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
 def attention_bwd_preprocess_kernel(
     Out,
     DOut,
@@ -167,6 +168,8 @@ def _dkdv_over_q_blocks(
     do_not_specialize=[
         "seqlen_q",
         "seqlen_k",
+        "stride_lb",
+        "stride_lh",
         "window_left",
         "window_right",
         "dropout_seed",
@@ -358,6 +361,8 @@ def _dq_over_kv_blocks(
     do_not_specialize=[
         "seqlen_q",
         "seqlen_k",
+        "stride_lb",
+        "stride_lh",
         "window_left",
         "window_right",
         "dropout_seed",

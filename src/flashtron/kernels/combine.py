@@ -14,7 +14,19 @@ import triton.language as tl
 from flashtron.kernels.common import LOG2E
 
 
-@triton.jit(do_not_specialize=["num_splits", "seqlen", "nheads"])
+# the LSE strides follow batch and seqlen: runtime values, no recompile per shape
+@triton.jit(
+    do_not_specialize=[
+        "num_splits",
+        "seqlen",
+        "nheads",
+        "stride_lps",
+        "stride_lpb",
+        "stride_lpm",
+        "stride_lb",
+        "stride_lm",
+    ]
+)
 def combine_kernel(
     OutPartial, LsePartial, Out, LSE, Sink,
     stride_ps, stride_pb, stride_pm, stride_ph,

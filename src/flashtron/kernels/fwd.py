@@ -106,9 +106,13 @@ def _attend_kv_blocks(
 
 
 @triton.jit(
+    # seqlens, and the LSE strides that follow them ((b, h, sq) or (h, total_q)), are runtime values:
+    # specializing on them (== 1, % 16) would compile again for every new sequence length
     do_not_specialize=[
         "seqlen_q",
         "seqlen_k",
+        "stride_lb",
+        "stride_lh",
         "window_left",
         "window_right",
         "dropout_seed",
