@@ -4,12 +4,13 @@
 
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
 mbarrier, an illegal address) costs only that part:
-  1. check-plain: the kernel without warp specialization (the consumers issue the loads);
-  2. check-ws: the warp-specialized kernel (1-warp loader), then a few calls through the public
-     flash_attn_func with FLASHTRON_BACKEND=gluon, backward included (the Triton backward on the Gluon
-     forward's out and lse);
+  1. check-plain: the simplest kernel: no warp specialization (the consumers issue the loads), no overlap;
+  2. check-ws: the warp-specialized kernel (1-warp loader) without (ws) and with (ws-ov, the dispatched
+     tile) the softmax/PV overlap, and ws-ov with one more ring stage (ws-ov-deep);
   3. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim)
-     for each Gluon variant that passed, the Triton forward, and SDPA's cuDNN and flash backends.
+     for each Gluon variant whose cases all passed, the Triton forward, and SDPA's cuDNN and flash;
+  4. check-api: a few calls through the public flash_attn_func with FLASHTRON_BACKEND=gluon, backward
+     included (the Triton backward on the Gluon forward's out and lse).
 Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
 GQA 4:1, seqlens 1 to 4096 with seqlen_q != seqlen_k both ways; outputs poisoned with NaN; out and lse
 against the fp32 reference by the tests' rule (tests/tolerance.py); two runs bitwise equal.
@@ -42,24 +43,43 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def _tile(d: int, ws: bool):
+# Gluon variants: (warp_specialize, overlap, extra ring stages, full matrix?) and the part that checks them.
+# The full matrix is fp16 and bf16 x d64/d128 x none/causal/window(bf16); the others check bf16
+# none/causal and fp16 d128 causal (each variant is a fresh compile per dtype, head dim and mask).
+VARIANTS = {
+    "plain": (False, False, 0, False),
+    "ws": (True, False, 0, False),
+    "ws-ov": (True, True, 0, True),  # launch_hopper.HOPPER_TILES: what FLASHTRON_BACKEND=gluon runs
+    "ws-ov-deep": (True, True, 1, False),
+}
+PARTS = {"check-plain": ["plain"], "check-ws": ["ws", "ws-ov", "ws-ov-deep"]}
+
+
+def _tile(d: int, variant: str):
     from flashtron import launch_hopper
 
-    return launch_hopper.HopperTile(**{**launch_hopper.HOPPER_TILES[d].__dict__, "warp_specialize": ws})
+    ws, overlap, extra, _ = VARIANTS[variant]
+    base = launch_hopper.HOPPER_TILES[d]
+    return launch_hopper.HopperTile(
+        base.block_m, base.block_n, base.stages + extra, base.num_warps, warp_specialize=ws, overlap=overlap
+    )
 
 
-def _variants(ws: bool):
+def _cases(variant: str):
     import torch
 
+    full = VARIANTS[variant][3]
     for dtype in (torch.bfloat16, torch.float16):
         for d in (64, 128):
             for mask in ("none", "causal", "window"):
-                if mask == "window" and dtype != torch.bfloat16:
+                if (mask == "window" and dtype != torch.bfloat16) or (
+                    not full and (mask == "window" or (dtype == torch.float16 and (d, mask) != (128, "causal")))
+                ):
                     continue
-                yield dtype, d, mask, ws
+                yield dtype, d, mask
 
 
-def _check_case(dtype, d, mask, ws, sq, sk):
+def _check_case(dtype, d, mask, variant, sq, sk):
     """Gluon forward against the fp32 reference and PyTorch-in-dtype; two runs bitwise equal."""
     import torch
 
@@ -75,7 +95,7 @@ def _check_case(dtype, d, mask, ws, sq, sk):
     window = MASKS[mask]
     opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
     assert launch_hopper.covers(q, k, v, opts, varlen=False), "covers() refuses this case"
-    tile = _tile(d, ws)
+    tile = _tile(d, variant)
     out, lse = launch_hopper.attention_forward(q, k, v, opts, tile)
     out2, lse2 = launch_hopper.attention_forward(q, k, v, opts, tile)
     torch.cuda.synchronize()
@@ -89,17 +109,18 @@ def _check_case(dtype, d, mask, ws, sq, sk):
     assert torch.equal(out, out2) and torch.equal(lse, lse2), "two runs differ"
 
 
-def child_check(ws: bool) -> dict:
+def child_check(part: str, state: str) -> None:
+    """Checks the part's variants, saving the results after each variant (a time-out keeps what ran)."""
     from flashtron import launch
 
     launch.set_output_poisoning(True)
     results = {}
-    for dtype, d, mask, ws_ in _variants(ws):
-        name = f"{'ws' if ws_ else 'plain'} {str(dtype)[6:]} d{d} {mask}"
+    for variant, dtype, d, mask in ((v, *c) for v in PARTS[part] for c in _cases(v)):
+        name = f"{variant} {str(dtype)[6:]} d{d} {mask}"
         fails, passed, t0 = [], 0, time.time()
         for sq, sk in SEQLENS:
             try:
-                _check_case(dtype, d, mask, ws_, sq, sk)
+                _check_case(dtype, d, mask, variant, sq, sk)
                 passed += 1
             except Exception as exc:  # one bad case must not stop the rest
                 fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
@@ -109,12 +130,16 @@ def child_check(ws: bool) -> dict:
                     break  # every case of this variant would fail the same way (or the context is gone)
         print(f"{name:26} {passed}/{len(SEQLENS)} passed ({time.time() - t0:.1f}s)", flush=True)
         results[name] = dict(passed=passed, total=len(SEQLENS), fails=fails)
+        _save(state, results)
         if any("CUDA error" in f or "illegal" in f for f in fails):
             print("  CUDA context is broken; stopping this part", flush=True)
             break
-    if ws:
-        results.update(_check_api())
-    return results
+
+
+def _save(path: str, result: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
 
 
 def _check_api() -> dict:
@@ -169,7 +194,7 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
     opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
     fns = {}
     for name in variants:
-        tile = _tile(d, name == "ws")
+        tile = _tile(d, name)
         fns[f"gluon-{name}"] = lambda tile=tile: launch_hopper.attention_forward(q, k, v, opts, tile)
     fns["triton"] = lambda: launch.attention_forward(q, k, v, opts)  # FLASHTRON_BACKEND=triton in this process
     for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
@@ -190,16 +215,20 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
     return row
 
 
-def child_time(variants: list[str]) -> dict:
+def child_time(variants: list[str], state: str) -> None:
     os.environ["FLASHTRON_BACKEND"] = "triton"
     rows = []
     for d in (64, 128):
         for causal in (False, True):
             for s in TIME_SEQLENS:
-                rows.append(_time_cell(d, causal, s, [v for v in variants if v]))
+                try:
+                    rows.append(_time_cell(d, causal, s, variants))
+                except Exception as exc:  # e.g. out of memory: the other cells still run
+                    print(f"  time d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+                    continue
                 print("  " + " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in rows[-1].items()), flush=True)  # fmt: skip
-    return dict(rows=rows)
+                _save(state, dict(rows=rows))
 
 
 def _run_child(part: str, extra: list[str], timeout: float, state: str) -> dict | None:
@@ -221,13 +250,14 @@ def _run_child(part: str, extra: list[str], timeout: float, state: str) -> dict 
 
 
 def _table(rows: list[dict]) -> str:
-    cols = ["gluon-ws", "gluon-plain", "triton", "cudnn", "sdpa-flash"]
+    cols = [f"gluon-{v}" for v in VARIANTS] + ["triton", "cudnn", "sdpa-flash"]
     cols = [c for c in cols if any(c in r for r in rows)]
-    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>11}" for c in cols)
+    width = {c: max(7, len(c)) for c in cols}
+    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>{width[c]}}" for c in cols)
     out = ["TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench)", head + "  gluon/triton /cudnn"]
     for r in rows:
-        cells = " ".join(f"{r[c]:11.0f}" if r.get(c) else f"{'-':>11}" for c in cols)
-        best = max((r.get(c) or 0) for c in ("gluon-ws", "gluon-plain"))
+        cells = " ".join(f"{r[c]:{width[c]}.0f}" if r.get(c) else f"{'-':>{width[c]}}" for c in cols)
+        best = max((r.get(f"gluon-{v}") or 0) for v in VARIANTS)
         ratio = ""
         if best and r.get("triton") and r.get("cudnn"):
             ratio = f"  {best / r['triton']:.2f}x {best / r['cudnn']:.2f}x"
@@ -235,8 +265,10 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _kernel_cases_pass(result: dict | None) -> bool:
-    return bool(result) and all(r["passed"] == r["total"] for n, r in result.items() if not n.startswith("api"))
+def _variant_passed(result: dict | None, variant: str) -> bool:
+    """Every case of the variant ran and passed (a variant cut off by a time-out counts as failed)."""
+    mine = {n: r for n, r in (result or {}).items() if n.split(" ")[0] == variant}
+    return len(mine) == len(list(_cases(variant))) and all(r["passed"] == r["total"] for r in mine.values())
 
 
 def main() -> None:
@@ -246,41 +278,50 @@ def main() -> None:
     ap.add_argument("--variants", default="")
     ap.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run")
     args = ap.parse_args()
+    if args.child == "time":
+        child_time([v for v in args.variants.split(",") if v], args.state)
+    elif args.child == "check-api":
+        _save(args.state, _check_api())
+    elif args.child:
+        child_check(args.child, args.state)
     if args.child:
-        result = child_time(args.variants.split(",")) if args.child == "time" else child_check(args.child == "check-ws")
-        with open(args.state, "w") as f:
-            json.dump(result, f)
         return
 
     import torch
 
     start = time.time()
-    print(f"device: {torch.cuda.get_device_name()} capability {torch.cuda.get_device_capability()}", flush=True)
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
+    else:
+        print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
     out_dir = os.environ.get("OUT") or "."
     report = {}
-    # budget shares: the two checks compile 10 variants each; timing needs ~1 min of do_bench
-    for part, share in (("check-plain", 0.28), ("check-ws", 0.34)):
+    # shares of the budget: check-ws compiles 20 variants; timing needs about a minute of do_bench; the
+    # API check (compiles the Triton backward) comes last as the least informative
+    for part, share in (("check-plain", 0.17), ("check-ws", 0.38)):
         report[part] = _run_child(part, [], share * args.budget, os.path.join(out_dir, f".{part}.json"))
-    # a variant is timed only if every kernel-level case passed (a hang while timing would lose the table)
-    ok = [name for part, name in (("check-plain", "plain"), ("check-ws", "ws")) if _kernel_cases_pass(report[part])]
+    # a variant is timed only if every case passed (a hang while timing would lose the table)
+    ok = [v for part, names in PARTS.items() for v in names if _variant_passed(report[part], v)]
     left = args.budget - (time.time() - start)
-    timing = _run_child("time", ["--variants", ",".join(ok)], left - 5, os.path.join(out_dir, ".time.json"))
-    report["time"] = timing
+    state = os.path.join(out_dir, ".time.json")
+    report["time"] = _run_child("time", ["--variants", ",".join(ok)], max(left - 45, 0.6 * left), state)
+    left = args.budget - (time.time() - start)
+    report["check-api"] = _run_child("check-api", [], left - 3, os.path.join(out_dir, ".check-api.json"))
     with open(os.path.join(out_dir, "gluon_check.json"), "w") as f:
         json.dump(report, f, indent=1)
     print("\n== summary")
-    for part in ("check-plain", "check-ws"):
+    for part in ("check-plain", "check-ws", "check-api"):
         res = report[part]
         if res is None:
             print(f"{part}: no result (timed out or crashed)")
             continue
-        bad = {n: r for n, r in res.items() if r["passed"] != r["total"]}
+        bad = [n for n, r in res.items() if r["passed"] != r["total"]]
         total = sum(r["total"] for r in res.values())
-        print(f"{part}: {total - sum(r['total'] - r['passed'] for r in res.values())}/{total} cases passed"
-              + (f"; failing: {', '.join(bad)}" if bad else ""))  # fmt: skip
-    print(f"correct variants timed: {ok or 'none'}")
-    if timing and timing.get("rows"):
-        print(_table(timing["rows"]))
+        passed = sum(r["passed"] for r in res.values())
+        print(f"{part}: {passed}/{total} cases passed" + (f"; failing: {', '.join(bad)}" if bad else ""))
+    print(f"variants with every case passed (timed): {ok or 'none'}")
+    if report["time"] and report["time"].get("rows"):
+        print(_table(report["time"]["rows"]))
     print(f"total {time.time() - start:.0f}s")
 
 

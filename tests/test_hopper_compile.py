@@ -22,14 +22,15 @@ from flashtron import launch_hopper  # noqa: E402
 SMEM_LIMIT = 227 * 1024
 
 
-def _compile(d, dtype, window, warp_specialize=True, seqlen_q=300, seqlen_k=257):
+def _compile(d, dtype, window, warp_specialize=True, overlap=True, seqlen_q=300, seqlen_k=257):
     q = torch.empty(2, seqlen_q, 4, d, dtype=dtype)
     k = torch.empty(2, seqlen_k, 2, d, dtype=dtype)  # GQA 2:1
     v = torch.empty_like(k)
     out = torch.empty_like(q)
     lse = torch.empty(2, 4, seqlen_q)
     opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
-    tile = launch_hopper.HopperTile(**{**launch_hopper.HOPPER_TILES[d].__dict__, "warp_specialize": warp_specialize})
+    base = launch_hopper.HOPPER_TILES[d]
+    tile = launch_hopper.HopperTile(base.block_m, base.block_n, base.stages, base.num_warps, warp_specialize, overlap)
     kernel, _, args, kwargs = launch_hopper.kernel_launch(q, k, v, out, lse, opts, tile)
     return launch_hopper.compile_sm90(kernel, args, kwargs)
 
@@ -62,14 +63,20 @@ def test_hopper_forward_compiles_for_sm90(d, dtype, window):
     assert "wgmma.mma_async" in ptx
     assert "cp.async.bulk.tensor" in ptx  # TMA loads
     assert "setmaxnreg" in ptx  # the loader partition hands registers to the consumers
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx  # the softmax / P V overlap
     assert compiled.metadata.shared <= SMEM_LIMIT
     assert _spill_bytes(compiled) in (0, None)
 
 
-def test_hopper_forward_compiles_without_warp_specialization():
-    compiled = _compile(128, torch.bfloat16, (-1, 0), warp_specialize=False)
-    assert "wgmma.mma_async" in compiled.asm["ptx"]
-    assert "setmaxnreg" not in compiled.asm["ptx"]
+@pytest.mark.parametrize("warp_specialize, overlap", [(False, False), (True, False), (False, True)])
+def test_hopper_forward_other_variants_compile(warp_specialize, overlap):
+    # the simpler variants scripts/gluon_check.py checks next to the dispatched one
+    compiled = _compile(128, torch.bfloat16, (-1, 0), warp_specialize, overlap)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert ("setmaxnreg" in ptx) == warp_specialize
+    assert ("wgmma.wait_group.sync.aligned 1;" in ptx) == overlap  # S waited for while P V still runs
+    assert _spill_bytes(compiled) in (0, None)
 
 
 def test_covers_only_cuda_dense_supported_calls():

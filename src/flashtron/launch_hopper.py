@@ -36,6 +36,7 @@ class HopperTile:
     stages: int
     num_warps: int = 8  # two consumer warpgroups of 64 rows each
     warp_specialize: bool = True
+    overlap: bool = True  # softmax of block j+1 while P V of block j runs (hopper_fwd._attend)
 
 
 # Not measured yet (no GPU run of this kernel so far). Shared memory: Q BLOCK_M x d plus STAGES x
@@ -104,6 +105,7 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         HAS_LEFT=opts.window_left >= 0,
         HAS_RIGHT=opts.window_right >= 0,
         WARP_SPECIALIZE=tile.warp_specialize,
+        OVERLAP=tile.overlap,
         num_warps=tile.num_warps,
         # with the 1-warp loader the CTA has 3 warpgroups: 168 x 384 threads fits the 64K registers,
         # and setmaxnreg moves the loader's share (24) to the consumers (240)
