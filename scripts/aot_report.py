@@ -5,6 +5,7 @@ device time.
 
     python scripts/aot_report.py [fwd|dkdv|dq ...] [--d 64,128]
     python scripts/aot_report.py decode   # every decode table entry, dense and paged, and a stage sweep
+    python scripts/aot_report.py gluon    # the Gluon Hopper forward's variants (launch_hopper)
 
 Needs only triton (its bundled ptxas). Pointer and stride arguments are marked 16-aligned as the JIT
 marks them for contiguous bf16 tensors, so the code matches what a launch would build.
@@ -149,12 +150,49 @@ def main_decode() -> None:
             show("sweep", paged, 128, base.block_m, base.block_n, base.num_warps, st, False)
 
 
+def main_gluon() -> None:
+    """The Gluon Hopper forward for sm_90, bf16: each (warp specialization, overlap, stages) variant at d64
+    and d128, full and causal. Registers are the launch's (with warp specialization the consumers get
+    more by setmaxnreg); stack > 0 means spills."""
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.options import AttnOptions
+
+    for d, base in launch_hopper.HOPPER_TILES.items():
+        for ws, overlap, stages in ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 1)):
+            for causal in (False, True):
+                q = torch.empty(2, 1000, 4, d, dtype=torch.bfloat16)
+                out, lse = torch.empty_like(q), torch.empty(2, 4, 1000)
+                opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
+                tile = launch_hopper.HopperTile(base.block_m, base.block_n, base.stages + stages, base.num_warps, ws,
+                                                overlap)  # fmt: skip
+                t0 = time.time()
+                try:
+                    kernel, _, args, kwargs = launch_hopper.kernel_launch(q, q, q, out, lse, opts, tile)
+                    compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
+                except Exception as exc:
+                    print(f"gluon d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+                    continue
+                regs, stack = cubin_resources(compiled.asm["cubin"])
+                ptx = compiled.asm["ptx"]
+                nreg = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*\.u32\s+(\d+)", ptx)})
+                print(f"gluon d{d:<3} ({tile.block_m},{tile.block_n}) stages {tile.stages} ws {int(ws)} overlap "
+                      f"{int(overlap)} {'causal' if causal else 'full  '} regs {regs} stack {stack} smem "
+                      f"{compiled.metadata.shared / 1024:6.1f}K wgmma {'wgmma.mma_async' in ptx} setmaxnreg "
+                      f"{nreg} "
+                      f"{time.time() - t0:4.1f}s", flush=True)  # fmt: skip
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tune import TILES
 
     if sys.argv[1:2] == ["decode"]:
         main_decode()
+        return
+    if sys.argv[1:2] == ["gluon"]:
+        main_gluon()
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("kinds", nargs="*", default=["fwd", "dkdv", "dq"])

@@ -1,0 +1,330 @@
+"""One GPU run for the Gluon Hopper forward (issue 15): is it right, and how fast is it.
+
+    PYTHONPATH=src python3 scripts/gluon_check.py [--budget 230]
+
+Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
+mbarrier, an illegal address) costs only that part:
+  1. check-plain: the simplest kernel: no warp specialization (the consumers issue the loads), no overlap;
+  2. check-ws: the warp-specialized kernel (1-warp loader) without (ws) and with (ws-ov, the dispatched
+     tile) the softmax/PV overlap, and ws-ov with one more ring stage (ws-ov-deep);
+  3. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim)
+     for each Gluon variant whose cases all passed, the Triton forward, and SDPA's cuDNN and flash;
+  4. check-api: a few calls through the public flash_attn_func with FLASHTRON_BACKEND=gluon, backward
+     included (the Triton backward on the Gluon forward's out and lse).
+Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
+GQA 4:1, seqlens 1 to 4096 with seqlen_q != seqlen_k both ways; outputs poisoned with NaN; out and lse
+against the fp32 reference by the tests' rule (tests/tolerance.py); two runs bitwise equal.
+Prints one line per failure, a summary per variant, the TFLOP/s table last; writes $OUT/gluon_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", "src"), os.path.join(HERE, "..", "tests")]
+
+SEQLENS = [(1, 1), (17, 17), (127, 127), (128, 128), (129, 129), (1000, 1000), (4096, 4096),
+           (17, 129), (129, 17), (127, 1000), (1000, 127), (1, 1000), (4096, 1000)]  # fmt: skip
+MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (256, 32)}
+BATCH, NHEADS, NHEADS_K = 2, 8, 2  # GQA 4:1
+TIME_SEQLENS = [1024, 2048, 4096, 8192, 16384]
+
+
+def _short(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    # Triton's CompilationError puts the cause last; assertion messages come first
+    text = lines[-1] if type(exc).__name__ == "CompilationError" and lines else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+# Gluon variants: (warp_specialize, overlap, extra ring stages, full matrix?) and the part that checks them.
+# The full matrix is fp16 and bf16 x d64/d128 x none/causal/window(bf16); the others check bf16
+# none/causal and fp16 d128 causal (each variant is a fresh compile per dtype, head dim and mask).
+VARIANTS = {
+    "plain": (False, False, 0, False),
+    "ws": (True, False, 0, False),
+    "ws-ov": (True, True, 0, True),  # launch_hopper.HOPPER_TILES: what FLASHTRON_BACKEND=gluon runs
+    "ws-ov-deep": (True, True, 1, False),
+}
+# the dispatched variant first: if the part runs out of time, the others are the ones cut
+PARTS = {"check-plain": ["plain"], "check-ws": ["ws-ov", "ws", "ws-ov-deep"]}
+
+
+def _tile(d: int, variant: str):
+    from flashtron import launch_hopper
+
+    ws, overlap, extra, _ = VARIANTS[variant]
+    base = launch_hopper.HOPPER_TILES[d]
+    return launch_hopper.HopperTile(
+        base.block_m, base.block_n, base.stages + extra, base.num_warps, warp_specialize=ws, overlap=overlap
+    )
+
+
+def _cases(variant: str):
+    import torch
+
+    full = VARIANTS[variant][3]
+    for dtype in (torch.bfloat16, torch.float16):
+        for d in (64, 128):
+            for mask in ("none", "causal", "window"):
+                if (mask == "window" and dtype != torch.bfloat16) or (
+                    not full and (mask == "window" or (dtype == torch.float16 and (d, mask) != (128, "causal")))
+                ):
+                    continue
+                yield dtype, d, mask
+
+
+def _check_case(dtype, d, mask, variant, sq, sk):
+    """Gluon forward against the fp32 reference and PyTorch-in-dtype; two runs bitwise equal."""
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.options import AttnOptions
+    from flashtron.reference import attention_ref
+    from tolerance import assert_fa_close
+
+    g = torch.Generator(device="cuda").manual_seed(sq * 7919 + sk * 31 + d)
+    q = torch.randn(BATCH, sq, NHEADS, d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype)
+    window = MASKS[mask]
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    assert launch_hopper.covers(q, k, v, opts, varlen=False), "covers() refuses this case"
+    tile = _tile(d, variant)
+    out, lse = launch_hopper.attention_forward(q, k, v, opts, tile)
+    out2, lse2 = launch_hopper.attention_forward(q, k, v, opts, tile)
+    torch.cuda.synchronize()
+    kw = dict(causal=False, window_size=window)
+    out_ref, lse_ref, _ = attention_ref(q, k, v, upcast=True, **kw)
+    out_pt, lse_pt, _ = attention_ref(q, k, v, upcast=False, reorder_ops=True, **kw)
+    assert_fa_close(out, out_ref, out_pt, name="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf pattern differs"
+    finite = torch.isfinite(lse_ref)
+    assert_fa_close(lse[finite], lse_ref[finite], lse_pt.float()[finite], name="lse")
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), "two runs differ"
+
+
+def child_check(part: str, state: str) -> None:
+    """Checks the part's variants, saving the results after each variant (a time-out keeps what ran)."""
+    from flashtron import launch
+
+    launch.set_output_poisoning(True)
+    results = {}
+    for variant, dtype, d, mask in ((v, *c) for v in PARTS[part] for c in _cases(v)):
+        name = f"{variant} {str(dtype)[6:]} d{d} {mask}"
+        fails, passed, t0 = [], 0, time.time()
+        for sq, sk in SEQLENS:
+            try:
+                _check_case(dtype, d, mask, variant, sq, sk)
+                passed += 1
+            except Exception as exc:  # one bad case must not stop the rest
+                fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
+                if len(fails) <= 3:  # the first few say enough; the JSON keeps them all
+                    print(f"  FAIL {name} sq={sq} sk={sk}: {_short(exc)[:160]}", flush=True)
+                if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
+                    break  # every case of this variant would fail the same way (or the context is gone)
+        print(f"{name:26} {passed}/{len(SEQLENS)} passed ({time.time() - t0:.1f}s)", flush=True)
+        results[name] = dict(passed=passed, total=len(SEQLENS), fails=fails)
+        _save(state, results)
+        if any("CUDA error" in f or "illegal" in f for f in fails):
+            print("  CUDA context is broken; stopping this part", flush=True)
+            break
+
+
+def _save(path: str, result: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
+def _check_api() -> dict:
+    """Through flash_attn_func with FLASHTRON_BACKEND=gluon: forward on the Gluon kernel (asserted), the
+    backward on the Triton kernels, against the reference (tests/attention_cases.py's checker)."""
+    import torch
+
+    from attention_cases import check_attention
+    from flashtron import launch_hopper
+
+    os.environ["FLASHTRON_BACKEND"] = "gluon"
+    calls = []
+    original = launch_hopper.attention_forward
+    launch_hopper.attention_forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    cases = [
+        dict(batch=2, seqlen_q=300, seqlen_k=300, nheads=8, nheads_k=2, d=128, dv=128, dtype=torch.bfloat16),
+        dict(batch=1, seqlen_q=129, seqlen_k=1000, nheads=4, nheads_k=4, d=64, dv=64, dtype=torch.float16,
+             causal=True, layouts=("bhsd", "contiguous", "bhsd")),
+        dict(batch=2, seqlen_q=1000, seqlen_k=127, nheads=4, nheads_k=1, d=128, dv=128, dtype=torch.bfloat16,
+             causal=True),
+        dict(batch=1, seqlen_q=513, seqlen_k=513, nheads=2, nheads_k=2, d=64, dv=64, dtype=torch.bfloat16,
+             window=(100, 0)),
+    ]  # fmt: skip
+    results = {}
+    for i, case in enumerate(cases):
+        name = f"api fwd+bwd #{i}"
+        before = len(calls)
+        try:
+            check_attention(device="cuda", **case)
+            assert len(calls) > before, "the call did not take the Gluon forward"
+            results[name] = dict(passed=1, total=1, fails=[])
+            print(f"{name:26} passed", flush=True)
+        except Exception as exc:
+            results[name] = dict(passed=0, total=1, fails=[_short(exc)])
+            print(f"{name:26} FAIL {_short(exc)}", flush=True)
+    launch_hopper.attention_forward = original
+    os.environ.pop("FLASHTRON_BACKEND")
+    return results
+
+
+def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashtron import launch, launch_hopper
+    from flashtron.options import AttnOptions
+
+    b, h = 16384 // s, 2048 // d
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
+    fns = {}
+    for name in variants:
+        tile = _tile(d, name)
+        fns[f"gluon-{name}"] = lambda tile=tile: launch_hopper.attention_forward(q, k, v, opts, tile)
+    fns["triton"] = lambda: launch.attention_forward(q, k, v, opts)  # FLASHTRON_BACKEND=triton in this process
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+
+        def sdpa(backend=backend):
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+        fns[label] = sdpa
+    flops = 4 * b * h * s * s * d / (2 if causal else 1)
+    row = dict(d=d, causal=causal, seqlen=s)
+    for label, fn in fns.items():
+        try:
+            row[label] = flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e9
+        except Exception as exc:
+            row[label] = None
+            print(f"  time {label} d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+    return row
+
+
+def child_time(variants: list[str], state: str) -> None:
+    os.environ["FLASHTRON_BACKEND"] = "triton"
+    rows = []
+    for d in (64, 128):
+        for causal in (False, True):
+            for s in TIME_SEQLENS:
+                try:
+                    rows.append(_time_cell(d, causal, s, variants))
+                except Exception as exc:  # e.g. out of memory: the other cells still run
+                    print(f"  time d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+                    continue
+                print("  " + " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in rows[-1].items()), flush=True)  # fmt: skip
+                _save(state, dict(rows=rows))
+
+
+def _run_child(part: str, extra: list[str], timeout: float, state: str) -> dict | None:
+    t0 = time.time()
+    if os.path.exists(state):
+        os.remove(state)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", part, "--state", state, *extra]
+    try:
+        rc = subprocess.run(cmd, timeout=max(timeout, 5)).returncode
+    except subprocess.TimeoutExpired:
+        print(f"== {part}: TIMED OUT after {timeout:.0f}s (a hang, or compiles too slow)", flush=True)
+        return None
+    print(f"== {part}: exit {rc} after {time.time() - t0:.0f}s", flush=True)
+    try:
+        with open(state) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _table(rows: list[dict]) -> str:
+    cols = [f"gluon-{v}" for v in VARIANTS] + ["triton", "cudnn", "sdpa-flash"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    width = {c: max(7, len(c)) for c in cols}
+    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>{width[c]}}" for c in cols)
+    out = ["TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench)", head + "  gluon/triton /cudnn"]
+    for r in rows:
+        cells = " ".join(f"{r[c]:{width[c]}.0f}" if r.get(c) else f"{'-':>{width[c]}}" for c in cols)
+        best = max((r.get(f"gluon-{v}") or 0) for v in VARIANTS)
+        ratio = ""
+        if best and r.get("triton") and r.get("cudnn"):
+            ratio = f"  {best / r['triton']:.2f}x {best / r['cudnn']:.2f}x"
+        out.append(f"{r['d']:>4} {'causal' if r['causal'] else 'full':>6} {r['seqlen']:>6} {cells}{ratio}")
+    return "\n".join(out)
+
+
+def _variant_passed(result: dict | None, variant: str) -> bool:
+    """Every case of the variant ran and passed (a variant cut off by a time-out counts as failed)."""
+    mine = {n: r for n, r in (result or {}).items() if n.split(" ")[0] == variant}
+    return len(mine) == len(list(_cases(variant))) and all(r["passed"] == r["total"] for r in mine.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--state")
+    ap.add_argument("--variants", default="")
+    ap.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run")
+    args = ap.parse_args()
+    if args.child == "time":
+        child_time([v for v in args.variants.split(",") if v], args.state)
+    elif args.child == "check-api":
+        _save(args.state, _check_api())
+    elif args.child:
+        child_check(args.child, args.state)
+    if args.child:
+        return
+
+    import torch
+
+    start = time.time()
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
+    else:
+        print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
+    out_dir = os.environ.get("OUT") or "."
+    report = {}
+    # shares of the budget: check-ws compiles 20 variants; timing needs about a minute of do_bench; the
+    # API check (compiles the Triton backward) comes last as the least informative
+    for part, share in (("check-plain", 0.17), ("check-ws", 0.38)):
+        report[part] = _run_child(part, [], share * args.budget, os.path.join(out_dir, f".{part}.json"))
+    # a variant is timed only if every case passed (a hang while timing would lose the table)
+    ok = [v for part, names in PARTS.items() for v in names if _variant_passed(report[part], v)]
+    left = args.budget - (time.time() - start)
+    state = os.path.join(out_dir, ".time.json")
+    report["time"] = _run_child("time", ["--variants", ",".join(ok)], max(left - 45, 0.6 * left), state)
+    left = args.budget - (time.time() - start)
+    report["check-api"] = _run_child("check-api", [], left - 3, os.path.join(out_dir, ".check-api.json"))
+    with open(os.path.join(out_dir, "gluon_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print("\n== summary")
+    for part in ("check-plain", "check-ws", "check-api"):
+        res = report[part]
+        if res is None:
+            print(f"{part}: no result (timed out or crashed)")
+            continue
+        bad = [n for n, r in res.items() if r["passed"] != r["total"]]
+        total = sum(r["total"] for r in res.values())
+        passed = sum(r["passed"] for r in res.values())
+        print(f"{part}: {passed}/{total} cases passed" + (f"; failing: {', '.join(bad)}" if bad else ""))
+    print(f"variants with every case passed (timed): {ok or 'none'}")
+    if report["time"] and report["time"].get("rows"):
+        print(_table(report["time"]["rows"]))
+    print(f"total {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Launcher for the Gluon Hopper forward (kernels/hopper_fwd.py): which calls it covers, its tiles, its
+TMA descriptors, and an sm_90 compile that needs no GPU (tests, scripts).
+
+launch.attention_forward sends a call here when `covers` says the kernel handles it and the backend
+choice (env.backend) allows it; everything else stays on the Triton kernel. Outputs are the Triton
+forward's: out like q, lse (batch, nheads, seqlen_q) fp32 in natural log, so the Triton backward
+consumes them unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from flashtron.options import AttnOptions
+
+LOG2E = math.log2(math.e)
+
+# Off until a GPU run shows the Gluon forward correct and faster than the Triton one (scripts/gluon_check.py);
+# then True makes covered calls take it unless FLASHTRON_BACKEND=triton.
+GLUON_BY_DEFAULT = False
+
+
+def chosen(backend: str) -> bool:
+    """Whether the backend setting (env.backend()) lets covered calls take the Gluon kernel."""
+    return backend == "gluon" or (backend == "auto" and GLUON_BY_DEFAULT)
+
+
+@dataclass(frozen=True)
+class HopperTile:
+    block_m: int
+    block_n: int
+    stages: int
+    num_warps: int = 8  # two consumer warpgroups of 64 rows each
+    warp_specialize: bool = True
+    overlap: bool = True  # softmax of block j+1 while P V of block j runs (hopper_fwd._attend)
+
+
+# Not measured yet (no GPU run of this kernel so far). Shared memory: Q BLOCK_M x d plus STAGES x
+# (K + V) of BLOCK_N x d, 16-bit: d64 16K + 3 x 32K = 112K; d128 32K + 2 x 64K = 160K (227K fit).
+HOPPER_TILES = {
+    64: HopperTile(128, 128, 3),
+    128: HopperTile(128, 128, 2),
+}
+
+
+def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:
+    """Whether the Gluon forward handles this call: dense sm_90 fp16/bf16, head dim 64 or 128 for q, k and
+    v, window/causal only (no softcap, ALiBi, dropout or sinks yet), and TMA-legal tensors (16-byte
+    aligned base and strides)."""
+    if varlen or seqused_k is not None or q.device.type != "cuda" or not _is_sm90(q.device.index):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    d = q.shape[-1]
+    if d not in HOPPER_TILES or k.shape[-1] != d or v.shape[-1] != d:
+        return False
+    if opts.softcap > 0 or opts.alibi_slopes is not None or opts.dropout_p > 0 or opts.learnable_sink is not None:
+        return False
+    return all(_tma_ok(t) for t in (q, k, v))
+
+
+@functools.cache
+def _is_sm90(index) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _descriptor(t: torch.Tensor, block_rows: int):
+    """A 4-D TMA descriptor over (batch, seqlen, nheads, headdim) with a [1, block_rows, 1, headdim] box."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    block = [1, block_rows, 1, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, str(t.dtype).removeprefix("torch.")))
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None = None):
+    """(kernel, grid, args, kwargs) of one launch: the arguments as kernel[grid](*args, **kwargs) takes them.
+    Works on CPU tensors too (compile_sm90 builds the same specialization from them)."""
+    from flashtron.kernels.hopper_fwd import attention_fwd_hopper_kernel
+
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    tile = tile or HOPPER_TILES[d]
+    grid = (math.ceil(seqlen_q / tile.block_m), nheads, batch)
+    args = (
+        _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n), out, lse,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
+        opts.softmax_scale * LOG2E,
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        STAGES=tile.stages,
+        HAS_LEFT=opts.window_left >= 0,
+        HAS_RIGHT=opts.window_right >= 0,
+        WARP_SPECIALIZE=tile.warp_specialize,
+        OVERLAP=tile.overlap,
+        num_warps=tile.num_warps,
+        # with the 1-warp loader the CTA has 3 warpgroups: 168 x 384 threads fits the 64K registers,
+        # and setmaxnreg moves the loader's share (24) to the consumers (240)
+        maxnreg=168 if tile.warp_specialize else None,
+    )
+    return attention_fwd_hopper_kernel, grid, args, kwargs
+
+
+def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None):
+    """out like q and lse (batch, nheads, seqlen_q) fp32 natural log; q: (batch, seqlen_q, nheads, d),
+    k, v: (batch, seqlen_k, nheads_k, d). Callers check `covers` first."""
+    from flashtron.outputs import new_output
+
+    batch, seqlen_q, nheads, _ = q.shape
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((batch, nheads, seqlen_q), torch.float32, q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    if k.shape[1] == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    kernel, grid, args, kwargs = kernel_launch(q, k, v, out, lse, opts, tile)
+    kernel[grid](*args, **kwargs)
+    return out, lse
+
+
+def compile_sm90(kernel, args, kwargs):
+    """Compile kernel for sm_90 exactly as kernel[grid](*args, **kwargs) would specialize it, without a GPU.
+    Returns triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata.shared)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = GluonASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)

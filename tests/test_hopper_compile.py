@@ -1,0 +1,87 @@
+"""The Gluon Hopper forward compiles for sm_90 on any machine (no GPU needed), for every variant the
+dispatch can send a call to, with wgmma in its PTX, no register spills and shared memory that fits.
+
+Gluon kernels do not run in Triton's interpreter, so this is the CPU tier's only check of them; the GPU
+tier (test_hopper_gpu.py) and scripts/gluon_check.py check the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from flashtron.options import AttnOptions
+
+gluon = pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
+
+from flashtron import launch_hopper  # noqa: E402
+
+SMEM_LIMIT = 227 * 1024
+
+
+def _compile(d, dtype, window, warp_specialize=True, overlap=True, seqlen_q=300, seqlen_k=257):
+    q = torch.empty(2, seqlen_q, 4, d, dtype=dtype)
+    k = torch.empty(2, seqlen_k, 2, d, dtype=dtype)  # GQA 2:1
+    v = torch.empty_like(k)
+    out = torch.empty_like(q)
+    lse = torch.empty(2, 4, seqlen_q)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    base = launch_hopper.HOPPER_TILES[d]
+    tile = launch_hopper.HopperTile(base.block_m, base.block_n, base.stages, base.num_warps, warp_specialize, overlap)
+    kernel, _, args, kwargs = launch_hopper.kernel_launch(q, k, v, out, lse, opts, tile)
+    return launch_hopper.compile_sm90(kernel, args, kwargs)
+
+
+def _spill_bytes(compiled) -> int | None:
+    """Stack bytes by the cuobjdump that triton ships (None where it is missing)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    try:
+        from aot_report import cubin_resources
+
+        return cubin_resources(compiled.asm["cubin"])[1]
+    except (FileNotFoundError, OSError):
+        return None
+
+
+# Every head dim and mask kind the dispatch sends (launch_hopper.covers), each dtype once.
+VARIANTS = [
+    (64, torch.bfloat16, (-1, -1)),
+    (64, torch.float16, (-1, 0)),
+    (128, torch.bfloat16, (-1, -1)),
+    (128, torch.bfloat16, (-1, 0)),
+    (128, torch.float16, (64, 32)),
+]
+
+
+@pytest.mark.parametrize("d, dtype, window", VARIANTS)
+def test_hopper_forward_compiles_for_sm90(d, dtype, window):
+    compiled = _compile(d, dtype, window)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads
+    assert "setmaxnreg" in ptx  # the loader partition hands registers to the consumers
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx  # the softmax / P V overlap
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
+
+
+@pytest.mark.parametrize("warp_specialize, overlap", [(False, False), (True, False), (False, True)])
+def test_hopper_forward_other_variants_compile(warp_specialize, overlap):
+    # the simpler variants scripts/gluon_check.py checks next to the dispatched one
+    compiled = _compile(128, torch.bfloat16, (-1, 0), warp_specialize, overlap)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert ("setmaxnreg" in ptx) == warp_specialize
+    assert ("wgmma.wait_group.sync.aligned 1;" in ptx) == overlap  # S waited for while P V still runs
+    assert _spill_bytes(compiled) in (0, None)
+
+
+def test_covers_only_cuda_dense_supported_calls():
+    q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
+    opts = AttnOptions(softmax_scale=0.125)
+    assert not launch_hopper.covers(q, q, q, opts, varlen=False)  # CPU tensors never
+    assert launch_hopper.chosen("gluon") and not launch_hopper.chosen("triton")
+    assert launch_hopper.chosen("auto") == launch_hopper.GLUON_BY_DEFAULT
