@@ -14,7 +14,8 @@ import triton.language as tl
 from flashtron.kernels.common import LOG2E
 
 
-# the LSE strides follow batch and seqlen: runtime values, no recompile per shape
+# every LSE stride may follow batch or seqlen (the decode kernel's LSE is (splits, batch, nheads, seqlen)
+# seen as (splits, batch, seqlen, nheads)): runtime values, so seqlen 1 is no new specialization
 @triton.jit(
     do_not_specialize=[
         "num_splits",
@@ -23,8 +24,10 @@ from flashtron.kernels.common import LOG2E
         "stride_lps",
         "stride_lpb",
         "stride_lpm",
+        "stride_lph",
         "stride_lb",
         "stride_lm",
+        "stride_lh",
     ]
 )
 def combine_kernel(
