@@ -28,7 +28,8 @@ def autotune() -> bool:
 def backend() -> str:
     """FLASHTRON_BACKEND: "triton" keeps every call on the portable Triton kernels; "gluon" sends the calls
     the Gluon Hopper forward covers (launch_hopper.covers) to it; unset or "auto" is the default choice
-    (launch_hopper.GLUON_BY_DEFAULT). Other values raise, so a typo does not silently change nothing."""
+    (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 128). Other values raise, so that a typo does not
+    silently change nothing."""
     value = os.environ.get("FLASHTRON_BACKEND", "auto").strip().lower() or "auto"
     if value not in ("auto", "triton", "gluon"):
         raise ValueError(f"FLASHTRON_BACKEND must be auto, triton or gluon, got {value!r}")
@@ -55,6 +56,9 @@ VARIABLES = {
     "TRITON_INTERPRET": "1 runs the Triton kernels on CPU tensors through Triton's interpreter (tests).",
     "FLASHTRON_FORCE_CPU_PATH": "1 keeps CPU tensors on the PyTorch path even when TRITON_INTERPRET=1.",
     "FLASHTRON_AUTOTUNE": "1 times the candidate tiles of a kernel on first use and keeps the fastest (GPU).",
-    "FLASHTRON_BACKEND": "triton forces the Triton kernels; gluon lets covered sm_90 forwards take the Gluon kernel.",
+    "FLASHTRON_BACKEND": (
+        "triton forces the Triton kernels; gluon sends every covered sm_90 forward to the Gluon kernel "
+        "(default: head dim 128 only)."
+    ),
     "FLASHTRON_CACHE_DIR": "where the autotune cache lives (default $XDG_CACHE_HOME/flashtron or ~/.cache/flashtron).",
 }

@@ -119,7 +119,9 @@ def attention_forward(
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, head_dim_v = _shape_info(
         q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k
     )
-    if launch_hopper.chosen(env.backend()) and launch_hopper.covers(q, k, v, opts, varlen=varlen, seqused_k=seqused_k):
+    if launch_hopper.chosen(env.backend(), q.shape[-1]) and launch_hopper.covers(
+        q, k, v, opts, varlen=varlen, seqused_k=seqused_k
+    ):
         return launch_hopper.attention_forward(q, k, v, opts)
     out = new_output((*q.shape[:-1], head_dim_v), q.dtype, q.device)
     lse_shape = (nheads, q.shape[0]) if varlen else (batch, nheads, seqlen_q)

@@ -19,14 +19,16 @@ from flashtron.options import AttnOptions
 
 LOG2E = math.log2(math.e)
 
-# Off until a GPU run shows the Gluon forward correct and faster than the Triton one (scripts/gluon_check.py);
-# then True makes covered calls take it unless FLASHTRON_BACKEND=triton.
-GLUON_BY_DEFAULT = False
+# Head dims whose covered calls take the Gluon forward by default (FLASHTRON_BACKEND unset or "auto"), where
+# it measured correct and faster than the Triton forward. H200, 2026-12-02, scripts/gluon_check.py (every case
+# passed: fp16/bf16, none/causal/window, seqlens 1-4096, GQA 4), TFLOP/s at PERF.md's grid, same run:
+# d128 1.04-1.10x Triton (16k: 504 / 471 full, 511 / 466 causal); d64 0.82-0.97x, so d64 stays on Triton.
+GLUON_DEFAULT_HEAD_DIMS = frozenset({128})
 
 
-def chosen(backend: str) -> bool:
-    """Whether the backend setting (env.backend()) lets covered calls take the Gluon kernel."""
-    return backend == "gluon" or (backend == "auto" and GLUON_BY_DEFAULT)
+def chosen(backend: str, head_dim: int) -> bool:
+    """Whether the backend setting (env.backend()) sends covered calls of this head dim to the Gluon kernel."""
+    return backend == "gluon" or (backend == "auto" and head_dim in GLUON_DEFAULT_HEAD_DIMS)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class HopperTile:
     overlap: bool = True  # softmax of block j+1 while P V of block j runs (hopper_fwd._attend)
 
 
-# Not measured yet (no GPU run of this kernel so far). Shared memory: Q BLOCK_M x d plus STAGES x
+# Measured by scripts/gluon_check.py (see GLUON_DEFAULT_HEAD_DIMS); other tiles not swept yet.
+# Shared memory: Q BLOCK_M x d plus STAGES x
 # (K + V) of BLOCK_N x d, 16-bit: d64 16K + 3 x 32K = 112K; d128 32K + 2 x 64K = 160K (227K fit).
 HOPPER_TILES = {
     64: HopperTile(128, 128, 3),

@@ -260,7 +260,8 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
     gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims(offs_om < seqlen_q, 1))
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+# seqlens and the LSE strides that follow them are runtime values: no recompile per sequence length
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "stride_lb", "stride_lh"])
 def attention_fwd_hopper_kernel(
     q_desc, k_desc, v_desc, Out, LSE,
     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
