@@ -9,6 +9,7 @@ online pass), so the tolerance is a few fp32 ulps at the values' scale: `close`.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 
@@ -95,8 +96,30 @@ class ThreadRing:
         return self.recv_prev(tensors)
 
 
+@contextlib.contextmanager
+def _one_rank_computes_at_a_time():
+    """The ranks' attention calls take turns (Triton's interpreter is not thread-safe); waiting for a
+    message holds no lock, so the ring still makes progress."""
+    lock = threading.Lock()
+    saved = ring.attention_forward, ring.attention_backward
+
+    def serial(fn):
+        def call(*args, **kwargs):
+            with lock:
+                return fn(*args, **kwargs)
+
+        return call
+
+    ring.attention_forward, ring.attention_backward = map(serial, saved)
+    try:
+        yield
+    finally:
+        ring.attention_forward, ring.attention_backward = saved
+
+
 def run_ranks(world, fn):
-    """fn(rank, ring) on `world` threads joined by a ThreadRing; returns the results by rank."""
+    """fn(rank, ring) on `world` threads joined by a ThreadRing, their attention calls in turn;
+    returns the results by rank."""
     inboxes = [queue.Queue() for _ in range(world)]
     results, errors = [None] * world, []
 
@@ -107,10 +130,11 @@ def run_ranks(world, fn):
             errors.append(e)
 
     threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with _one_rank_computes_at_a_time():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     if errors:
         raise errors[0]
     return results

@@ -271,3 +271,11 @@ def test_ring_engine_cpu(case, world):
 @pytest.mark.parametrize("case", list(ENGINE_CASES))
 def test_ring_engine_gpu(case, world, dtype):
     _engine("cuda", world, case, dtype)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+def test_ring_engine_interpreter(case):
+    """The Triton kernels under the ring: query/key slices as strided views, an lse slice as the
+    backward's input, the cropped windows."""
+    _engine("cpu", 2, case)
