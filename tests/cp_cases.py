@@ -255,3 +255,34 @@ def check_shard_gather(group, layout):
         (grad,) = torch.autograd.grad((full * weight).sum(), local)
         expected = world * shard_sequence(weight, group=group, layout=layout, dim=dim)
         assert torch.equal(grad, expected), f"{layout}: gather_sequence's gradient is not the ranks' sum"
+
+
+def check_gpt(group, preset, layout="zigzag"):
+    """A GPT with context_parallel on this rank's shard against the same GPT on the whole batch:
+    logits, the loss (averaged over the ranks) and the parameters' gradients (summed / world)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from flashtron.models import GPT, GPTConfig
+    from flashtron.nn import ContextParallel, set_context_parallel
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(preset))
+    sharded = set_context_parallel(copy.deepcopy(model), ContextParallel(group, layout))
+    idx = torch.randint(0, model.config.vocab_size, (2, 8 * world + 1), generator=torch.Generator().manual_seed(4))
+    x, y = idx[:, :-1], idx[:, 1:]
+    logits, loss = model(x, y)
+    loss.backward()
+    cut = lambda t: shard(t, layout, world, rank)
+    logits_local, loss_local = sharded(cut(x), cut(y))
+    loss_local.backward()
+    close("logits", logits_local.detach(), cut(logits.detach()))
+    mean = loss_local.detach().clone()
+    dist.all_reduce(mean, group=group)
+    close("loss", mean / world, loss.detach())
+    for (name, p), p_local in zip(model.named_parameters(), sharded.parameters()):
+        grad = p_local.grad.clone()
+        dist.all_reduce(grad, group=group)
+        close(f"grad of {name}", grad / world, p.grad)

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 import cp_cases
 from cp_cases import NHEADS as H
-from cp_cases import check_ring, check_shard_gather, check_ulysses, check_varlen
+from cp_cases import check_gpt, check_ring, check_shard_gather, check_ulysses, check_varlen
 from flashtron.distributed import plan
 
 WORLDS = (2, 4)
@@ -145,7 +145,18 @@ def check_compile(group):
         cp_cases.close(f"compiled {name}", a, b)
 
 
-CASES = {**_ring_cases(), **_ulysses_cases(), **_varlen_cases(), **_sharding_cases(), "errors": check_errors}
+GPT_CASES = {
+    "gpt-rotary-zigzag": functools.partial(check_gpt, preset="tiny-llama"),
+    "gpt-learned-positions-contiguous": functools.partial(check_gpt, preset="tiny-gpt2", layout="contiguous"),
+}
+CASES = {
+    **_ring_cases(),
+    **_ulysses_cases(),
+    **_varlen_cases(),
+    **_sharding_cases(),
+    **GPT_CASES,
+    "errors": check_errors,
+}
 COMPILE_WORLD = 2  # compiling costs seconds per world size: one is enough
 
 

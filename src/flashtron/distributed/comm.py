@@ -3,8 +3,9 @@
 - `P2PRing`: the ring's neighbour exchanges, batched P2P ops that return at once and are waited on
   later, so the transfer of the next block runs while the current block computes.
 - `all_to_all` and `all_gather`: differentiable collectives for Ulysses and varlen, written as
-  torch.library ops so that torch.compile sees each as one node (a process group cannot be an op
-  argument, so the ops take its name and look the group up in `_GROUPS`).
+  torch.library ops so that torch.compile sees each as one node. A process group cannot be an op
+  argument, so the ops take its name and look it up in torch.distributed's own registry, as
+  torch's functional collectives do.
 """
 
 from __future__ import annotations
@@ -13,22 +14,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_GROUPS: dict[str, dist.ProcessGroup] = {}
-
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only those
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_name(group) -> str:
-    """The name the ops below know `group` by (registered on first use)."""
-    name = group.group_name
-    _GROUPS.setdefault(name, group)
-    return name
+    """The name the ops below know `group` by."""
+    return group.group_name
 
 
 def resolve(name: str):
-    return _GROUPS[name]
+    # private, but it is how torch's functional collectives find groups (a registry of our own would
+    # be filled while Dynamo traces, which does not keep that side effect)
+    return dist.distributed_c10d._resolve_process_group(name)
 
 
 class Pending:
