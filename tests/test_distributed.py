@@ -124,7 +124,8 @@ def check_errors(group):
 
 
 def check_compile(group):
-    """ring and Ulysses attention inside torch.compile(fullgraph=True) match eager, gradients too."""
+    """ring and Ulysses attention, and a context-parallel GPT, inside torch.compile(fullgraph=True)
+    match eager, gradients too."""
     from flashtron.distributed import ring_flash_attn_func, ulysses_flash_attn_func
 
     q, k, v, _, _ = cp_cases.dense_inputs(1, 4, 4, H, 2, 16, torch.float32, "cpu")  # local shards
@@ -144,6 +145,24 @@ def check_compile(group):
     for name, a, b in zip(("out", "dq", "dk", "dv"), *outs):
         cp_cases.close(f"compiled {name}", a, b)
 
+    # a context-parallel GPT's training loss: one graph, the collectives inside library ops
+    from flashtron.models import GPT, GPTConfig
+    from flashtron.nn import ContextParallel
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.from_name("tiny-llama"), context_parallel=ContextParallel(group, "zigzag"))
+    idx = torch.randint(0, gpt.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(5))
+    loss_of = lambda idx: gpt(idx, idx)[1]
+    losses, grads = [], []
+    for fn in (loss_of, torch.compile(loss_of, fullgraph=True, backend="aot_eager")):
+        gpt.zero_grad()
+        losses.append(fn(idx))
+        losses[-1].backward()
+        grads.append([p.grad.clone() for p in gpt.parameters()])
+    cp_cases.close("compiled GPT loss", losses[1].detach(), losses[0].detach())
+    for (name, _), a, b in zip(gpt.named_parameters(), *grads):
+        cp_cases.close(f"compiled GPT grad of {name}", b, a)
+
 
 GPT_CASES = {
     "gpt-rotary-zigzag": functools.partial(check_gpt, preset="tiny-llama"),
@@ -157,11 +176,31 @@ CASES = {
     **GPT_CASES,
     "errors": check_errors,
 }
-COMPILE_WORLD = 2  # compiling costs seconds per world size: one is enough
+
+
+def check_train_demo(group):
+    """`flashtron train-demo --context-parallel` trains on every rank and rank 0 reports the world."""
+    from flashtron import train_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "demo.md")
+        argv = ["--quick", "--context-parallel", "--steps", "2", "--search-limit", "128", "--out", out]
+        assert train_demo.main(argv) == 0
+        if dist.get_rank() == 0:
+            with open(out) as f:
+                row = [line for line in f if line.startswith("| flashtron")][0]
+            cells = [c.strip() for c in row.split("|")[1:-1]]
+            assert cells[1] == str(dist.get_world_size()), row
+            assert float(cells[2].replace(",", "")) > 0, row
+            assert cells[6] == ">= 128 (limit)", row
+
+
+SLOW_WORLD = 2  # the cases that cost seconds (compiling, the demo) run at one world size only
 
 
 def _cases(world):
-    return {**CASES, "compile": check_compile} if world == COMPILE_WORLD else CASES
+    slow = {"compile": check_compile, "train-demo": check_train_demo}
+    return {**CASES, **slow} if world == SLOW_WORLD else CASES
 
 
 # ---------------------------------------------------------------------------------------------
