@@ -71,6 +71,8 @@ def forward(q, k, v, opts: AttnOptions, ring, layout: str):
     acc = _acc_dtype(q)
     out = torch.zeros((b, sq_local, h, v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.full((b, h, sq_local), _NEG_INF, dtype=acc, device=q.device)
+    if q.shape[1] == 0 or k.shape[1] == 0:  # the same on every rank: nothing to send or compute
+        return out.to(q.dtype), lse
     kv = (k.contiguous(), v.contiguous())  # P2P sends need contiguous tensors
     for step, blocks in _steps(ring, layout, sq_local * ring.world, k.shape[1] * ring.world, opts):
         pending = ring.exchange(kv) if step + 1 < ring.world else None
@@ -89,6 +91,8 @@ def backward(dout, dlse, q, k, v, out, lse, opts: AttnOptions, ring, layout: str
     None; out and lse are forward's results."""
     acc = _acc_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return dq.to(q.dtype), torch.zeros_like(k), torch.zeros_like(v)
     kv = (k.contiguous(), v.contiguous())
     grad_like = (torch.empty(k.shape, dtype=acc, device=k.device), torch.empty(v.shape, dtype=acc, device=v.device))
     sends = []

@@ -95,6 +95,9 @@ def attention(q, k_all, v_all, cu_q, cu_k, t0, t1, window, **kwargs):
         )  # fmt: skip
         outs.append(out)
         lses.append(lse)
+    if not outs:  # no local tokens
+        out = q.new_zeros((0, q.shape[1], v_all.shape[-1]))
+        return out, torch.zeros((q.shape[1], 0), dtype=torch.float32, device=q.device)
     if len(outs) == 1:
         return outs[0], lses[0]
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
