@@ -12,9 +12,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cp_cases
+import flashtron
 from cp_cases import NHEADS as H
 from cp_cases import check_gpt, check_ring, check_shard_gather, check_ulysses, check_varlen
 from flashtron.distributed import plan
@@ -309,10 +314,11 @@ def _engine(device, world, case, dtype=torch.float32):
     cp_cases.check_ring_engine(world, layout, 2, per * 4, per * 4, 4, 2, 16, device, dtype=dtype, **kw)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("world", (1, 2, 3))
 @pytest.mark.parametrize("case", list(ENGINE_CASES))
-def test_ring_engine_cpu(case, world):
-    _engine("cpu", world, case)
+def test_ring_engine_cpu(case, world, dtype):
+    _engine("cpu", world, case, dtype)
 
 
 @pytest.mark.gpu
@@ -329,3 +335,16 @@ def test_ring_engine_interpreter(case):
     """The Triton kernels under the ring: query/key slices as strided views, an lse slice as the
     backward's input, the cropped windows."""
     _engine("cpu", 2, case)
+
+
+def test_readme_torchrun_example(tmp_path):
+    """README.md's torchrun example, as written, with torchrun = this Python's torch.distributed.run."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"```bash\n(cat > cp_example.py.*?)```", readme, flags=re.S)
+    block = block.replace("torchrun ", f"{sys.executable} -m torch.distributed.run ")
+    src = str(Path(flashtron.__file__).resolve().parents[1])  # the flashtron under test
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [float(e) for e in re.findall(r"max \|ring - single process\| = (\S+)", result.stdout)]
+    assert len(errors) == 2 and max(errors) < 1e-5, result.stdout
