@@ -14,8 +14,6 @@ needs torch.distributed to be available, not initialised.
 """
 
 from flashtron.distributed.api import (
-    CPTypeError,
-    CPValueError,
     gather_sequence,
     ring_flash_attn_func,
     ring_flash_attn_varlen_func,
@@ -31,6 +29,4 @@ __all__ = [
     "ring_flash_attn_func",
     "ulysses_flash_attn_func",
     "ring_flash_attn_varlen_func",
-    "CPValueError",
-    "CPTypeError",
 ]

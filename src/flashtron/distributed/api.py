@@ -20,6 +20,7 @@ from flashtron.distributed.plan import LAYOUTS, chunks_per_rank, segments
 from flashtron.options import AttnOptions
 
 
+# Local stand-ins until flashtron.checks has its own RuntimeError-deriving classes: swap them then.
 class CPValueError(ValueError, RuntimeError):
     """A bad argument value or shape (also a RuntimeError, as flash_attn raises)."""
 
@@ -191,8 +192,9 @@ def ring_flash_attn_func(
 
     q: (batch_size, seqlen_q / world, nheads, headdim), k: (batch_size, seqlen_k / world, nheads_k,
     headdim), v: (batch_size, seqlen_k / world, nheads_k, headdim_v): this rank's shards in `layout`
-    ("zigzag" or "contiguous", see shard_sequence). Causal and window masks use global positions,
-    bottom-right aligned on the global (seqlen_q, seqlen_k). softmax_scale defaults to 1/sqrt(headdim).
+    ("zigzag" or "contiguous", see shard_sequence), of the same shapes on every rank. Causal and
+    window masks use global positions, bottom-right aligned on the global (seqlen_q, seqlen_k).
+    softmax_scale defaults to 1/sqrt(headdim).
 
     Returns this rank's shard of flash_attn_func's out, (batch_size, seqlen_q / world, nheads,
     headdim_v); with return_lse=True, (out, softmax_lse), softmax_lse (batch_size, nheads,
