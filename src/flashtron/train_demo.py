@@ -222,7 +222,9 @@ def train(args, config, backend) -> Result:
 
 def longest_sequence(args, config, backend) -> str:
     """Doubles the seqlen of one batch-1 training step (forward + backward) until it runs out of
-    memory, reaches --search-limit or spends --search-seconds; returns the longest that ran."""
+    memory, reaches --search-limit or spends --search-seconds; returns the longest that ran. Under
+    context parallelism the ranks agree on each stop, but an OOM that strikes one rank inside the
+    ring leaves the others waiting for its transfers until the process group times out."""
     import torch
 
     model = _model(args, config, backend)
