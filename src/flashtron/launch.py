@@ -178,6 +178,7 @@ def attention_backward(
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
+    lse = lse.contiguous()  # the kernels address delta (allocated contiguous) with lse's strides
     delta = new_output(lse.shape, torch.float32, q.device)
     if q.numel() == 0 or k.numel() == 0:
         for t in (dq, dk, dv, delta):
