@@ -353,9 +353,12 @@ def attention_fwd_hopper_kernel(
 
     mbarrier.expect(bars.index(4 * STAGES), CONSUMERS * q_desc.block_type.nbytes)
     for c in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(
-            q_desc, [off_b, start_m + c * (BLOCK_M // CONSUMERS), off_h, 0], bars.index(4 * STAGES), q_smem.index(c)
-        )
+        row = start_m + c * (BLOCK_M // CONSUMERS)
+        if c > 0:
+            # a consumer whose rows all lie past seqlen_q reads the last row's box instead of one wholly out
+            # of bounds (its results are not stored); the expected byte count stays the full box
+            row = gl.minimum(row, seqlen_q - 1)
+        tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], bars.index(4 * STAGES), q_smem.index(c))
 
     # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
     if CONSUMERS == 3:
