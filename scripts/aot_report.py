@@ -151,37 +151,52 @@ def main_decode() -> None:
 
 
 def main_gluon() -> None:
-    """The Gluon Hopper forward for sm_90, bf16: each (warp specialization, overlap, stages) variant at d64
-    and d128, full and causal. Registers are the launch's (with warp specialization the consumers get
-    more by setmaxnreg); stack > 0 means spills."""
+    """The Gluon Hopper forward for sm_90, bf16: each (warp specialization, overlap, stages) variant of the
+    dispatched tiles at d64 and d128, then the candidate tiles (ping-pong, d64 tiles), full and causal.
+    Registers are the launch's (with warp specialization the partitions get theirs by setmaxnreg); stack
+    > 0 means spills; bar.sync lists the named barriers (id, threads): 256 is both consumer warpgroups in
+    lock step, 128 one warpgroup."""
+    from dataclasses import replace
+
+    from flashtron import launch_hopper
+
+    tiles = []
+    for d, base in launch_hopper.HOPPER_TILES.items():
+        for ws, overlap, stages in ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 1)):
+            tiles.append((d, "", replace(base, stages=base.stages + stages, warp_specialize=ws, overlap=overlap)))
+    for name, per_d in launch_hopper.CANDIDATE_TILES.items():
+        tiles += [(d, name, tile) for d, tile in per_d.items()]
+    tiles.append((64, "pp3-192", launch_hopper.HopperTile(192, 128, 3, num_warps=4, consumers=3)))
+    for d, name, tile in tiles:
+        for causal in (False, True):
+            gluon_report(d, name, tile, causal)
+
+
+def gluon_report(d, name, tile, causal) -> None:
     import torch
 
     from flashtron import launch_hopper
     from flashtron.options import AttnOptions
 
-    for d, base in launch_hopper.HOPPER_TILES.items():
-        for ws, overlap, stages in ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 1)):
-            for causal in (False, True):
-                q = torch.empty(2, 1000, 4, d, dtype=torch.bfloat16)
-                out, lse = torch.empty_like(q), torch.empty(2, 4, 1000)
-                opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
-                tile = launch_hopper.HopperTile(base.block_m, base.block_n, base.stages + stages, base.num_warps, ws,
-                                                overlap)  # fmt: skip
-                t0 = time.time()
-                try:
-                    kernel, _, args, kwargs = launch_hopper.kernel_launch(q, q, q, out, lse, opts, tile)
-                    compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
-                except Exception as exc:
-                    print(f"gluon d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
-                    continue
-                regs, stack = cubin_resources(compiled.asm["cubin"])
-                ptx = compiled.asm["ptx"]
-                nreg = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*\.u32\s+(\d+)", ptx)})
-                print(f"gluon d{d:<3} ({tile.block_m},{tile.block_n}) stages {tile.stages} ws {int(ws)} overlap "
-                      f"{int(overlap)} {'causal' if causal else 'full  '} regs {regs} stack {stack} smem "
-                      f"{compiled.metadata.shared / 1024:6.1f}K wgmma {'wgmma.mma_async' in ptx} setmaxnreg "
-                      f"{nreg} "
-                      f"{time.time() - t0:4.1f}s", flush=True)  # fmt: skip
+    q = torch.empty(2, 1000, 4, d, dtype=torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 1000)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
+    t0 = time.time()
+    try:
+        kernel, _, args, kwargs = launch_hopper.kernel_launch(q, q, q, out, lse, opts, tile)
+        compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
+    except Exception as exc:
+        print(f"gluon d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+        return
+    regs, stack = cubin_resources(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    nreg = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*\.u32\s+(\d+)", ptx)})
+    bars = sorted(set(re.findall(r"bar\.sync\s+(\d+,\s*\d+)", ptx)))
+    print(f"gluon d{d:<3} {name:9} ({tile.block_m},{tile.block_n}) stages {tile.stages} warps {tile.num_warps} "
+          f"consumers {tile.consumers} ws {int(tile.warp_specialize)} overlap {int(tile.overlap)} "
+          f"{'causal' if causal else 'full  '} regs {regs} stack {stack} smem {compiled.metadata.shared / 1024:6.1f}K "
+          f"wgmma {'wgmma.mma_async' in ptx} setmaxnreg {nreg} bar.sync {[b.replace(' ', '') for b in bars]} "
+          f"{time.time() - t0:4.1f}s", flush=True)  # fmt: skip
 
 
 def main() -> None:

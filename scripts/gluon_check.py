@@ -1,19 +1,25 @@
-"""One GPU run for the Gluon Hopper forward (issue 15): is it right, and how fast is it.
+"""One GPU run for the Gluon Hopper forward (issue 15): are the new variants right, and how fast is each.
 
-    PYTHONPATH=src python3 scripts/gluon_check.py [--budget 230]
+    PYTHONPATH=src python3 scripts/gluon_check.py [--budget 220] [--variants pp,ws-ov,...] [--api]
 
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
 mbarrier, an illegal address) costs only that part:
-  1. check-plain: the simplest kernel: no warp specialization (the consumers issue the loads), no overlap;
-  2. check-ws: the warp-specialized kernel (1-warp loader) without (ws) and with (ws-ov, the dispatched
-     tile) the softmax/PV overlap, and ws-ov with one more ring stage (ws-ov-deep);
-  3. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim)
-     for each Gluon variant whose cases all passed, the Triton forward, and SDPA's cuDNN and flash;
-  4. check-api: a few calls through the public flash_attn_func with FLASHTRON_BACKEND=gluon, backward
-     included (the Triton backward on the Gluon forward's out and lse).
+  1. check <variant>, one child per variant, in the order given (default: pp, ws-ov, pp-256x64, ov-128x64):
+     `pp` is the ping-pong kernel (two one-warpgroup consumers taking turns on the tensor cores) at the
+     dispatched block sizes and gets the full matrix; `ws-ov` is the dispatched tile (launch_hopper.
+     HOPPER_TILES), the same-run baseline, checked on the bf16 configurations that the timing compiles
+     (it passed the full matrix on 2026-12-02); `pp-256x64` and `ov-128x64` are d64-only tiles
+     (launch_hopper.CANDIDATE_TILES), checked on three d64 configurations. The checks share the budget
+     less TIME_RESERVE seconds, which the timing always keeps; a variant cut off by its time limit counts
+     as failed and is not timed.
+  2. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim,
+     seqlens 16k, 4k, 1k in that order) for each variant whose cases all passed, the Triton forward, and
+     SDPA's cuDNN and flash. Rows are saved as they come: a time-out keeps the rows done.
+  3. with --api, if 30 s are left: a few calls through the public flash_attn_func with
+     FLASHTRON_BACKEND=gluon, backward included (the Triton backward on the Gluon forward's out and lse).
 Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
-GQA 4:1, seqlens 1 to 4096 with seqlen_q != seqlen_k both ways; outputs poisoned with NaN; out and lse
-against the fp32 reference by the tests' rule (tests/tolerance.py); two runs bitwise equal.
+GQA 4:1, 13 seqlen pairs from 1 to 4096 with seqlen_q != seqlen_k both ways; outputs poisoned with NaN;
+out and lse against the fp32 reference by the tests' rule (tests/tolerance.py); two runs bitwise equal.
 Prints one line per failure, a summary per variant, the TFLOP/s table last; writes $OUT/gluon_check.json.
 """
 
@@ -25,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "src"), os.path.join(HERE, "..", "tests")]
@@ -33,7 +40,7 @@ SEQLENS = [(1, 1), (17, 17), (127, 127), (128, 128), (129, 129), (1000, 1000), (
            (17, 129), (129, 17), (127, 1000), (1000, 127), (1, 1000), (4096, 1000)]  # fmt: skip
 MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (256, 32)}
 BATCH, NHEADS, NHEADS_K = 2, 8, 2  # GQA 4:1
-TIME_SEQLENS = [1024, 2048, 4096, 8192, 16384]
+TIME_SEQLENS = [16384, 4096, 1024]  # the largest first: the rows that matter most come first
 
 
 def _short(exc: BaseException) -> str:
@@ -43,41 +50,41 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-# Gluon variants: (warp_specialize, overlap, extra ring stages, full matrix?) and the part that checks them.
-# The full matrix is fp16 and bf16 x d64/d128 x none/causal/window(bf16); the others check bf16
-# none/causal and fp16 d128 causal (each variant is a fresh compile per dtype, head dim and mask).
+# Configurations (dtype, head dim, mask) each variant is checked on; every one is a fresh compile.
+FULL = [(dt, d, m) for dt in ("bfloat16", "float16") for d in (64, 128) for m in ("none", "causal", "window")
+        if m != "window" or dt == "bfloat16"]  # fmt: skip
+TIMED = [("bfloat16", d, m) for d in (64, 128) for m in ("none", "causal")]  # what the timing compiles
+D64 = [("bfloat16", 64, "none"), ("bfloat16", 64, "causal"), ("float16", 64, "window")]
+OLD = TIMED + [("float16", 128, "causal")]
+# name: (tile per head dim as a function of launch_hopper, configurations, seconds its check may take at most)
 VARIANTS = {
-    "plain": (False, False, 0, False),
-    "ws": (True, False, 0, False),
-    "ws-ov": (True, True, 0, True),  # launch_hopper.HOPPER_TILES: what FLASHTRON_BACKEND=gluon runs
-    "ws-ov-deep": (True, True, 1, False),
+    "pp": (lambda lh, d: lh.CANDIDATE_TILES["pp"][d], FULL, 95),  # about 65 s at the first run's 6 s per config
+    "ws-ov": (lambda lh, d: lh.HOPPER_TILES[d], TIMED, 40),  # what FLASHTRON_BACKEND=gluon runs
+    "pp-256x64": (lambda lh, d: lh.CANDIDATE_TILES["pp-256x64"].get(d), D64, 35),
+    "ov-128x64": (lambda lh, d: lh.CANDIDATE_TILES["ov-128x64"].get(d), D64, 35),
+    # the first run's other variants (2026-12-02), for --variants
+    "plain": (lambda lh, d: replace(lh.HOPPER_TILES[d], warp_specialize=False, overlap=False), OLD, 45),
+    "ws": (lambda lh, d: replace(lh.HOPPER_TILES[d], overlap=False), OLD, 45),
+    "ws-ov-deep": (lambda lh, d: replace(lh.HOPPER_TILES[d], stages=lh.HOPPER_TILES[d].stages + 1), OLD, 45),
 }
-# the dispatched variant first: if the part runs out of time, the others are the ones cut
-PARTS = {"check-plain": ["plain"], "check-ws": ["ws-ov", "ws", "ws-ov-deep"]}
+DEFAULT_VARIANTS = "pp,ws-ov,pp-256x64,ov-128x64"
+TIME_RESERVE = 55.0  # seconds the timing keeps whatever the checks take (about 40 s on 2026-12-02's H200)
+API_RESERVE = 30.0
 
 
 def _tile(d: int, variant: str):
+    """The variant's HopperTile at head dim d, or None where it has none."""
     from flashtron import launch_hopper
 
-    ws, overlap, extra, _ = VARIANTS[variant]
-    base = launch_hopper.HOPPER_TILES[d]
-    return launch_hopper.HopperTile(
-        base.block_m, base.block_n, base.stages + extra, base.num_warps, warp_specialize=ws, overlap=overlap
-    )
+    return VARIANTS[variant][0](launch_hopper, d)
 
 
 def _cases(variant: str):
     import torch
 
-    full = VARIANTS[variant][3]
-    for dtype in (torch.bfloat16, torch.float16):
-        for d in (64, 128):
-            for mask in ("none", "causal", "window"):
-                if (mask == "window" and dtype != torch.bfloat16) or (
-                    not full and (mask == "window" or (dtype == torch.float16 and (d, mask) != (128, "causal")))
-                ):
-                    continue
-                yield dtype, d, mask
+    for dtype, d, mask in VARIANTS[variant][1]:
+        if _tile(d, variant) is not None:
+            yield getattr(torch, dtype), d, mask
 
 
 def _check_case(dtype, d, mask, variant, sq, sk):
@@ -110,13 +117,13 @@ def _check_case(dtype, d, mask, variant, sq, sk):
     assert torch.equal(out, out2) and torch.equal(lse, lse2), "two runs differ"
 
 
-def child_check(part: str, state: str) -> None:
-    """Checks the part's variants, saving the results after each variant (a time-out keeps what ran)."""
+def child_check(variants: list[str], state: str) -> None:
+    """Checks the variants, saving the results after each configuration (a time-out keeps what ran)."""
     from flashtron import launch
 
     launch.set_output_poisoning(True)
     results = {}
-    for variant, dtype, d, mask in ((v, *c) for v in PARTS[part] for c in _cases(v)):
+    for variant, dtype, d, mask in ((v, *c) for v in variants for c in _cases(v)):
         name = f"{variant} {str(dtype)[6:]} d{d} {mask}"
         fails, passed, t0 = [], 0, time.time()
         for sq, sk in SEQLENS:
@@ -196,7 +203,8 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
     fns = {}
     for name in variants:
         tile = _tile(d, name)
-        fns[f"gluon-{name}"] = lambda tile=tile: launch_hopper.attention_forward(q, k, v, opts, tile)
+        if tile is not None:  # d64-only tiles have no d128 cell
+            fns[f"gluon-{name}"] = lambda tile=tile: launch_hopper.attention_forward(q, k, v, opts, tile)
     fns["triton"] = lambda: launch.attention_forward(q, k, v, opts)  # FLASHTRON_BACKEND=triton in this process
     for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
 
@@ -219,9 +227,9 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
 def child_time(variants: list[str], state: str) -> None:
     os.environ["FLASHTRON_BACKEND"] = "triton"
     rows = []
-    for d in (64, 128):
-        for causal in (False, True):
-            for s in TIME_SEQLENS:
+    for s in TIME_SEQLENS:
+        for d in (128, 64):
+            for causal in (False, True):
                 try:
                     rows.append(_time_cell(d, causal, s, variants))
                 except Exception as exc:  # e.g. out of memory: the other cells still run
@@ -233,16 +241,17 @@ def child_time(variants: list[str], state: str) -> None:
 
 
 def _run_child(part: str, extra: list[str], timeout: float, state: str) -> dict | None:
+    """Runs one part; returns what its state file holds, also after a time-out (what it finished)."""
     t0 = time.time()
     if os.path.exists(state):
         os.remove(state)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", part, "--state", state, *extra]
     try:
         rc = subprocess.run(cmd, timeout=max(timeout, 5)).returncode
+        print(f"== {part} {' '.join(extra)}: exit {rc} after {time.time() - t0:.0f}s", flush=True)
     except subprocess.TimeoutExpired:
-        print(f"== {part}: TIMED OUT after {timeout:.0f}s (a hang, or compiles too slow)", flush=True)
-        return None
-    print(f"== {part}: exit {rc} after {time.time() - t0:.0f}s", flush=True)
+        print(f"== {part} {' '.join(extra)}: TIMED OUT after {timeout:.0f}s (a hang, or compiles too slow); "
+              "keeping what it saved", flush=True)  # fmt: skip
     try:
         with open(state) as f:
             return json.load(f)
@@ -250,18 +259,21 @@ def _run_child(part: str, extra: list[str], timeout: float, state: str) -> dict 
         return None
 
 
-def _table(rows: list[dict]) -> str:
-    cols = [f"gluon-{v}" for v in VARIANTS] + ["triton", "cudnn", "sdpa-flash"]
+def _table(rows: list[dict], variants: list[str]) -> str:
+    cols = [f"gluon-{v}" for v in variants] + ["triton", "cudnn", "sdpa-flash"]
     cols = [c for c in cols if any(c in r for r in rows)]
     width = {c: max(7, len(c)) for c in cols}
     head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>{width[c]}}" for c in cols)
-    out = ["TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench)", head + "  gluon/triton /cudnn"]
-    for r in rows:
+    out = ["TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench)",
+           head + "  best gluon: /triton /cudnn /ws-ov"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["d"], r["causal"], r["seqlen"])):
         cells = " ".join(f"{r[c]:{width[c]}.0f}" if r.get(c) else f"{'-':>{width[c]}}" for c in cols)
-        best = max((r.get(f"gluon-{v}") or 0) for v in VARIANTS)
+        best, name = max(((r.get(f"gluon-{v}") or 0), v) for v in variants)
         ratio = ""
         if best and r.get("triton") and r.get("cudnn"):
-            ratio = f"  {best / r['triton']:.2f}x {best / r['cudnn']:.2f}x"
+            ratio = f"  {name} {best / r['triton']:.2f}x {best / r['cudnn']:.2f}x"
+            if r.get("gluon-ws-ov"):
+                ratio += f" {best / r['gluon-ws-ov']:.2f}x"
         out.append(f"{r['d']:>4} {'causal' if r['causal'] else 'full':>6} {r['seqlen']:>6} {cells}{ratio}")
     return "\n".join(out)
 
@@ -276,15 +288,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child")
     ap.add_argument("--state")
-    ap.add_argument("--variants", default="")
-    ap.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--budget", type=float, default=220.0, help="seconds for the whole run")
+    ap.add_argument("--api", action="store_true", help="also the public-API check, if 30 s are left")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}")
     if args.child == "time":
-        child_time([v for v in args.variants.split(",") if v], args.state)
+        child_time(variants, args.state)
     elif args.child == "check-api":
         _save(args.state, _check_api())
-    elif args.child:
-        child_check(args.child, args.state)
+    elif args.child == "check":
+        child_check(variants, args.state)
     if args.child:
         return
 
@@ -296,33 +313,41 @@ def main() -> None:
     else:
         print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
     out_dir = os.environ.get("OUT") or "."
-    report = {}
-    # shares of the budget: check-ws compiles 20 variants; timing needs about a minute of do_bench; the
-    # API check (compiles the Triton backward) comes last as the least informative
-    for part, share in (("check-plain", 0.17), ("check-ws", 0.38)):
-        report[part] = _run_child(part, [], share * args.budget, os.path.join(out_dir, f".{part}.json"))
+    report = {"check": {}}
+    # the checks may use the budget less what the timing (and the API check) keep
+    checks_end = start + args.budget - TIME_RESERVE - (API_RESERVE if args.api else 0)
+    for v in variants:
+        limit = min(VARIANTS[v][2], checks_end - time.time())
+        if limit < 15:
+            print(f"== check {v}: skipped, {limit:.0f}s left for the checks", flush=True)
+            continue
+        res = _run_child("check", ["--variants", v], limit, os.path.join(out_dir, f".check-{v}.json"))
+        report["check"].update(res or {})
     # a variant is timed only if every case passed (a hang while timing would lose the table)
-    ok = [v for part, names in PARTS.items() for v in names if _variant_passed(report[part], v)]
+    ok = [v for v in variants if _variant_passed(report["check"], v)]
+    left = args.budget - (time.time() - start) - (API_RESERVE if args.api else 0)
+    report["time"] = None
+    if ok:
+        report["time"] = _run_child("time", ["--variants", ",".join(ok)], left - 3, os.path.join(out_dir, ".time.json"))
     left = args.budget - (time.time() - start)
-    state = os.path.join(out_dir, ".time.json")
-    report["time"] = _run_child("time", ["--variants", ",".join(ok)], max(left - 45, 0.6 * left), state)
-    left = args.budget - (time.time() - start)
-    report["check-api"] = _run_child("check-api", [], left - 3, os.path.join(out_dir, ".check-api.json"))
+    if args.api and left > API_RESERVE - 5:
+        report["check-api"] = _run_child("check-api", [], left - 3, os.path.join(out_dir, ".check-api.json"))
     with open(os.path.join(out_dir, "gluon_check.json"), "w") as f:
         json.dump(report, f, indent=1)
     print("\n== summary")
-    for part in ("check-plain", "check-ws", "check-api"):
-        res = report[part]
-        if res is None:
-            print(f"{part}: no result (timed out or crashed)")
-            continue
-        bad = [n for n, r in res.items() if r["passed"] != r["total"]]
-        total = sum(r["total"] for r in res.values())
-        passed = sum(r["passed"] for r in res.values())
-        print(f"{part}: {passed}/{total} cases passed" + (f"; failing: {', '.join(bad)}" if bad else ""))
+    for v in variants:
+        mine = {n: r for n, r in report["check"].items() if n.split(" ")[0] == v}
+        bad = [n for n, r in mine.items() if r["passed"] != r["total"]]
+        total = sum(r["total"] for r in mine.values())
+        passed = sum(r["passed"] for r in mine.values())
+        print(f"check {v}: {passed}/{total} cases passed, {len(mine)}/{len(list(_cases(v)))} configurations ran"
+              + (f"; failing: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    if report.get("check-api"):
+        res = report["check-api"]
+        print(f"check-api: {sum(r['passed'] for r in res.values())}/{len(res)} passed")
     print(f"variants with every case passed (timed): {ok or 'none'}")
     if report["time"] and report["time"].get("rows"):
-        print(_table(report["time"]["rows"]))
+        print(_table(report["time"]["rows"], ok))
     print(f"total {time.time() - start:.0f}s")
 
 

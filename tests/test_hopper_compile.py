@@ -7,7 +7,9 @@ tier (test_hopper_gpu.py) and scripts/gluon_check.py check the numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import sys
 
 import pytest
@@ -22,15 +24,18 @@ from flashtron import launch_hopper  # noqa: E402
 SMEM_LIMIT = 227 * 1024
 
 
-def _compile(d, dtype, window, warp_specialize=True, overlap=True, seqlen_q=300, seqlen_k=257):
+def _compile(d, dtype, window, warp_specialize=True, overlap=True, seqlen_q=300, seqlen_k=257, tile=None):
     q = torch.empty(2, seqlen_q, 4, d, dtype=dtype)
     k = torch.empty(2, seqlen_k, 2, d, dtype=dtype)  # GQA 2:1
     v = torch.empty_like(k)
     out = torch.empty_like(q)
     lse = torch.empty(2, 4, seqlen_q)
     opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
-    base = launch_hopper.HOPPER_TILES[d]
-    tile = launch_hopper.HopperTile(base.block_m, base.block_n, base.stages, base.num_warps, warp_specialize, overlap)
+    if tile is None:
+        base = launch_hopper.HOPPER_TILES[d]
+        tile = launch_hopper.HopperTile(
+            base.block_m, base.block_n, base.stages, base.num_warps, warp_specialize, overlap
+        )
     kernel, _, args, kwargs = launch_hopper.kernel_launch(q, k, v, out, lse, opts, tile)
     return launch_hopper.compile_sm90(kernel, args, kwargs)
 
@@ -77,6 +82,38 @@ def test_hopper_forward_other_variants_compile(warp_specialize, overlap):
     assert ("setmaxnreg" in ptx) == warp_specialize
     assert ("wgmma.wait_group.sync.aligned 1;" in ptx) == overlap  # S waited for while P V still runs
     assert _spill_bytes(compiled) in (0, None)
+
+
+# The candidates scripts/gluon_check.py measures (launch_hopper.CANDIDATE_TILES), each once, with a mask
+# kind that exercises its edge blocks.
+CANDIDATES = [
+    ("pp", 128, torch.bfloat16, (64, 32)),
+    ("pp-256x64", 64, torch.bfloat16, (-1, 0)),
+    ("ov-128x64", 64, torch.float16, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("name, d, dtype, window", CANDIDATES)
+def test_hopper_candidate_tiles_compile(name, d, dtype, window):
+    tile = launch_hopper.CANDIDATE_TILES[name][d]
+    compiled = _compile(d, dtype, window, tile=tile)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx
+    assert "setmaxnreg" in ptx
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
+    # named barriers (id, threads) that Triton puts before the mbarrier waits and arrives
+    syncs = {(int(i), int(n)) for i, n in re.findall(r"bar\.sync\s+(\d+),\s*(\d+);", ptx)}
+    if tile.consumers > 1:
+        # ping-pong: each consumer warpgroup syncs only itself (no lock step across them); the consumer
+        # code (its wgmma included) is emitted once per consumer partition
+        assert syncs and all(n == 128 for _, n in syncs) and len({i for i, _ in syncs}) >= tile.consumers
+        base = launch_hopper.HOPPER_TILES[d]
+        if dataclasses.replace(tile, consumers=1, num_warps=base.num_warps) == base:  # same blocks: compare
+            one = _compile(d, dtype, window, tile=base).asm["ptx"]
+            assert ptx.count("wgmma.mma_async") == tile.consumers * one.count("wgmma.mma_async")
+    else:
+        assert (0, 32 * tile.num_warps) in syncs
 
 
 def test_covers_only_cuda_dense_supported_calls():

@@ -39,6 +39,9 @@ class HopperTile:
     num_warps: int = 8  # two consumer warpgroups of 64 rows each
     warp_specialize: bool = True
     overlap: bool = True  # softmax of block j+1 while P V of block j runs (hopper_fwd._attend)
+    # > 1: ping-pong, that many one-warpgroup consumer partitions of block_m / consumers rows each, taking
+    # turns on the tensor cores (needs warp_specialize and overlap, and num_warps 4)
+    consumers: int = 1
 
 
 # Measured by scripts/gluon_check.py (see GLUON_DEFAULT_HEAD_DIMS); other tiles not swept yet.
@@ -47,6 +50,21 @@ class HopperTile:
 HOPPER_TILES = {
     64: HopperTile(128, 128, 3),
     128: HopperTile(128, 128, 2),
+}
+
+# Not dispatched yet: candidates scripts/gluon_check.py measures next to HOPPER_TILES (compile report in
+# docs/perf-notes.md, 2026-12-02; none spills). "pp": ping-pong, two one-warpgroup consumers of 64 rows at
+# the dispatched block sizes. The d64 ones answer Triton's (128, 64, 4 warps, 3 stages) tile: ping-pong of
+# two 128-row consumers over 64-key blocks (Q 2 x 16K + 4 x 16K K/V = 96K), and the dispatched 8-warp
+# kernel over 64-key blocks with 4 stages (80K). Three 64-row consumers (192 x 128, FA3's d64 tile) spill
+# 16 bytes at 160 registers each, so it is not among them.
+CANDIDATE_TILES = {
+    "pp": {
+        64: HopperTile(128, 128, 3, num_warps=4, consumers=2),
+        128: HopperTile(128, 128, 2, num_warps=4, consumers=2),
+    },
+    "pp-256x64": {64: HopperTile(256, 64, 4, num_warps=4, consumers=2)},
+    "ov-128x64": {64: HopperTile(128, 64, 4)},
 }
 
 
@@ -96,7 +114,9 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
     tile = tile or HOPPER_TILES[d]
     grid = (math.ceil(seqlen_q / tile.block_m), nheads, batch)
     args = (
-        _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n), out, lse,
+        # one Q box per consumer
+        _descriptor(q, tile.block_m // tile.consumers), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+        out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
         opts.softmax_scale * LOG2E,
@@ -109,10 +129,12 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         HAS_RIGHT=opts.window_right >= 0,
         WARP_SPECIALIZE=tile.warp_specialize,
         OVERLAP=tile.overlap,
+        CONSUMERS=tile.consumers,
         num_warps=tile.num_warps,
-        # with the 1-warp loader the CTA has 3 warpgroups: 168 x 384 threads fits the 64K registers,
-        # and setmaxnreg moves the loader's share (24) to the consumers (240)
-        maxnreg=168 if tile.warp_specialize else None,
+        # with the 1-warp loader the CTA has one warpgroup more than the consumers': 3 (8 consumer warps, or
+        # 2 ping-pong consumers) x 128 threads x 168 fits the 64K registers, 4 x 128 x 128 too; setmaxnreg
+        # moves the loader's share (24) to the consumers (240, or 160 with 3 ping-pong consumers)
+        maxnreg=(128 if tile.consumers == 3 else 168) if tile.warp_specialize else None,
     )
     return attention_fwd_hopper_kernel, grid, args, kwargs
 
