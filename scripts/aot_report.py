@@ -160,12 +160,12 @@ def main_gluon() -> None:
 
     from flashtron import launch_hopper
 
-    tiles = []
-    for d, base in launch_hopper.HOPPER_TILES.items():
+    tiles = [(d, "dispatched", tile) for d, tile in launch_hopper.HOPPER_TILES.items()]
+    for d, base in launch_hopper.CANDIDATE_TILES["ws-ov"].items():  # the lock-step tile and its simpler forms
         for ws, overlap, stages in ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 1)):
             tiles.append((d, "", replace(base, stages=base.stages + stages, warp_specialize=ws, overlap=overlap)))
     for name, per_d in launch_hopper.CANDIDATE_TILES.items():
-        tiles += [(d, name, tile) for d, tile in per_d.items()]
+        tiles += [(d, name, tile) for d, tile in per_d.items() if name != "ws-ov"]
     tiles.append((64, "pp3-192", launch_hopper.HopperTile(192, 128, 3, num_warps=4, consumers=3)))
     for d, name, tile in tiles:
         for causal in (False, True):

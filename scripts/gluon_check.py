@@ -5,10 +5,10 @@
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
 mbarrier, an illegal address) costs only that part:
   1. check <variant>, one child per variant, in the order given (default: pp, ws-ov, pp-256x64, ov-128x64):
-     `pp` is the ping-pong kernel (two one-warpgroup consumers taking turns on the tensor cores) at the
-     dispatched block sizes and gets the full matrix; `ws-ov` is the dispatched tile (launch_hopper.
-     HOPPER_TILES), the same-run baseline, checked on the bf16 configurations that the timing compiles
-     (it passed the full matrix on 2026-12-02); `pp-256x64` and `ov-128x64` are d64-only tiles
+     `pp` is the dispatched ping-pong tile (launch_hopper.HOPPER_TILES: two one-warpgroup consumers taking
+     turns on the tensor cores) and gets the full matrix; `ws-ov` is the first tile (8 warps in lock step,
+     launch_hopper.CANDIDATE_TILES["ws-ov"]), the same-run baseline, checked on the bf16 configurations that
+     the timing compiles (it passed the full matrix on 2026-12-02); `pp-256x64` and `ov-128x64` are d64-only tiles
      (launch_hopper.CANDIDATE_TILES), checked on three d64 configurations. The checks share the budget
      less TIME_RESERVE seconds, which the timing always keeps; a variant cut off by its time limit counts
      as failed and is not timed.
@@ -58,14 +58,18 @@ D64 = [("bfloat16", 64, "none"), ("bfloat16", 64, "causal"), ("float16", 64, "wi
 OLD = TIMED + [("float16", 128, "causal")]
 # name: (tile per head dim as a function of launch_hopper, configurations, seconds its check may take at most)
 VARIANTS = {
-    "pp": (lambda lh, d: lh.CANDIDATE_TILES["pp"][d], FULL, 95),  # about 65 s at the first run's 6 s per config
-    "ws-ov": (lambda lh, d: lh.HOPPER_TILES[d], TIMED, 40),  # what FLASHTRON_BACKEND=gluon runs
+    "pp": (lambda lh, d: lh.HOPPER_TILES[d], FULL, 95),  # the dispatched ping-pong tile; about 50 s
+    "ws-ov": (lambda lh, d: lh.CANDIDATE_TILES["ws-ov"][d], TIMED, 40),  # the first tile (lock step), baseline
     "pp-256x64": (lambda lh, d: lh.CANDIDATE_TILES["pp-256x64"].get(d), D64, 35),
     "ov-128x64": (lambda lh, d: lh.CANDIDATE_TILES["ov-128x64"].get(d), D64, 35),
     # the first run's other variants (2026-12-02), for --variants
-    "plain": (lambda lh, d: replace(lh.HOPPER_TILES[d], warp_specialize=False, overlap=False), OLD, 45),
-    "ws": (lambda lh, d: replace(lh.HOPPER_TILES[d], overlap=False), OLD, 45),
-    "ws-ov-deep": (lambda lh, d: replace(lh.HOPPER_TILES[d], stages=lh.HOPPER_TILES[d].stages + 1), OLD, 45),
+    "plain": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], warp_specialize=False, overlap=False), OLD, 45),
+    "ws": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], overlap=False), OLD, 45),
+    "ws-ov-deep": (
+        lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], stages=lh.CANDIDATE_TILES["ws-ov"][d].stages + 1),
+        OLD,
+        45,
+    ),
 }
 DEFAULT_VARIANTS = "pp,ws-ov,pp-256x64,ov-128x64"
 TIME_RESERVE = 55.0  # seconds the timing keeps whatever the checks take (about 40 s on 2026-12-02's H200)

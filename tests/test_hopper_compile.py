@@ -31,11 +31,12 @@ def _compile(d, dtype, window, warp_specialize=True, overlap=True, seqlen_q=300,
     out = torch.empty_like(q)
     lse = torch.empty(2, 4, seqlen_q)
     opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
-    if tile is None:
-        base = launch_hopper.HOPPER_TILES[d]
-        tile = launch_hopper.HopperTile(
-            base.block_m, base.block_n, base.stages, base.num_warps, warp_specialize, overlap
-        )
+    if tile is None:  # the dispatched tile, or the lock-step one without warp specialization or overlap
+        tile = launch_hopper.HOPPER_TILES[d]
+        if not (warp_specialize and overlap):
+            tile = dataclasses.replace(
+                launch_hopper.CANDIDATE_TILES["ws-ov"][d], warp_specialize=warp_specialize, overlap=overlap
+            )
     kernel, _, args, kwargs = launch_hopper.kernel_launch(q, k, v, out, lse, opts, tile)
     return launch_hopper.compile_sm90(kernel, args, kwargs)
 
@@ -71,6 +72,22 @@ def test_hopper_forward_compiles_for_sm90(d, dtype, window):
     assert "wgmma.wait_group.sync.aligned 1;" in ptx  # the softmax / P V overlap
     assert compiled.metadata.shared <= SMEM_LIMIT
     assert _spill_bytes(compiled) in (0, None)
+    _check_barriers(launch_hopper.HOPPER_TILES[d], d, dtype, window, ptx)
+
+
+def _check_barriers(tile, d, dtype, window, ptx):
+    """The named barriers (id, threads) that Triton puts before the mbarrier waits and arrives: ping-pong
+    consumers each sync only themselves (no lock step across them), and their code (wgmma included) is
+    emitted once per consumer partition; the lock-step tile syncs all its consumer warps together."""
+    syncs = {(int(i), int(n)) for i, n in re.findall(r"bar\.sync\s+(\d+),\s*(\d+);", ptx)}
+    if tile.consumers > 1:
+        assert syncs and all(n == 128 for _, n in syncs) and len({i for i, _ in syncs}) >= tile.consumers
+        base = launch_hopper.CANDIDATE_TILES["ws-ov"][d]
+        if dataclasses.replace(tile, consumers=1, num_warps=base.num_warps) == base:  # same blocks: compare
+            one = _compile(d, dtype, window, tile=base).asm["ptx"]
+            assert ptx.count("wgmma.mma_async") == tile.consumers * one.count("wgmma.mma_async")
+    else:
+        assert (0, 32 * tile.num_warps) in syncs
 
 
 @pytest.mark.parametrize("warp_specialize, overlap", [(False, False), (True, False), (False, True)])
@@ -87,7 +104,7 @@ def test_hopper_forward_other_variants_compile(warp_specialize, overlap):
 # The candidates scripts/gluon_check.py measures (launch_hopper.CANDIDATE_TILES), each once, with a mask
 # kind that exercises its edge blocks.
 CANDIDATES = [
-    ("pp", 128, torch.bfloat16, (64, 32)),
+    ("ws-ov", 128, torch.bfloat16, (64, 32)),
     ("pp-256x64", 64, torch.bfloat16, (-1, 0)),
     ("ov-128x64", 64, torch.float16, (-1, -1)),
 ]
@@ -102,18 +119,7 @@ def test_hopper_candidate_tiles_compile(name, d, dtype, window):
     assert "setmaxnreg" in ptx
     assert compiled.metadata.shared <= SMEM_LIMIT
     assert _spill_bytes(compiled) in (0, None)
-    # named barriers (id, threads) that Triton puts before the mbarrier waits and arrives
-    syncs = {(int(i), int(n)) for i, n in re.findall(r"bar\.sync\s+(\d+),\s*(\d+);", ptx)}
-    if tile.consumers > 1:
-        # ping-pong: each consumer warpgroup syncs only itself (no lock step across them); the consumer
-        # code (its wgmma included) is emitted once per consumer partition
-        assert syncs and all(n == 128 for _, n in syncs) and len({i for i, _ in syncs}) >= tile.consumers
-        base = launch_hopper.HOPPER_TILES[d]
-        if dataclasses.replace(tile, consumers=1, num_warps=base.num_warps) == base:  # same blocks: compare
-            one = _compile(d, dtype, window, tile=base).asm["ptx"]
-            assert ptx.count("wgmma.mma_async") == tile.consumers * one.count("wgmma.mma_async")
-    else:
-        assert (0, 32 * tile.num_warps) in syncs
+    _check_barriers(tile, d, dtype, window, ptx)
 
 
 def test_covers_only_cuda_dense_supported_calls():

@@ -20,9 +20,11 @@ from flashtron.options import AttnOptions
 LOG2E = math.log2(math.e)
 
 # Head dims whose covered calls take the Gluon forward by default (FLASHTRON_BACKEND unset or "auto"), where
-# it measured correct and faster than the Triton forward. H200, 2026-12-02, scripts/gluon_check.py (every case
-# passed: fp16/bf16, none/causal/window, seqlens 1-4096, GQA 4), TFLOP/s at PERF.md's grid, same run:
-# d128 1.04-1.10x Triton (16k: 504 / 471 full, 511 / 466 causal); d64 0.82-0.97x, so d64 stays on Triton.
+# it measured correct and faster than the Triton forward at every size. H200, 2026-12-02,
+# scripts/gluon_check.py (every case passed: fp16/bf16, none/causal/window, seqlens 1-4096, GQA 4), TFLOP/s
+# at PERF.md's grid, peers in the same run: the ping-pong tile at d128 1.14-1.33x Triton (16k: 652 / 490
+# full, 622 / 490 causal; cuDNN 687 / 627). At d64 it is 1.02-1.06x Triton from 4k up without a mask but
+# 0.81-0.97x at 1k and causal 4k, so d64 stays on Triton by default.
 GLUON_DEFAULT_HEAD_DIMS = frozenset({128})
 
 
@@ -44,25 +46,23 @@ class HopperTile:
     consumers: int = 1
 
 
-# Measured by scripts/gluon_check.py (see GLUON_DEFAULT_HEAD_DIMS); other tiles not swept yet.
-# Shared memory: Q BLOCK_M x d plus STAGES x
-# (K + V) of BLOCK_N x d, 16-bit: d64 16K + 3 x 32K = 112K; d128 32K + 2 x 64K = 160K (227K fit).
+# The dispatched tiles: ping-pong, two one-warpgroup consumers of 64 rows taking turns on the tensor cores
+# (consumers=2), a 1-warp TMA loader. Shared memory: Q BLOCK_M x d plus STAGES x (K + V) of BLOCK_N x d,
+# 16-bit: d64 16K + 3 x 32K = 112K; d128 32K + 2 x 64K = 160K (227K fit). Against the first tile (8 warps in
+# lock step, "ws-ov" below) in the same run: 1.18-1.32x at d128, 1.01-1.16x at d64 (docs/perf-notes.md).
 HOPPER_TILES = {
-    64: HopperTile(128, 128, 3),
-    128: HopperTile(128, 128, 2),
+    64: HopperTile(128, 128, 3, num_warps=4, consumers=2),
+    128: HopperTile(128, 128, 2, num_warps=4, consumers=2),
 }
 
-# Not dispatched yet: candidates scripts/gluon_check.py measures next to HOPPER_TILES (compile report in
-# docs/perf-notes.md, 2026-12-02; none spills). "pp": ping-pong, two one-warpgroup consumers of 64 rows at
-# the dispatched block sizes. The d64 ones answer Triton's (128, 64, 4 warps, 3 stages) tile: ping-pong of
-# two 128-row consumers over 64-key blocks (Q 2 x 16K + 4 x 16K K/V = 96K), and the dispatched 8-warp
-# kernel over 64-key blocks with 4 stages (80K). Three 64-row consumers (192 x 128, FA3's d64 tile) spill
-# 16 bytes at 160 registers each, so it is not among them.
+# Measured next to HOPPER_TILES by scripts/gluon_check.py, not dispatched (compile report in
+# docs/perf-notes.md; none spills). "ws-ov": the first Gluon tile, 8 consumer warps in lock step, kept as
+# the same-run baseline. The d64 ones answer Triton's (128, 64, 4 warps, 3 stages) tile: ping-pong of two
+# 128-row consumers over 64-key blocks (Q 2 x 16K + 4 x 16K K/V = 96K), and the 8-warp kernel over 64-key
+# blocks with 4 stages (80K); both lost to the dispatched d64 tile from 4k up. Three 64-row consumers
+# (192 x 128, FA3's d64 tile) spill 16 bytes at 160 registers each, so it is not among them.
 CANDIDATE_TILES = {
-    "pp": {
-        64: HopperTile(128, 128, 3, num_warps=4, consumers=2),
-        128: HopperTile(128, 128, 2, num_warps=4, consumers=2),
-    },
+    "ws-ov": {64: HopperTile(128, 128, 3), 128: HopperTile(128, 128, 2)},
     "pp-256x64": {64: HopperTile(256, 64, 4, num_warps=4, consumers=2)},
     "ov-128x64": {64: HopperTile(128, 64, 4)},
 }
