@@ -49,7 +49,7 @@ class HopperTile:
 # The dispatched tiles: ping-pong, two one-warpgroup consumers of 64 rows taking turns on the tensor cores
 # (consumers=2), a 1-warp TMA loader. Shared memory: Q BLOCK_M x d plus STAGES x (K + V) of BLOCK_N x d,
 # 16-bit: d64 16K + 3 x 32K = 112K; d128 32K + 2 x 64K = 160K (227K fit). Against the first tile (8 warps in
-# lock step, "ws-ov" below) in the same run: 1.18-1.32x at d128, 1.01-1.16x at d64 (docs/perf-notes.md).
+# lock step, "ws-ov" below) in the same run: 1.09-1.32x at d128, 1.01-1.16x at d64 (docs/perf-notes.md).
 HOPPER_TILES = {
     64: HopperTile(128, 128, 3, num_warps=4, consumers=2),
     128: HopperTile(128, 128, 2, num_warps=4, consumers=2),
