@@ -129,3 +129,51 @@ def test_covers_only_cuda_dense_supported_calls():
     assert launch_hopper.chosen("gluon", 64) and not launch_hopper.chosen("triton", 128)
     # by default, only the head dims where it measured faster than the Triton forward
     assert launch_hopper.chosen("auto", 128) and not launch_hopper.chosen("auto", 64)
+
+
+# The Gluon dK/dV kernel (kernels/hopper_bwd.py), every head dim and mask kind that covers_backward takes,
+# each dtype once, with the stack bytes ptxas reported at this commit (triton 3.6.0): the unmasked d64
+# kernel has none; the masked edge segments push the d128 consumers past setmaxnreg's 240 registers, and
+# ptxas spills a few scalars of the loop state (docs/perf-notes.md, 2026-12-02 backward entry). The bound
+# catches a regression; the goal is 0 everywhere.
+BWD_VARIANTS = [
+    (64, torch.bfloat16, (-1, -1), 0),
+    (64, torch.float16, (-1, 0), 128),
+    (128, torch.bfloat16, (-1, -1), 32),
+    (128, torch.bfloat16, (-1, 0), 128),
+    (128, torch.float16, (64, 32), 128),
+]
+
+
+def _compile_bwd(d, dtype, window, seqlen_q=300, seqlen_k=257):
+    q = torch.empty(2, seqlen_q, 4, d, dtype=dtype)
+    k = torch.empty(2, seqlen_k, 2, d, dtype=dtype)  # GQA 2:1
+    lse = torch.empty(2, 4, seqlen_q)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    kernel, _, args, kwargs = launch_hopper.backward_dkdv_launch(
+        q, k, torch.empty_like(k), torch.empty_like(q), lse, torch.empty_like(lse), torch.empty_like(k),
+        torch.empty_like(k), opts,
+    )  # fmt: skip
+    return launch_hopper.compile_sm90(kernel, args, kwargs)
+
+
+@pytest.mark.parametrize("d, dtype, window, stack_bound", BWD_VARIANTS)
+def test_hopper_backward_dkdv_compiles_for_sm90(d, dtype, window, stack_bound):
+    compiled = _compile_bwd(d, dtype, window)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads of K, V, Q and dO
+    assert "setmaxnreg" in ptx  # the 1-warp loader partition
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx  # P's math while dP^T runs, dS's while dV runs
+    assert not re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, flags=re.M)  # deterministic: no atomics
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    spill = _spill_bytes(compiled)
+    assert spill is None or spill <= stack_bound, f"stack {spill} bytes, bound {stack_bound}"
+
+
+def test_backward_is_opt_in():
+    # until a GPU run measures it, only FLASHTRON_BACKEND=gluon sends backwards to the Gluon dK/dV kernel
+    assert launch_hopper.chosen_backward("gluon", 128) and launch_hopper.chosen_backward("gluon", 64)
+    assert not any(launch_hopper.chosen_backward(b, d) for b in ("auto", "triton") for d in (64, 128))
+    q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert not launch_hopper.covers_backward(q, q, q, q, AttnOptions(softmax_scale=0.125), varlen=False)

@@ -1,10 +1,12 @@
-"""Launcher for the Gluon Hopper forward (kernels/hopper_fwd.py): which calls it covers, its tiles, its
-TMA descriptors, and an sm_90 compile that needs no GPU (tests, scripts).
+"""Launchers for the Gluon Hopper kernels (kernels/hopper_fwd.py, kernels/hopper_bwd.py): which calls they
+cover, their tiles, their TMA descriptors, and an sm_90 compile that needs no GPU (tests, scripts).
 
 launch.attention_forward sends a call here when `covers` says the kernel handles it and the backend
 choice (env.backend) allows it; everything else stays on the Triton kernel. Outputs are the Triton
 forward's: out like q, lse (batch, nheads, seqlen_q) fp32 in natural log, so the Triton backward
-consumes them unchanged.
+consumes them unchanged. launch.attention_backward likewise sends the dK/dV part of a covered backward
+to the Gluon dK/dV kernel (`chosen_backward`: only under FLASHTRON_BACKEND=gluon until a GPU run measures
+it); delta's preprocess and dQ stay on the Triton kernels.
 """
 
 from __future__ import annotations
@@ -65,6 +67,34 @@ CANDIDATE_TILES = {
     "ws-ov": {64: HopperTile(128, 128, 3), 128: HopperTile(128, 128, 2)},
     "pp-256x64": {64: HopperTile(256, 64, 4, num_warps=4, consumers=2)},
     "ov-128x64": {64: HopperTile(128, 64, 4)},
+}
+
+
+# Head dims whose covered backwards take the Gluon dK/dV kernel by default: none until scripts/gluon_check.py
+# --backward has measured it correct and faster than the Triton dK/dV kernel on an H200.
+GLUON_DEFAULT_BACKWARD_HEAD_DIMS: frozenset[int] = frozenset()
+
+
+def chosen_backward(backend: str, head_dim: int) -> bool:
+    """Whether the backend setting sends the dK/dV part of covered backwards of this head dim to Gluon."""
+    return backend == "gluon" or (backend == "auto" and head_dim in GLUON_DEFAULT_BACKWARD_HEAD_DIMS)
+
+
+@dataclass(frozen=True)
+class HopperBwdTile:
+    block_m: int  # query rows per step of the loop
+    block_n: int  # keys per program (resident K and V)
+    stages: int  # (Q, dO) ring slots
+    num_warps: int = 8  # two consumer warpgroups of block_n / 2 keys each
+
+
+# FA3's dK/dV shapes (hopper/ of flash-attention, its d64 and d128 backward tiles): 128 keys per program in
+# two warpgroups; 128 query rows per step at d64, 64 at d128 (dK and dV take 128 fp32 registers a thread at
+# d128). Shared memory, 16-bit: K + V 2 x BLOCK_N x d, plus STAGES x (Q + dO) of BLOCK_M x d: d64 32K + 2 x
+# 32K = 96K; d128 64K + 2 x 32K = 128K. Not measured yet (docs/perf-notes.md, 2026-12-02, backward).
+HOPPER_BWD_TILES = {
+    64: HopperBwdTile(128, 128, 2),
+    128: HopperBwdTile(64, 128, 2),
 }
 
 
@@ -157,6 +187,54 @@ def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None
     kernel, grid, args, kwargs = kernel_launch(q, k, v, out, lse, opts, tile)
     kernel[grid](*args, **kwargs)
     return out, lse
+
+
+def covers_backward(q, k, v, dout, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:
+    """Whether the Gluon dK/dV kernel handles this backward: what `covers` takes, with dout of q's dtype
+    (dout with strides TMA cannot take is made contiguous by the launcher)."""
+    return dout.dtype == q.dtype and covers(q, k, v, opts, varlen=varlen, seqused_k=seqused_k)
+
+
+def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, tile: HopperBwdTile | None = None):
+    """(kernel, grid, args, kwargs) of one dK/dV launch, as kernel_launch. lse and delta: (batch, nheads,
+    seqlen_q) fp32 with the same strides, rows contiguous; dk, dv like k, v (last stride 1)."""
+    from flashtron.kernels.hopper_bwd import attention_bwd_dkdv_hopper_kernel
+
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    tile = tile or HOPPER_BWD_TILES[d]
+    assert lse.stride() == delta.stride() and lse.stride(2) == 1
+    grid = (math.ceil(seqlen_k / tile.block_n), nheads_k, batch)
+    args = (
+        _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+        _descriptor(dout, tile.block_m), lse, delta, dk, dv,
+        lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
+        dv.stride(2),
+        seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
+        opts.softmax_scale * LOG2E, opts.softmax_scale,
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        STAGES=tile.stages,
+        HAS_LEFT=opts.window_left >= 0,
+        HAS_RIGHT=opts.window_right >= 0,
+        num_warps=tile.num_warps,
+        # two consumer warpgroups and the loader's: 3 x 128 threads x 168 fit the 64K registers; setmaxnreg
+        # moves the loader's share (24) to the consumers (240)
+        maxnreg=168,
+    )
+    return attention_bwd_dkdv_hopper_kernel, grid, args, kwargs
+
+
+def attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, tile: HopperBwdTile | None = None):
+    """Writes dk, dv (allocated by the caller, like k and v) of a covered backward: q, dout (batch,
+    seqlen_q, nheads, d), k, v (batch, seqlen_k, nheads_k, d), lse (natural log) and delta = rowsum(dout *
+    out) - dlse, (batch, nheads, seqlen_q) fp32, same strides. Callers check `covers_backward` first."""
+    if not _tma_ok(dout) or 0 in dout.stride():  # e.g. an expanded gradient
+        dout = dout.contiguous()
+    kernel, grid, args, kwargs = backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts, tile)
+    kernel[grid](*args, **kwargs)
 
 
 def compile_sm90(kernel, args, kwargs):
