@@ -1,6 +1,7 @@
 """One GPU run for the Gluon Hopper forward (issue 15): are the new variants right, and how fast is each.
 
     PYTHONPATH=src python3 scripts/gluon_check.py [--budget 220] [--variants pp,ws-ov,...] [--api]
+    PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 240]    # issue 16: the backward
 
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
 mbarrier, an illegal address) costs only that part:
@@ -21,6 +22,16 @@ Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right
 GQA 4:1, 13 seqlen pairs from 1 to 4096 with seqlen_q != seqlen_k both ways; outputs poisoned with NaN;
 out and lse against the fp32 reference by the tests' rule (tests/tolerance.py); two runs bitwise equal.
 Prints one line per failure, a summary per variant, the TFLOP/s table last; writes $OUT/gluon_check.json.
+
+With --backward the run is the backward's instead (issue 16), same budget design, two parts:
+  1. check-bwd: the Gluon dK/dV kernel (launch_hopper.HOPPER_BWD_TILES) inside launch.attention_backward
+     with FLASHTRON_BACKEND=gluon (delta and dQ on the Triton kernels), on the Gluon forward's out and lse,
+     with a gradient on lse too: dq, dk, dv against the fp32 reference by the tests' backward rule, two
+     runs bitwise equal, the Gluon kernel asserted to have run. BWD_CONFIGS x BWD_SEQLENS, GQA 4:1.
+  2. time-bwd, if every check passed: backward TFLOP/s (2.5x the forward's FLOPs, halved when causal) at
+     the same grid: the whole flashtron backward with the Gluon dK/dV ("gluon"), the Gluon dK/dV kernel on
+     its own ("gluon-dkdv", FLOPs of its 3 of the 5 backward matmuls: 1.5x the forward's), the Triton
+     backward, and SDPA cuDNN and flash (torch.autograd.grad of their out, retain_graph).
 """
 
 from __future__ import annotations
@@ -244,6 +255,190 @@ def child_time(variants: list[str], state: str) -> None:
                 _save(state, dict(rows=rows))
 
 
+# The backward's check: every head dim, both dtypes, each mask kind at least once (every one is a fresh
+# compile of the Gluon dK/dV kernel, and of the Triton dQ kernel).
+BWD_CONFIGS = [("bfloat16", 128, "none"), ("bfloat16", 128, "causal"), ("bfloat16", 128, "window"),
+               ("bfloat16", 64, "none"), ("bfloat16", 64, "causal"), ("float16", 128, "causal"),
+               ("float16", 64, "window")]  # fmt: skip
+BWD_SEQLENS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (2048, 2048), (17, 129), (129, 17),
+               (127, 1000), (1000, 127), (1, 1000), (4096, 1000)]  # fmt: skip
+BWD_CHECK_LIMIT = 120.0  # seconds the backward check may take (not measured yet: 7 configurations)
+BWD_TIME_RESERVE = 100.0  # seconds the backward timing keeps (Triton backward compiles for 4 (d, mask) cells)
+
+
+def _check_bwd_case(dtype, d, mask, sq, sk, calls):
+    """Gluon dK/dV (+ Triton dQ) against the fp32 reference and PyTorch-in-dtype; two runs bitwise equal."""
+    import torch
+
+    from flashtron import launch, launch_hopper
+    from flashtron.options import AttnOptions
+    from flashtron.reference import attention_ref
+    from tolerance import assert_grads_close
+
+    g = torch.Generator(device="cuda").manual_seed(sq * 7919 + sk * 31 + d + 1)
+    q = torch.randn(BATCH, sq, NHEADS, d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype)
+    dout = torch.randn(BATCH, sq, NHEADS, d, device="cuda", generator=g).to(dtype)
+    window = MASKS[mask]
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    assert launch_hopper.covers_backward(q, k, v, dout, opts, varlen=False), "covers_backward() refuses this case"
+    out, lse = launch_hopper.attention_forward(q, k, v, opts)
+    finite = torch.isfinite(lse)
+    dlse = torch.where(finite, torch.randn(lse.shape, device="cuda", generator=g), 0.0)
+    before = len(calls)
+    dq, dk, dv, _ = launch.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse)
+    dq2, dk2, dv2, _ = launch.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse)
+    torch.cuda.synchronize()
+    assert len(calls) == before + 2, "the backward did not take the Gluon dK/dV kernel"
+    grads = []
+    for upcast in (True, False):
+        ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o, lse_ref, _ = attention_ref(*ins, causal=False, window_size=window, upcast=upcast, reorder_ops=not upcast)
+        grads.append(torch.autograd.grad((o, lse_ref), ins, (dout.to(o.dtype), dlse.to(lse_ref.dtype))))
+    assert_grads_close((dq, dk, dv), *grads)
+    assert torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2), "two runs differ"
+
+
+def child_check_bwd(state: str) -> None:
+    """Checks BWD_CONFIGS, saving after each configuration (a time-out keeps what ran)."""
+    import torch
+
+    from flashtron import launch, launch_hopper
+
+    launch.set_output_poisoning(True)
+    os.environ["FLASHTRON_BACKEND"] = "gluon"
+    calls = []
+    original = launch_hopper.attention_backward_dkdv
+    launch_hopper.attention_backward_dkdv = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    results = {}
+    for dtype, d, mask in BWD_CONFIGS:
+        name = f"bwd {dtype} d{d} {mask}"
+        fails, passed, t0 = [], 0, time.time()
+        for sq, sk in BWD_SEQLENS:
+            try:
+                _check_bwd_case(getattr(torch, dtype), d, mask, sq, sk, calls)
+                passed += 1
+            except Exception as exc:  # one bad case must not stop the rest
+                fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
+                if len(fails) <= 3:
+                    print(f"  FAIL {name} sq={sq} sk={sk}: {_short(exc)[:160]}", flush=True)
+                if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
+                    break
+        print(f"{name:26} {passed}/{len(BWD_SEQLENS)} passed ({time.time() - t0:.1f}s)", flush=True)
+        results[name] = dict(passed=passed, total=len(BWD_SEQLENS), fails=fails)
+        _save(state, results)
+        if any("CUDA error" in f or "illegal" in f for f in fails):
+            print("  CUDA context is broken; stopping this part", flush=True)
+            break
+
+
+def _time_bwd_cell(d: int, causal: bool, s: int) -> dict:
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashtron import launch, launch_hopper
+    from flashtron.options import AttnOptions
+
+    b, h = 16384 // s, 2048 // d
+    q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
+    out, lse = launch_hopper.attention_forward(q, k, v, opts)
+    _, _, _, delta = launch.attention_backward(dout, q, k, v, out, lse, opts)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+    def flashtron_bwd(backend):
+        os.environ["FLASHTRON_BACKEND"] = backend
+        return launch.attention_backward(dout, q, k, v, out, lse, opts)
+
+    fns = {
+        "gluon": lambda: flashtron_bwd("gluon"),
+        "gluon-dkdv": lambda: launch_hopper.attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts),
+        "triton": lambda: flashtron_bwd("triton"),
+    }
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    dot = dout.transpose(1, 2)
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        except Exception as exc:
+            print(f"  time {label} d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+            continue
+        fns[label] = lambda o=o: torch.autograd.grad(o, (qt, kt, vt), dot, retain_graph=True)
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+    row = dict(d=d, causal=causal, seqlen=s)
+    for label, fn in fns.items():
+        share = 1.5 / 2.5 if label == "gluon-dkdv" else 1.0  # dK/dV alone: S, dP, dV, dK (S counted once)
+        try:
+            row[label] = share * flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e9
+        except Exception as exc:
+            row[label] = None
+            print(f"  time {label} d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+    return row
+
+
+def child_time_bwd(state: str) -> None:
+    rows = []
+    for s in TIME_SEQLENS:
+        for d in (128, 64):
+            for causal in (False, True):
+                try:
+                    rows.append(_time_bwd_cell(d, causal, s))
+                except Exception as exc:  # e.g. out of memory: the other cells still run
+                    print(f"  time-bwd d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+                    continue
+                print("  " + " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in rows[-1].items()), flush=True)  # fmt: skip
+                _save(state, dict(rows=rows))
+
+
+def _bwd_table(rows: list[dict]) -> str:
+    cols = ["gluon", "gluon-dkdv", "triton", "cudnn", "sdpa-flash"]
+    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>10}" for c in cols)
+    out = ["backward TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench; gluon-dkdv: its share)",
+           head + "  gluon: /triton /cudnn"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["d"], r["causal"], r["seqlen"])):
+        cells = " ".join(f"{r[c]:10.0f}" if r.get(c) else f"{'-':>10}" for c in cols)
+        ratio = ""
+        if r.get("gluon") and r.get("triton") and r.get("cudnn"):
+            ratio = f"  {r['gluon'] / r['triton']:.2f}x {r['gluon'] / r['cudnn']:.2f}x"
+        out.append(f"{r['d']:>4} {'causal' if r['causal'] else 'full':>6} {r['seqlen']:>6} {cells}{ratio}")
+    return "\n".join(out)
+
+
+def main_backward(budget: float) -> None:
+    """The --backward run: check-bwd, then time-bwd if every case passed; writes $OUT/gluon_check_bwd.json."""
+    import torch
+
+    start = time.time()
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
+    else:
+        print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
+    out_dir = os.environ.get("OUT") or "."
+    limit = min(BWD_CHECK_LIMIT, budget - BWD_TIME_RESERVE)
+    check = _run_child("check-bwd", [], limit, os.path.join(out_dir, ".check-bwd.json")) or {}
+    ok = len(check) == len(BWD_CONFIGS) and all(r["passed"] == r["total"] for r in check.values())
+    timing = None
+    if ok:
+        left = budget - (time.time() - start)
+        timing = _run_child("time-bwd", [], left - 3, os.path.join(out_dir, ".time-bwd.json"))
+    with open(os.path.join(out_dir, "gluon_check_bwd.json"), "w") as f:
+        json.dump({"check": check, "time": timing}, f, indent=1)
+    print("\n== summary (backward)")
+    bad = [n for n, r in check.items() if r["passed"] != r["total"]]
+    print(f"check-bwd: {sum(r['passed'] for r in check.values())}/{sum(r['total'] for r in check.values())} "
+          f"cases passed, {len(check)}/{len(BWD_CONFIGS)} configurations ran"
+          + (f"; failing: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    if not ok:
+        print("not timed: a configuration failed or did not run")
+    if timing and timing.get("rows"):
+        print(_bwd_table(timing["rows"]))
+    print(f"total {time.time() - start:.0f}s")
+
+
 def _run_child(part: str, extra: list[str], timeout: float, state: str) -> dict | None:
     """Runs one part; returns what its state file holds, also after a time-out (what it finished)."""
     t0 = time.time()
@@ -295,6 +490,7 @@ def main() -> None:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--budget", type=float, default=220.0, help="seconds for the whole run")
     ap.add_argument("--api", action="store_true", help="also the public-API check, if 30 s are left")
+    ap.add_argument("--backward", action="store_true", help="check and time the Gluon backward instead")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -306,7 +502,14 @@ def main() -> None:
         _save(args.state, _check_api())
     elif args.child == "check":
         child_check(variants, args.state)
+    elif args.child == "check-bwd":
+        child_check_bwd(args.state)
+    elif args.child == "time-bwd":
+        child_time_bwd(args.state)
     if args.child:
+        return
+    if args.backward:
+        main_backward(args.budget)
         return
 
     import torch
