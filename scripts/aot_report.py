@@ -6,6 +6,7 @@ device time.
     python scripts/aot_report.py [fwd|dkdv|dq ...] [--d 64,128]
     python scripts/aot_report.py decode   # every decode table entry, dense and paged, and a stage sweep
     python scripts/aot_report.py gluon    # the Gluon Hopper forward's variants (launch_hopper)
+    python scripts/aot_report.py gluon-bwd    # the Gluon dK/dV kernel's tiles, each mask kind
 
 Needs only triton (its bundled ptxas). Pointer and stride arguments are marked 16-aligned as the JIT
 marks them for contiguous bf16 tensors, so the code matches what a launch would build.
@@ -199,6 +200,42 @@ def gluon_report(d, name, tile, causal) -> None:
           f"{time.time() - t0:4.1f}s", flush=True)  # fmt: skip
 
 
+def main_gluon_bwd() -> None:
+    """The Gluon dK/dV kernel (kernels/hopper_bwd.py) for sm_90, bf16: the dispatched tile per head dim, and
+    one more stage, with no mask, causal and a window. Stack > 0 means spills (ptxas's spill stores and loads
+    with them)."""
+    from dataclasses import replace
+
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.options import AttnOptions
+
+    for d, base in launch_hopper.HOPPER_BWD_TILES.items():
+        for tile in (base, replace(base, stages=base.stages + 1)):
+            for mask, window in (("full", (-1, -1)), ("causal", (-1, 0)), ("window", (256, 32))):
+                q = torch.empty(2, 1000, 4, d, dtype=torch.bfloat16)
+                k = torch.empty(2, 1000, 2, d, dtype=torch.bfloat16)
+                lse = torch.empty(2, 4, 1000)
+                opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+                t0 = time.time()
+                try:
+                    kernel, _, args, kwargs = launch_hopper.backward_dkdv_launch(
+                        q, k, k, q, lse, lse, torch.empty_like(k), torch.empty_like(k), opts, tile
+                    )
+                    compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
+                except Exception as exc:
+                    print(f"gluon-bwd d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+                    continue
+                regs, stack = cubin_resources(compiled.asm["cubin"])
+                ptx = compiled.asm["ptx"]
+                nreg = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*\.u32\s+(\d+)", ptx)})
+                print(f"gluon-bwd d{d:<3} ({tile.block_m},{tile.block_n}) stages {tile.stages} warps {tile.num_warps} "
+                      f"{mask:6} regs {regs} stack {stack} smem {compiled.metadata.shared / 1024:6.1f}K "
+                      f"wgmma {ptx.count('wgmma.mma_async')} setmaxnreg {nreg} {time.time() - t0:4.1f}s",
+                      flush=True)  # fmt: skip
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tune import TILES
@@ -208,6 +245,9 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["gluon"]:
         main_gluon()
+        return
+    if sys.argv[1:2] == ["gluon-bwd"]:
+        main_gluon_bwd()
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("kinds", nargs="*", default=["fwd", "dkdv", "dq"])

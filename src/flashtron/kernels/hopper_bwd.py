@@ -106,7 +106,6 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
     position of the first step. LSE, Delta point at row 0, head 0 of this sequence."""
     dtype: gl.constexpr = q_bufs.dtype
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    zero_s = gl.zeros([offs_n.shape[0], BLOCK_M], gl.float32, s_layout)
     # the row statistics are prefetched compact (one value a thread or fewer) and spread over the block's
     # columns only where used: held in the wgmma layout from the start they cost 32 registers through the
     # step, and the consumers are at the 240 of setmaxnreg already (ptxas spilled)
@@ -131,20 +130,24 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
         q_tile = q_bufs.index(s).reshape([BLOCK_M, HEAD_DIM])
         do_tile = do_bufs.index(s).reshape([BLOCK_M, HEAD_DIM])
         mbarrier.wait(bars.index(s), phase)
+        zero_s = gl.zeros([offs_n.shape[0], BLOCK_M], gl.float32, s_layout)
         st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         mbarrier.wait(bars.index(STAGES + s), phase)
         dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))  # S^T done; dP^T may still run
         lse = gl.convert_layout(lse * LOG2E, gl.SliceLayout(0, s_layout))
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))  # [BLOCK_N, BLOCK_M]
-        if MASK:
-            rows = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout)), 0)
-            keep = cols < seqlen_k
-            diag = rows + (seqlen_k - seqlen_q)
-            if HAS_RIGHT:
-                keep = keep & (cols <= diag + window_right)
-            if HAS_LEFT:
-                keep = keep & (cols >= diag - window_left)
+        # Keys past seqlen_k need no mask: their K and V rows are zero-filled and each key's dK, dV row
+        # depends on its own row of P and dS only, and those rows are not stored.
+        if MASK and (HAS_LEFT or HAS_RIGHT):
+            diag = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout)), 0)
+            diag = diag + (seqlen_k - seqlen_q)
+            if HAS_RIGHT and HAS_LEFT:
+                keep = (cols <= diag + window_right) & (cols >= diag - window_left)
+            elif HAS_RIGHT:
+                keep = cols <= diag + window_right
+            else:
+                keep = cols >= diag - window_left
             pt = gl.where(keep, pt, 0.0)
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_tile, dv, is_async=True)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt,))  # dP^T done; dV may still run
@@ -158,12 +161,15 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
 
 
 @gluon.jit
-def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lh, stride_dkn, stride_dvn,
-              start_n, lo, full_lo, full_hi, hi, off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right,
-              qk_scale, dk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lb, stride_lh, stride_dkb,
+              stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, start_n, lo, full_lo, full_hi, hi,
+              off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
     """The math partition (num_warps warps; each warpgroup owns 64 keys of the block): the four matmuls,
-    P and dS, and the epilogue. DK, DV point at key 0 of this program's head; LSE, Delta at row 0, head 0."""
+    P and dS, and the epilogue. The pointers are the kernel's own: offsets to this program's batch and head
+    are taken here, the output ones after the loop, so that no register carries them through it (the
+    consumers are at setmaxnreg's 240)."""
     num_warps: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
@@ -178,6 +184,9 @@ def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_
     v_tile = v_bufs.index(0).reshape([BLOCK_N, HEAD_DIM])
     # also when no query sees these keys: the K/V copies must land before the program ends
     mbarrier.wait(bars.index(3 * STAGES), 0)
+    off_b = gl.program_id(2)
+    LSE += off_b.to(gl.int64) * stride_lb
+    Delta += off_b.to(gl.int64) * stride_lb
     t = 0
     for seg in gl.static_range(3):
         start, end = _segment(seg, lo, full_lo, full_hi, hi)
@@ -188,6 +197,9 @@ def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_
         )  # fmt: skip
 
     dk = dk * dk_scale
+    off_hk = gl.program_id(1)
+    DK += off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
+    DV += off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh
     offs_an = gl.convert_layout(offs_n, gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     n_ok = gl.expand_dims(offs_an < seqlen_k, 1)
@@ -226,10 +238,6 @@ def attention_bwd_dkdv_hopper_kernel(
     lo, full_lo, full_hi, hi = _q_range(
         start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )
-    LSE += off_b.to(gl.int64) * stride_lb
-    Delta += off_b.to(gl.int64) * stride_lb
-    DK += off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
-    DV += off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh
 
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [1] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [1] + v_desc.block_type.shape, v_desc.layout)
@@ -247,9 +255,10 @@ def attention_bwd_dkdv_hopper_kernel(
     # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
     gl.warp_specialize([
         (_consumer, (
-            k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lh, stride_dkn, stride_dvn,
-            start_n, lo, full_lo, full_hi, hi, off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right,
-            qk_scale, dk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT,
+            k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lb, stride_lh, stride_dkb,
+            stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, start_n, lo, full_lo, full_hi, hi,
+            off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale,
+            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT,
         )),
         (_loader, (
             q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, off_b, off_h0, group_size,
