@@ -1,5 +1,6 @@
-"""flashtron.compile: the attention custom ops pass torch.library.opcheck, match the autograd path
-bit for bit, and compile with fullgraph=True and dynamic shapes (one graph for several seqlens)."""
+"""torch.compile: the library ops (attention's in flashtron.autograd, inference's, the layers') pass
+torch.library.opcheck, the attention op path matches the eager Function bit for bit, and the public
+functions compile with fullgraph=True and dynamic shapes (one graph for several seqlens)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 import flashtron
 import flashtron.autograd
 import flashtron.ops  # registers the library ops of rotary, norm and cross entropy
-from flashtron import compile as compiled
-from flashtron.options import AttnOptions
+from flashtron.autograd import _op_args, attn_bwd, attn_fwd
+from flashtron.compile import combine_op, kvcache_attn
+from flashtron.options import AttnOptions, options_to_args
 
 
 @pytest.fixture
@@ -29,9 +31,15 @@ def _qkv(shape_q, shape_kv, requires_grad=True):
 
 
 def _fwd_args(q, k, v, opts, cu_q=None, cu_k=None, max_q=None, max_k=None, seqused_k=None):
-    options = (opts.softmax_scale, opts.window_left, opts.window_right, opts.softcap, opts.alibi_slopes)
-    options += (opts.learnable_sink, opts.dropout_p, opts.deterministic, None)  # None: the dropout seed
-    return (q, k, v, *options, cu_q, cu_k, max_q, max_k, seqused_k)
+    varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, seqused_k=seqused_k)
+    return (q, k, v, *_op_args(opts, None, varlen))  # None: no dropout seed
+
+
+def _op_path_attention(q, k, v, opts):
+    """flashtron.autograd.attention taking its torch.compile branch (the library ops), run eagerly."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        return flashtron.autograd.attention(q, k, v, opts)
 
 
 OPTION_CASES = {
@@ -46,7 +54,7 @@ OPTION_CASES = {
 def test_opcheck_dense(case):
     opts = OPTION_CASES[case]
     q, k, v = _qkv((2, 7, 4, 8), (2, 11, 2, 8))
-    torch.library.opcheck(torch.ops.flashtron.attn_fwd.default, _fwd_args(q, k, v, opts))
+    torch.library.opcheck(attn_fwd, _fwd_args(q, k, v, opts))
 
 
 def test_opcheck_varlen_and_backward():
@@ -55,11 +63,11 @@ def test_opcheck_varlen_and_backward():
     cu_q = torch.tensor([0, 3, 10], dtype=torch.int32)
     cu_k = torch.tensor([0, 6, 13], dtype=torch.int32)
     args = _fwd_args(q, k, v, opts, cu_q, cu_k, 7, 7)
-    torch.library.opcheck(torch.ops.flashtron.attn_fwd.default, args)
-    out, lse = compiled.attn_fwd(*args)
+    torch.library.opcheck(attn_fwd, args)
+    out, lse = attn_fwd(*args)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     bwd_args = (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), *args[3:])
-    torch.library.opcheck(torch.ops.flashtron.attn_bwd.default, bwd_args)
+    torch.library.opcheck(attn_bwd, bwd_args)
 
 
 @pytest.mark.parametrize("case", list(OPTION_CASES))
@@ -68,7 +76,7 @@ def test_custom_op_equals_autograd_path(case):
     q, k, v = _qkv((2, 9, 4, 8), (2, 9, 2, 8))
     params = [q, k, v] + ([opts.learnable_sink] if opts.learnable_sink is not None else [])
     results = []
-    for attention in (compiled.attention, flashtron.autograd.attention):
+    for attention in (_op_path_attention, flashtron.autograd.attention):
         out, lse, _ = attention(q, k, v, opts)
         loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum() + lse.sin().sum()  # lse's gradient too
         results.append((out, lse, *torch.autograd.grad(loss, params)))
@@ -82,7 +90,7 @@ def test_compiled_custom_op_dynamic_shapes():
     opts = AttnOptions(softmax_scale=0.35, window_left=4, window_right=0)
 
     def fn(q, k, v):
-        out, lse, _ = compiled.attention(q, k, v, opts)
+        out, lse, _ = flashtron.autograd.attention(q, k, v, opts)
         return out * 2, lse
 
     counters = torch._dynamo.utils.counters
@@ -242,34 +250,15 @@ def _kvcache_tensors(paged: bool):
 @pytest.mark.parametrize("paged", [False, True])
 def test_opcheck_kvcache(paged):
     q, k_cache, v_cache, k_new, v_new, cos, sin, lens, table = _kvcache_inputs(paged)
-    args = (
-        q,
-        k_cache,
-        v_cache,
-        k_new,
-        v_new,
-        cos,
-        sin,
-        lens,
-        None,
-        None,
-        table,
-        0.35,
-        -1,
-        0,
-        0.0,
-        None,
-        None,
-        False,
-        0,
-    )
-    torch.library.opcheck(torch.ops.flashtron.kvcache_attn.default, args)
+    opts = AttnOptions(softmax_scale=0.35, window_right=0)
+    args = (q, k_cache, v_cache, k_new, v_new, cos, sin, lens, None, None, table, *options_to_args(opts), False, 0)
+    torch.library.opcheck(kvcache_attn, args)
 
 
 def test_opcheck_combine():
     out_partial, lse_partial = torch.randn(3, 2, 4, 5, 8), torch.randn(3, 2, 4, 5)
     lse_partial[:, 0, 1] = float("-inf")  # a row that no split saw
-    torch.library.opcheck(torch.ops.flashtron.combine.default, (out_partial, lse_partial, torch.float16))
+    torch.library.opcheck(combine_op, (out_partial, lse_partial, torch.float16))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ The public functions take flash_attn's loose arguments (causal flag, window tupl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,3 +45,24 @@ class AttnOptions:
     @property
     def has_window(self) -> bool:
         return self.window_left >= 0 or self.window_right >= 0
+
+
+# AttnOptions as torch.library op arguments, generated from its fields: the one place where the options
+# are flattened for an op schema and rebuilt inside the op (autograd.py and inference.py define ops).
+_SCHEMA_TYPES = {"float": "float", "int": "SymInt", "bool": "bool", "torch.Tensor | None": "Tensor?"}
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(AttnOptions))
+
+
+def options_schema() -> str:
+    """The options' part of an op schema: "float softmax_scale, int window_left, ...", in field order."""
+    return ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(AttnOptions))
+
+
+def options_to_args(opts: AttnOptions) -> tuple:
+    """The options as op arguments, in options_schema's order."""
+    return tuple(getattr(opts, name) for name in OPTION_FIELDS)
+
+
+def options_from_args(args) -> AttnOptions:
+    """Inverse of options_to_args (the first len(OPTION_FIELDS) of args)."""
+    return AttnOptions(**dict(zip(OPTION_FIELDS, args)))
