@@ -1,6 +1,7 @@
-"""The public edge: bad inputs raise TypeError/ValueError naming the argument, before any dispatch;
-good inputs are normalised into AttnOptions and handed over as API.md says; the signatures are
-flash_attn 2.8's (and FlashAttention-3's for flash_attn_combine).
+"""The public edge: bad inputs raise InputTypeError/InputValueError naming the argument, before any
+dispatch, and each is catchable both as the TypeError/ValueError it is and as the RuntimeError that
+flash_attn raises; good inputs are normalised into AttnOptions and handed over as API.md says; the
+signatures are flash_attn 2.8's (and FlashAttention-3's for flash_attn_combine).
 
 The backends are replaced by a recording stub where a call must get through, so this file needs
 neither autograd nor inference to exist or to work.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -536,9 +538,53 @@ def backends(monkeypatch):
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_input_raises_naming_the_argument(case, backends):
     fn, build, exc, match = BAD[case]
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as info:
         fn(**build())
     assert not backends, "validation must fail before any dispatch"
+    expected = flashtron.InputTypeError if exc is TypeError else flashtron.InputValueError
+    assert type(info.value) is expected
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_is_a_runtime_error(case, backends):
+    """Code written for flash_attn falls back to SDPA on RuntimeError (what flash_attn's checks raise):
+    the same `except RuntimeError` catches every flashtron input error."""
+    fn, build, _, match = BAD[case]
+    try:
+        fn(**build())
+    except RuntimeError as exc:
+        assert isinstance(exc, flashtron.InputError)
+        assert re.search(match, str(exc)), str(exc)
+    else:
+        pytest.fail("no error raised")
+    assert not backends
+
+
+def test_error_classes():
+    assert issubclass(flashtron.InputTypeError, TypeError) and issubclass(flashtron.InputTypeError, RuntimeError)
+    assert issubclass(flashtron.InputValueError, ValueError) and issubclass(flashtron.InputValueError, RuntimeError)
+    assert not issubclass(flashtron.InputTypeError, ValueError)
+    assert not issubclass(flashtron.InputValueError, TypeError)
+
+
+def test_helper_errors_are_runtime_errors():
+    """The helpers and ops check their inputs with the same classes."""
+    from flashtron.ops import apply_rotary_emb, rms_norm
+
+    cases = [
+        (
+            lambda: flashtron.unpad_input(rn(2, 3, 4), rn(2, 3)),
+            TypeError,
+            r"unpad_input: attention_mask must be a bool",
+        ),
+        (lambda: flashtron.pad_input(rn(3, 4), i32(0, 1), 1, 3), ValueError, r"pad_input: indices must have one"),
+        (lambda: apply_rotary_emb(rn(1, 2, 1, 4), rn(2, 3), rn(2, 3)), ValueError, r"rotary_dim"),
+        (lambda: rms_norm(rn(2, 4), rn(4), eps=-1.0), ValueError, r"eps must be >= 0"),
+    ]
+    for call, kind, match in cases:
+        with pytest.raises(kind, match=match) as info:
+            call()
+        assert isinstance(info.value, RuntimeError) and isinstance(info.value, flashtron.InputError)
 
 
 def test_builders_are_valid(backends):

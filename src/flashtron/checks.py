@@ -1,8 +1,10 @@
 """Input validation for the public functions, run once at the API edge and before any dispatch.
 
-Every helper takes `fn`, the public function's name, and raises TypeError (wrong kind of object or
-dtype) or ValueError (wrong shape, range or device), with a message that names the argument, says
-what was expected and shows what was given. Nothing here reads tensor values: validation never
+Every helper takes `fn`, the public function's name, and raises InputTypeError (wrong kind of object
+or dtype) or InputValueError (wrong shape, range or device), with a message that names the argument,
+says what was expected and shows what was given. Both are RuntimeErrors, as flash_attn's own checks
+are, so code that falls back to another attention on RuntimeError keeps working; and each is also
+the TypeError or ValueError it is by nature. Nothing here reads tensor values: validation never
 synchronises with the device, so what only the values could reveal (cu_seqlens out of order, a
 block_table entry past the last page, a tensor cache_seqlens past the cache) is the caller's
 responsibility, as in flash_attn.
@@ -20,6 +22,18 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 512
 
 
+class InputError(RuntimeError):
+    """A bad argument to a flashtron function. A RuntimeError, as flash_attn's TORCH_CHECK failures are."""
+
+
+class InputTypeError(InputError, TypeError):
+    """A wrong kind of object or dtype: catchable as TypeError and as RuntimeError."""
+
+
+class InputValueError(InputError, ValueError):
+    """A wrong shape, range, device or value: catchable as ValueError and as RuntimeError."""
+
+
 def _dtype_names(dtypes) -> str:
     names = [str(d).replace("torch.", "") for d in dtypes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
@@ -32,21 +46,21 @@ def check_tensor(
     the argument whose dtype/device `dtype`/`device` come from (for the message). shape: exact
     shape. unit_stride: require stride(-1) == 1, the only layout constraint the kernels have."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if dtype is not None:
         accepted = dtype if isinstance(dtype, tuple) else (dtype,)
         if t.dtype not in accepted:
             want = f"the same dtype as {like} ({dtype})" if like else f"dtype {_dtype_names(accepted)}"
-            raise TypeError(f"{fn}: {name} must have {want}, got {t.dtype}")
+            raise InputTypeError(f"{fn}: {name} must have {want}, got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{fn}: {name} must be on the same device as {like or 'q'} ({device}), got {t.device}")
+        raise InputValueError(f"{fn}: {name} must be on the same device as {like or 'q'} ({device}), got {t.device}")
     layout = f" {layout}" if layout else ""
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{fn}: {name} must be {ndim}-D{layout}, got shape {tuple(t.shape)}")
+        raise InputValueError(f"{fn}: {name} must be {ndim}-D{layout}, got shape {tuple(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}{layout}, got {tuple(t.shape)}")
+        raise InputValueError(f"{fn}: {name} must have shape {tuple(shape)}{layout}, got {tuple(t.shape)}")
     if unit_stride and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(
+        raise InputValueError(
             f"{fn}: {name} must have contiguous last dimension (stride(-1) == 1), got strides {t.stride()}"
         )
     return t
@@ -55,15 +69,15 @@ def check_tensor(
 def check_int(fn, name, value, *, minimum=None) -> int:
     """A Python int (numpy ints too, never bool or float) not below `minimum`."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} {value!r}")
+        raise InputTypeError(f"{fn}: {name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
+        raise InputValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
     return value if isinstance(value, torch.SymInt) else int(value)
 
 
 def check_real(fn, name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__} {value!r}")
+        raise InputTypeError(f"{fn}: {name} must be a float, got {type(value).__name__} {value!r}")
     return float(value)
 
 
@@ -93,23 +107,23 @@ def check_qkv(fn, q, k, v, *, varlen=False, paged=False, names=("q", "k", "v"), 
     if same_batch and not varlen and not paged:
         for name, t in ((nk, k), (nv, v)):
             if t.shape[0] != q.shape[0]:
-                raise ValueError(f"{fn}: {name} must have batch size {q.shape[0]} like {nq}, got {t.shape[0]}")
+                raise InputValueError(f"{fn}: {name} must have batch size {q.shape[0]} like {nq}, got {t.shape[0]}")
     lead_k, lead_v = tuple(k.shape[:-2]), tuple(v.shape[:-2])
     if lead_k != lead_v:
         lead = "(num_blocks, page_block_size)" if paged else "(total_k,)" if varlen else "(batch_size, seqlen_k)"
-        raise ValueError(f"{fn}: {nv} must have the same {lead} as {nk} {lead_k}, got {lead_v}")
+        raise InputValueError(f"{fn}: {nv} must have the same {lead} as {nk} {lead_k}, got {lead_v}")
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"{fn}: {nv} must have the same nheads as {nk} ({k.shape[-2]}), got {v.shape[-2]}")
+        raise InputValueError(f"{fn}: {nv} must have the same nheads as {nk} ({k.shape[-2]}), got {v.shape[-2]}")
     nheads, nheads_k = q.shape[-2], k.shape[-2]
     if nheads_k < 1 or nheads < 1 or nheads % nheads_k != 0:
-        raise ValueError(
+        raise InputValueError(
             f"{fn}: nheads of {nq} ({nheads}) must be a positive multiple of nheads_k of {nk} ({nheads_k})"
         )
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{fn}: {nk} must have the same headdim as {nq} ({q.shape[-1]}), got {k.shape[-1]}")
+        raise InputValueError(f"{fn}: {nk} must have the same headdim as {nq} ({q.shape[-1]}), got {k.shape[-1]}")
     for name, d in ((nq, q.shape[-1]), (nv, v.shape[-1])):
         if not 1 <= d <= MAX_HEADDIM:
-            raise ValueError(f"{fn}: headdim of {name} must be between 1 and {MAX_HEADDIM}, got {d}")
+            raise InputValueError(f"{fn}: headdim of {name} must be between 1 and {MAX_HEADDIM}, got {d}")
     return nheads, nheads_k, q.shape[-1], v.shape[-1]
 
 
@@ -118,7 +132,9 @@ def check_packed(fn, name, t, *, ndim, count, layout):
     forms drop batch_size. `count` is 3 or 2, at dim -3."""
     check_tensor(fn, name, t, ndim=ndim, layout=layout, dtype=FLOAT_DTYPES)
     if t.shape[-3] != count:
-        raise ValueError(f"{fn}: {name} must have size {count} at dim {ndim - 3} {layout}, got shape {tuple(t.shape)}")
+        raise InputValueError(
+            f"{fn}: {name} must have size {count} at dim {ndim - 3} {layout}, got shape {tuple(t.shape)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,14 +146,14 @@ def check_options(fn, *, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)
     """Returns (dropout_p, softmax_scale or None, window_left, window_right, softcap)."""
     dropout_p = check_real(fn, "dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:  # also rejects nan
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise InputValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if softmax_scale is not None:
         softmax_scale = check_real(fn, "softmax_scale", softmax_scale)
         if not (abs(softmax_scale) < math.inf and softmax_scale > 0):  # not isfinite: dynamo-traceable
-            raise ValueError(f"{fn}: softmax_scale must be a finite positive float or None, got {softmax_scale}")
+            raise InputValueError(f"{fn}: softmax_scale must be a finite positive float or None, got {softmax_scale}")
     softcap = check_real(fn, "softcap", softcap)
     if not (abs(softcap) < math.inf and softcap >= 0):
-        raise ValueError(f"{fn}: softcap must be a finite float >= 0 (0 disables it), got {softcap}")
+        raise InputValueError(f"{fn}: softcap must be a finite float >= 0 (0 disables it), got {softcap}")
     left, right = check_window(fn, window_size)
     return dropout_p, softmax_scale, left, right, softcap
 
@@ -145,14 +161,14 @@ def check_options(fn, *, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)
 def check_window(fn, window_size):
     want = "window_size must be a (left, right) pair of ints >= -1 (-1 = unbounded)"
     if isinstance(window_size, (str, bytes)) or not isinstance(window_size, Sequence):
-        raise TypeError(f"{fn}: {want}, got {type(window_size).__name__} {window_size!r}")
+        raise InputTypeError(f"{fn}: {want}, got {type(window_size).__name__} {window_size!r}")
     if len(window_size) != 2:
-        raise ValueError(f"{fn}: {want}, got {len(window_size)} values {tuple(window_size)!r}")
+        raise InputValueError(f"{fn}: {want}, got {len(window_size)} values {tuple(window_size)!r}")
     for w in window_size:
         if isinstance(w, bool) or not isinstance(w, numbers.Integral):
-            raise TypeError(f"{fn}: {want}, got {tuple(window_size)!r}")
+            raise InputTypeError(f"{fn}: {want}, got {tuple(window_size)!r}")
         if w < -1:
-            raise ValueError(f"{fn}: {want}, got {tuple(window_size)!r}")
+            raise InputValueError(f"{fn}: {want}, got {tuple(window_size)!r}")
     return int(window_size[0]), int(window_size[1])
 
 
@@ -164,7 +180,7 @@ def check_alibi(fn, alibi_slopes, *, nheads, batch, device):
     shapes = [(nheads,)] + ([(batch, nheads)] if batch is not None else [])
     if tuple(alibi_slopes.shape) not in shapes:
         want = " or ".join(str(s) for s in shapes)
-        raise ValueError(
+        raise InputValueError(
             f"{fn}: alibi_slopes must have shape (nheads,) or (batch_size, nheads) = {want}, "
             f"got {tuple(alibi_slopes.shape)}"
         )
@@ -176,9 +192,9 @@ def check_sink(fn, learnable_sink, *, nheads, device):
         return
     check_tensor(fn, "learnable_sink", learnable_sink, device=device)
     if not learnable_sink.is_floating_point():
-        raise TypeError(f"{fn}: learnable_sink must have a floating dtype, got {learnable_sink.dtype}")
+        raise InputTypeError(f"{fn}: learnable_sink must have a floating dtype, got {learnable_sink.dtype}")
     if tuple(learnable_sink.shape) != (nheads,):
-        raise ValueError(
+        raise InputValueError(
             f"{fn}: learnable_sink must have shape (nheads,) = ({nheads},), got {tuple(learnable_sink.shape)}"
         )
 
@@ -193,9 +209,9 @@ def check_cu_seqlens(fn, cu_seqlens_q, cu_seqlens_k, *, device, names=("cu_seqle
     for name, t in zip(names, (cu_seqlens_q, cu_seqlens_k)):
         check_tensor(fn, name, t, ndim=1, layout="(batch_size + 1,)", dtype=torch.int32, device=device)
         if t.shape[0] < 2:
-            raise ValueError(f"{fn}: {name} must have batch_size + 1 >= 2 entries, got shape {tuple(t.shape)}")
+            raise InputValueError(f"{fn}: {name} must have batch_size + 1 >= 2 entries, got shape {tuple(t.shape)}")
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
-        raise ValueError(
+        raise InputValueError(
             f"{fn}: {names[1]} must have the same length (batch_size + 1) as {names[0]} "
             f"({cu_seqlens_q.shape[0]}), got {cu_seqlens_k.shape[0]}"
         )
@@ -220,7 +236,9 @@ def check_block_table(fn, block_table, *, batch, device):
         device=device,
     )
     if block_table.shape[0] != batch:
-        raise ValueError(f"{fn}: block_table must have batch_size = {batch} rows, got shape {tuple(block_table.shape)}")
+        raise InputValueError(
+            f"{fn}: block_table must have batch_size = {batch} rows, got shape {tuple(block_table.shape)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +273,7 @@ def check_kvcache(
         n = check_int(fn, "cache_seqlens", cache_seqlens, minimum=0)
         # Only a host int can be checked against the capacity; a tensor would need a device sync.
         if n + seqlen_new > capacity:
-            raise ValueError(
+            raise InputValueError(
                 f"{fn}: cache_seqlens + seqlen_new must be <= the cache capacity {capacity}, got {n} + {seqlen_new}"
             )
     else:
@@ -272,11 +290,11 @@ def _check_cache_rows(fn, q, k_cache, block_table, cache_batch_idx, cache_leftpa
     check_batch_vector(fn, "cache_leftpad", cache_leftpad, batch=batch, device=dev)
     if block_table is None:
         if cache_batch_idx is None and k_cache.shape[0] < batch:
-            raise ValueError(f"{fn}: k_cache must have at least batch_size = {batch} rows, got {k_cache.shape[0]}")
+            raise InputValueError(f"{fn}: k_cache must have at least batch_size = {batch} rows, got {k_cache.shape[0]}")
         return k_cache.shape[1]
     check_block_table(fn, block_table, batch=batch, device=dev)
     if cache_batch_idx is not None:
-        raise ValueError(f"{fn}: cache_batch_idx must be None with a paged cache (block_table maps rows)")
+        raise InputValueError(f"{fn}: cache_batch_idx must be None with a paged cache (block_table maps rows)")
     return block_table.shape[1] * k_cache.shape[1]
 
 
@@ -284,7 +302,7 @@ def _check_new_kv(fn, q, k, v, nheads_k, headdim_v, cache_seqlens) -> int:
     """k, v: (batch_size, seqlen_new, nheads_k, headdim / headdim_v) or both None. Returns seqlen_new."""
     if (k is None) != (v is None):
         given, missing = ("k", "v") if v is None else ("v", "k")
-        raise ValueError(f"{fn}: {given} was given without {missing}; pass both new k and v, or neither")
+        raise InputValueError(f"{fn}: {given} was given without {missing}; pass both new k and v, or neither")
     if k is None:
         return 0
     layout = "(batch_size, seqlen_new, nheads_k, headdim)"
@@ -292,9 +310,9 @@ def _check_new_kv(fn, q, k, v, nheads_k, headdim_v, cache_seqlens) -> int:
         check_tensor(fn, name, t, ndim=4, layout=layout, dtype=q.dtype, like="q", device=q.device)
         want = (q.shape[0], k.shape[1], nheads_k, hd)
         if tuple(t.shape) != want:
-            raise ValueError(f"{fn}: {name} must have shape {want} {layout}, got {tuple(t.shape)}")
+            raise InputValueError(f"{fn}: {name} must have shape {want} {layout}, got {tuple(t.shape)}")
     if cache_seqlens is None:
-        raise ValueError(f"{fn}: cache_seqlens is required when k and v are given (where to write them)")
+        raise InputValueError(f"{fn}: cache_seqlens is required when k and v are given (where to write them)")
     return k.shape[1]
 
 
@@ -302,19 +320,21 @@ def _check_rotary(fn, q, rotary_cos, rotary_sin, *, has_new_kv, capacity):
     """rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), dtype of q, seqlen_ro >= capacity."""
     if (rotary_cos is None) != (rotary_sin is None):
         given, missing = ("rotary_cos", "rotary_sin") if rotary_sin is None else ("rotary_sin", "rotary_cos")
-        raise ValueError(f"{fn}: {given} was given without {missing}")
+        raise InputValueError(f"{fn}: {given} was given without {missing}")
     if rotary_cos is None:
         return
     if not has_new_kv:  # as in flash_attn: rotary is applied while appending new keys
-        raise ValueError(f"{fn}: rotary_cos/rotary_sin need the new k and v to be given")
+        raise InputValueError(f"{fn}: rotary_cos/rotary_sin need the new k and v to be given")
     layout = "(seqlen_ro, rotary_dim / 2)"
     for name, t, shape in (("rotary_cos", rotary_cos, None), ("rotary_sin", rotary_sin, rotary_cos.shape)):
         check_tensor(fn, name, t, ndim=2, layout=layout, shape=shape, dtype=q.dtype, like="q", device=q.device)
     rotary_dim, d = 2 * rotary_cos.shape[1], q.shape[-1]
     if not 2 <= rotary_dim <= d:
-        raise ValueError(f"{fn}: rotary_dim = 2 * rotary_cos.shape[1] must be in [2, headdim = {d}], got {rotary_dim}")
+        raise InputValueError(
+            f"{fn}: rotary_dim = 2 * rotary_cos.shape[1] must be in [2, headdim = {d}], got {rotary_dim}"
+        )
     if rotary_cos.shape[0] < capacity:
-        raise ValueError(
+        raise InputValueError(
             f"{fn}: rotary_cos/rotary_sin must cover the whole cache: seqlen_ro >= {capacity}, "
             f"got {rotary_cos.shape[0]}"
         )
@@ -336,7 +356,7 @@ def check_combine(fn, out_partial, lse_partial, out, out_dtype):
         device=out_partial.device,
     )
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{fn}: out_dtype must be {_dtype_names(FLOAT_DTYPES)} or None, got {out_dtype!r}")
+        raise InputTypeError(f"{fn}: out_dtype must be {_dtype_names(FLOAT_DTYPES)} or None, got {out_dtype!r}")
     if out is not None:
         want_dtype = out_dtype or out_partial.dtype
         check_tensor(
@@ -349,4 +369,4 @@ def check_combine(fn, out_partial, lse_partial, out, out_dtype):
             like="out_partial",
         )
         if out.dtype != want_dtype:
-            raise TypeError(f"{fn}: out must have dtype out_dtype ({want_dtype}), got {out.dtype}")
+            raise InputTypeError(f"{fn}: out must have dtype out_dtype ({want_dtype}), got {out.dtype}")

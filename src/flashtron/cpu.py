@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from flashtron.checks import InputValueError
 from flashtron.dropout import block_keep
 from flashtron.options import AttnOptions
 
@@ -77,9 +78,9 @@ def _varlen_dropout(opts, seed, q, k, q0, k0):
 
 def _check(opts: AttnOptions, block_n: int, dropout_seed) -> None:
     if opts.dropout_p > 0 and not isinstance(dropout_seed, int):
-        raise ValueError(f"dropout_seed must be an int when dropout_p > 0, got {dropout_seed!r}")
+        raise InputValueError(f"dropout_seed must be an int when dropout_p > 0, got {dropout_seed!r}")
     if not isinstance(block_n, int) or block_n < 1:
-        raise ValueError(f"block_n must be a positive int, got {block_n!r}")
+        raise InputValueError(f"block_n must be a positive int, got {block_n!r}")
 
 
 def _problem(opts, sq, sk, nheads_k, group, slopes, dtype, block_n) -> _Problem:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from flashtron import cpu
+from flashtron import checks, cpu
 from flashtron.env import uses_triton
 from flashtron.options import AttnOptions
 
@@ -470,7 +470,7 @@ def _kvcache_cpu(
     ends = lens + seqlen_new
     if batch > 0 and int(ends.max()) > cache.capacity:  # the CPU path reads the lengths anyway: say so
         b = int(ends.argmax())
-        raise ValueError(
+        raise checks.InputValueError(
             f"flash_attn_with_kvcache: cache_seqlens[{b}] + seqlen_new = {int(lens[b])} + {seqlen_new} exceeds "
             f"the cache capacity of {cache.capacity} positions per row"
         )
