@@ -1,13 +1,20 @@
 """Input validation for the public functions, run once at the API edge and before any dispatch.
 
 Every helper takes `fn`, the public function's name, and raises InputTypeError (wrong kind of object
-or dtype) or InputValueError (wrong shape, range or device), with a message that names the argument,
-says what was expected and shows what was given. Both are RuntimeErrors, as flash_attn's own checks
-are, so code that falls back to another attention on RuntimeError keeps working; and each is also
-the TypeError or ValueError it is by nature. Nothing here reads tensor values: validation never
-synchronises with the device, so what only the values could reveal (cu_seqlens out of order, a
-block_table entry past the last page, a tensor cache_seqlens past the cache) is the caller's
-responsibility, as in flash_attn.
+or dtype) or InputValueError (wrong shape, range, device or value), with a message that names the
+argument, says what was expected and shows what was given. Both are RuntimeErrors, as flash_attn's
+own checks are, so code that falls back to another attention on RuntimeError keeps working; and each
+is also the TypeError or ValueError it is by nature.
+
+What flash_attn accepts, flashtron accepts (flash_attn 2.8's wrapper and C++ checks): int-like
+scalars given as ints, numpy ints or one-element integer tensors; a window_size as a tuple, a list,
+a numpy array or a 2-element integer tensor, with any negative side meaning unbounded; a softcap <= 0
+meaning off; tensors whose last dimension is not contiguous, copied as flash_attn's
+maybe_contiguous does (contiguous_last) -- except the KV caches, which are written in place.
+
+Nothing here reads tensor values: validation never synchronises with the device, so what only the
+values could reveal (cu_seqlens out of order, a block_table entry past the last page, a tensor
+cache_seqlens past the cache) is the caller's responsibility, as in flash_attn.
 """
 
 from __future__ import annotations
@@ -39,12 +46,32 @@ def _dtype_names(dtypes) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _is_numpy(value) -> bool:
+    return type(value).__module__ == "numpy"
+
+
+def contiguous_last(t):
+    """flash_attn's maybe_contiguous: a contiguous copy of a tensor whose last dimension has a stride
+    other than 1; anything else (other tensors, None, wrong types for the checks to reject) as given.
+    The copy is differentiable, so gradients still reach the caller's tensor."""
+    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
 def check_tensor(
     fn, name, t, *, ndim=None, layout="", dtype=None, like=None, device=None, shape=None, unit_stride=True
 ):
     """Checks one tensor argument. dtype: a dtype or a tuple of accepted dtypes. like: the name of
     the argument whose dtype/device `dtype`/`device` come from (for the message). shape: exact
-    shape. unit_stride: require stride(-1) == 1, the only layout constraint the kernels have."""
+    shape. unit_stride: require stride(-1) == 1, the only layout constraint the kernels have (the
+    public functions copy other tensors first, contiguous_last; tensors written in place cannot be)."""
     if not isinstance(t, torch.Tensor):
         raise InputTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if dtype is not None:
@@ -66,19 +93,47 @@ def check_tensor(
     return t
 
 
+def _int_like(value):
+    """value as an int, or None when it is not int-like: ints and numpy ints (never bools), and
+    one-element integer tensors (read on the host, as flash_attn's int parameters read them)."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or (_is_numpy(value) and type(value).__name__.startswith("bool")):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() <= 1:
+        if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            return int(value.item())
+    return None
+
+
 def check_int(fn, name, value, *, minimum=None) -> int:
-    """A Python int (numpy ints too, never bool or float) not below `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
-        raise InputTypeError(f"{fn}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise InputValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
-    return value if isinstance(value, torch.SymInt) else int(value)
+    """An int-like value (an int, a numpy int or a one-element integer tensor; never a bool or a
+    float) not below `minimum`, as a Python int (a SymInt stays one)."""
+    n = _int_like(value)
+    if n is None:
+        raise InputTypeError(f"{fn}: {name} must be an int, got {_describe(value)}")
+    if minimum is not None and n < minimum:
+        raise InputValueError(f"{fn}: {name} must be >= {minimum}, got {n}")
+    return n
 
 
 def check_real(fn, name, value) -> float:
+    """A real number (int, float, numpy scalar, or a one-element int or float tensor), as a float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() <= 1:
+        if not (value.is_complex() or value.dtype == torch.bool):
+            return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputTypeError(f"{fn}: {name} must be a float, got {type(value).__name__} {value!r}")
+        raise InputTypeError(f"{fn}: {name} must be a float, got {_describe(value)}")
     return float(value)
+
+
+def check_bool(fn, name, value) -> bool:
+    """A bool (or numpy bool), as flash_attn's bool parameters take; "yes", 1 or None are refused."""
+    if isinstance(value, bool) or (_is_numpy(value) and type(value).__name__.startswith("bool")):
+        return bool(value)
+    raise InputTypeError(f"{fn}: {name} must be a bool, got {_describe(value)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +198,9 @@ def check_packed(fn, name, t, *, ndim, count, layout):
 
 
 def check_options(fn, *, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1), softcap=0.0):
-    """Returns (dropout_p, softmax_scale or None, window_left, window_right, softcap)."""
+    """Returns (dropout_p, softmax_scale or None, window_left, window_right, softcap), each side of
+    the window -1 when unbounded and softcap 0.0 when off (flash_attn: "softcap <= 0.0 means
+    deactivate")."""
     dropout_p = check_real(fn, "dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:  # also rejects nan
         raise InputValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
@@ -152,24 +209,30 @@ def check_options(fn, *, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)
         if not (abs(softmax_scale) < math.inf and softmax_scale > 0):  # not isfinite: dynamo-traceable
             raise InputValueError(f"{fn}: softmax_scale must be a finite positive float or None, got {softmax_scale}")
     softcap = check_real(fn, "softcap", softcap)
-    if not (abs(softcap) < math.inf and softcap >= 0):
-        raise InputValueError(f"{fn}: softcap must be a finite float >= 0 (0 disables it), got {softcap}")
+    if not abs(softcap) < math.inf:  # also rejects nan
+        raise InputValueError(f"{fn}: softcap must be a finite float (<= 0 disables it), got {softcap}")
     left, right = check_window(fn, window_size)
-    return dropout_p, softmax_scale, left, right, softcap
+    return dropout_p, softmax_scale, left, right, max(softcap, 0.0)
 
 
-def check_window(fn, window_size):
-    want = "window_size must be a (left, right) pair of ints >= -1 (-1 = unbounded)"
+def check_window(fn, window_size) -> tuple[int, int]:
+    """window_size (left, right): a tuple, a list, a numpy array or a 2-element integer tensor (flash_attn's
+    tests pass torch.randint(0, seqlen, (2,))), of int-like sides. A negative side is unbounded: -1."""
+    want = "window_size must be a (left, right) pair of ints (negative = unbounded)"
+    given = window_size
+    if isinstance(window_size, torch.Tensor) or _is_numpy(window_size):
+        if window_size.dtype == torch.bool or not hasattr(window_size, "tolist"):
+            raise InputTypeError(f"{fn}: {want}, got {_describe(window_size)}")
+        window_size = window_size.tolist()  # floats and bools stay what they are, and are refused below
     if isinstance(window_size, (str, bytes)) or not isinstance(window_size, Sequence):
-        raise InputTypeError(f"{fn}: {want}, got {type(window_size).__name__} {window_size!r}")
+        raise InputTypeError(f"{fn}: {want}, got {_describe(given)}")
     if len(window_size) != 2:
         raise InputValueError(f"{fn}: {want}, got {len(window_size)} values {tuple(window_size)!r}")
-    for w in window_size:
-        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
-            raise InputTypeError(f"{fn}: {want}, got {tuple(window_size)!r}")
-        if w < -1:
-            raise InputValueError(f"{fn}: {want}, got {tuple(window_size)!r}")
-    return int(window_size[0]), int(window_size[1])
+    sides = [_int_like(w) for w in window_size]
+    if any(w is None for w in sides):
+        raise InputTypeError(f"{fn}: {want}, got {tuple(window_size)!r}")
+    left, right = (-1 if w < 0 else w for w in sides)
+    return left, right
 
 
 def check_alibi(fn, alibi_slopes, *, nheads, batch, device):
@@ -260,27 +323,32 @@ def check_kvcache(
     cache_batch_idx,
     cache_leftpad,
     block_table,
-    num_splits,
 ):
-    """Checks flash_attn_with_kvcache's tensors (see its docstring for the shapes). Returns nheads;
-    the caller checks the scalar options."""
+    """Checks flash_attn_with_kvcache's tensors (see its docstring for the shapes). Returns (nheads,
+    cache_seqlens) with an int-like cache_seqlens as an int; the caller checks the scalar options."""
     names = ("q", "k_cache", "v_cache")
     paged = block_table is not None
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):  # written in place: no copy possible
+        if isinstance(cache, torch.Tensor) and cache.dim() > 0 and cache.shape[-1] > 1 and cache.stride(-1) != 1:
+            raise InputValueError(
+                f"{fn}: {name} must have contiguous last dimension (stride(-1) == 1), got strides "
+                f"{cache.stride()}; it is updated in place, so it cannot be copied"
+            )
     nheads, nheads_k, _, dv = check_qkv(fn, q, k_cache, v_cache, paged=paged, names=names, same_batch=False)
     capacity = _check_cache_rows(fn, q, k_cache, block_table, cache_batch_idx, cache_leftpad)
     seqlen_new = _check_new_kv(fn, q, k, v, nheads_k, dv, cache_seqlens)
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
-        n = check_int(fn, "cache_seqlens", cache_seqlens, minimum=0)
+        cache_seqlens = check_int(fn, "cache_seqlens", cache_seqlens, minimum=0)
         # Only a host int can be checked against the capacity; a tensor would need a device sync.
-        if n + seqlen_new > capacity:
+        if cache_seqlens + seqlen_new > capacity:
             raise InputValueError(
-                f"{fn}: cache_seqlens + seqlen_new must be <= the cache capacity {capacity}, got {n} + {seqlen_new}"
+                f"{fn}: cache_seqlens + seqlen_new must be <= the cache capacity {capacity}, "
+                f"got {cache_seqlens} + {seqlen_new}"
             )
     else:
         check_batch_vector(fn, "cache_seqlens", cache_seqlens, batch=q.shape[0], device=q.device)
     _check_rotary(fn, q, rotary_cos, rotary_sin, has_new_kv=k is not None, capacity=capacity)
-    check_int(fn, "num_splits", num_splits, minimum=0)
-    return nheads
+    return nheads, cache_seqlens
 
 
 def _check_cache_rows(fn, q, k_cache, block_table, cache_batch_idx, cache_leftpad) -> int:
