@@ -259,7 +259,7 @@ BAD = {
     "cu-k-float": (V, lambda: varlen(cu_seqlens_k=torch.tensor([0.0, 4, 9])), TypeError, r"cu_seqlens_k must have"),
     "cu-q-list": (V, lambda: varlen(cu_seqlens_q=[0, 3, 7]), TypeError, r"cu_seqlens_q must be a torch\.Tensor"),
     "cu-q-2d": (V, lambda: varlen(cu_seqlens_q=i32(0, 3, 7).view(1, 3)), ValueError, r"cu_seqlens_q must be 1-D"),
-    "cu-q-short": (V, lambda: varlen(cu_seqlens_q=i32(0)), ValueError, r"cu_seqlens_q must have batch_size \+ 1 >= 2"),
+    "cu-q-empty": (V, lambda: varlen(cu_seqlens_q=i32()), ValueError, r"cu_seqlens_q must have batch_size \+ 1 >= 1"),
     "cu-len": (
         V,
         lambda: varlen(cu_seqlens_k=i32(0, 4, 6, 9)),

@@ -271,8 +271,8 @@ def check_cu_seqlens(fn, cu_seqlens_q, cu_seqlens_k, *, device, names=("cu_seqle
     """cu_seqlens_q, cu_seqlens_k: (batch_size + 1,), int32. Returns batch_size."""
     for name, t in zip(names, (cu_seqlens_q, cu_seqlens_k)):
         check_tensor(fn, name, t, ndim=1, layout="(batch_size + 1,)", dtype=torch.int32, device=device)
-        if t.shape[0] < 2:
-            raise InputValueError(f"{fn}: {name} must have batch_size + 1 >= 2 entries, got shape {tuple(t.shape)}")
+        if t.shape[0] < 1:  # batch_size 0 is an empty batch: [0]
+            raise InputValueError(f"{fn}: {name} must have batch_size + 1 >= 1 entries, got shape {tuple(t.shape)}")
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise InputValueError(
             f"{fn}: {names[1]} must have the same length (batch_size + 1) as {names[0]} "

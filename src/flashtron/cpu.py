@@ -172,6 +172,8 @@ def _forward_dense(q, k, v, opts, slopes, block_n, drop=None):
     b, sq, h, _ = q.shape
     sk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = h // hk
+    if b * sq == 0:  # no query rows: nothing to attend (the reshapes below cannot infer a size then)
+        return torch.zeros((b, sq, h, dv), dtype=q.dtype), torch.full((b, h, sq), _NEG_INF, dtype=dt)
     p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
     qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
     qh5 = qh.view(b, hk, g, sq, -1)
@@ -218,6 +220,9 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=N
     b, sq, h, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
     g = h // hk
+    if b * sq == 0:  # no query rows: every gradient is zero
+        dsink = None if opts.learnable_sink is None else torch.zeros_like(opts.learnable_sink)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsink
     p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
     qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
     doh = _heads_first(dout, hk, dt)

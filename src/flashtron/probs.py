@@ -18,6 +18,8 @@ def _dense_probs(q, k, lse, opts: AttnOptions, slopes, drop=None):
     b, sq, h, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
     group = h // hk
+    if b * sq * sk == 0:  # nothing to score (the reshapes below cannot infer a size then)
+        return torch.zeros(b, h, sq, sk, dtype=torch.float32, device=q.device)
     problem = cpu._problem(opts, sq, sk, hk, group, slopes, torch.float32, max(sk, 1))
     logits, _ = cpu._block_logits(
         problem, cpu._heads_first(q, hk, torch.float32), cpu._heads_first(k, hk, torch.float32), 0, sq, 0
