@@ -101,6 +101,11 @@ def _varlen(
     if paged:
         checks.check_block_table(fn, block_table, batch=batch, device=q.device)
     opts = _options(fn, q, nheads, batch, **options)
+    if checks.reads_values(q, paged=paged):
+        checks.check_varlen_values(
+            fn, names[:2] + meta_names, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            seqused_k=seqused_k, block_table=block_table,
+        )  # fmt: skip
     return _run(
         fn,
         q,
@@ -256,6 +261,12 @@ def flash_attn_varlen_func(
     the number of keys actually used in each sequence. Causal and window positions are relative
     to each sequence. Other arguments as flash_attn_func. fp32 inputs use IEEE fp32 dot products
     unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
+    The metadata's values are checked (cu_seqlens non-decreasing and inside q and k, max_seqlen_*
+    at least the longest sequence, seqused_k within its sequence, each sequence within what its
+    block_table row addresses through pages of k): always for CPU tensors; for CUDA tensors only with
+    a block_table (one device sync); never while capturing a CUDA graph or tracing torch.compile.
+    Where they are not checked, the kernels clamp them so nothing outside q, k and v is touched
+    (README, "Bounds").
 
     Returns out: (total_q, nheads, headdim_v); softmax_lse (when asked for) is (nheads, total_q).
     """
@@ -379,11 +390,16 @@ def flash_attn_with_kvcache(
     capacity, dtype of q; they rotate the new k (and q) at their absolute positions, and need k/v.
     rotary_interleaved: GPT-J pairs (True) or GPT-NeoX halves (False).
     cache_seqlens: int, or (batch_size,) int32: the filled length of each cache row (None: the
-    whole cache). An int is checked against the capacity; a tensor is not (that would need a device
-    sync), so keeping cache_seqlens + seqlen_new within the cache is then the caller's job, as in
-    flash_attn. cache_batch_idx: (batch_size,) int32, the cache row of each batch row.
+    whole cache). cache_batch_idx: (batch_size,) int32, the cache row of each batch row.
     cache_leftpad: (batch_size,) int32, where the valid keys start in each row.
-    block_table: (batch_size, max_num_blocks_per_seq) int32. num_splits: 0 = heuristic, 1 = no
+    block_table: (batch_size, max_num_blocks_per_seq) int32. Their values are checked before
+    anything is written (cache_seqlens + seqlen_new within the capacity, which with a block_table is
+    block_table.shape[1] * page_block_size; cache_batch_idx a row of the cache; cache_leftpad within
+    the row; the block_table entries in use pages of the cache): always for CPU tensors, and for CUDA
+    tensors with a block_table at the cost of one device sync per call, as flash_attn does; never
+    while capturing a CUDA graph or tracing torch.compile, and never for dense CUDA caches. Where
+    they are not checked, the kernels keep every access inside the tensors (README, "Bounds").
+    num_splits: 0 = heuristic, 1 = no
     split, n = n splits. learnable_sink (keyword): (nheads,). Other arguments as flash_attn_func.
     fp32 inputs use IEEE fp32 dot products unless TF32 is on for CUDA matmuls
     (torch.backends.cuda.matmul.fp32_precision = "tf32", or the older allow_tf32 = True).

@@ -12,9 +12,9 @@ a numpy array or a 2-element integer tensor, with any negative side meaning unbo
 meaning off; tensors whose last dimension is not contiguous, copied as flash_attn's
 maybe_contiguous does (contiguous_last) -- except the KV caches, which are written in place.
 
-Nothing here reads tensor values: validation never synchronises with the device, so what only the
-values could reveal (cu_seqlens out of order, a block_table entry past the last page, a tensor
-cache_seqlens past the cache) is the caller's responsibility, as in flash_attn.
+The shape checks never read tensor values. The value checks at the end (cu_seqlens in order and
+inside the tensors, block_table entries, cache_seqlens within the cache...) do, so they run only where
+`reads_values` says reading is free or allowed: see its docstring for the rule and its cost.
 """
 
 from __future__ import annotations
@@ -339,16 +339,27 @@ def check_kvcache(
     seqlen_new = _check_new_kv(fn, q, k, v, nheads_k, dv, cache_seqlens)
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = check_int(fn, "cache_seqlens", cache_seqlens, minimum=0)
-        # Only a host int can be checked against the capacity; a tensor would need a device sync.
+        # An int is checked here; a tensor's values are checked by check_kvcache_values
         if cache_seqlens + seqlen_new > capacity:
+            where = _capacity_words(k_cache, block_table)
             raise InputValueError(
                 f"{fn}: cache_seqlens + seqlen_new must be <= the cache capacity {capacity}, "
-                f"got {cache_seqlens} + {seqlen_new}"
+                f"got {cache_seqlens} + {seqlen_new}{where}"
             )
     else:
         check_batch_vector(fn, "cache_seqlens", cache_seqlens, batch=q.shape[0], device=q.device)
     _check_rotary(fn, q, rotary_cos, rotary_sin, has_new_kv=k is not None, capacity=capacity)
     return nheads, cache_seqlens
+
+
+def _capacity_words(k_cache, block_table) -> str:
+    """Where a paged row's capacity comes from, for messages: it names block_table."""
+    if block_table is None:
+        return ""
+    return (
+        f"; block_table addresses block_table.shape[1] * page_block_size = {block_table.shape[1]} * "
+        f"{k_cache.shape[1]} positions per row: give it more columns"
+    )
 
 
 def _check_cache_rows(fn, q, k_cache, block_table, cache_batch_idx, cache_leftpad) -> int:
@@ -438,3 +449,166 @@ def check_combine(fn, out_partial, lse_partial, out, out_dtype):
         )
         if out.dtype != want_dtype:
             raise InputTypeError(f"{fn}: out must have dtype out_dtype ({want_dtype}), got {out.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: read on the host, where that is free or allowed
+# ---------------------------------------------------------------------------------------------
+
+
+def reads_values(t: torch.Tensor, *, paged: bool) -> bool:
+    """Whether the value checks below run for a call whose tensors live on t's device.
+
+    CPU tensors: always; reading them costs nothing. CUDA tensors: only with a paged KV cache
+    (block_table given), where they cost one device-to-host sync per call, as flash_attn's own
+    paged-KV check does. Other CUDA calls are never synchronised: the kernels keep whatever values
+    they get inside the tensors instead (README, "Bounds"). Never while torch.compile traces or a CUDA
+    graph is being captured, where a sync would break the graph: the guards alone apply there.
+    flash_attn_with_kvcache runs its value check at the top of inference.kvcache_attention, which
+    torch.compile's kvcache op runs eagerly too, so compiled KV-cache calls are checked as well."""
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cpu":
+        return True
+    if t.device.type == "cuda":
+        return paged and not torch.cuda.is_current_stream_capturing()
+    return False
+
+
+def _first_bad_page(block_table, num_pages, page_size, lo, hi):
+    """(batch_size,) int64: the first column of each block_table row whose page holds some position in
+    [lo[b], hi[b]) but is not a page of the cache (outside [0, num_pages)), or -1. Entries no
+    position uses are never read, so they may hold anything (-1 padding, say), as in flash_attn."""
+    batch, max_pages = block_table.shape
+    if max_pages == 0:
+        return torch.full((batch,), -1, dtype=torch.int64, device=block_table.device)
+    cols = torch.arange(max_pages, device=block_table.device)
+    used = (cols[None, :] * page_size < hi[:, None]) & ((cols[None, :] + 1) * page_size > lo[:, None])
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    first = torch.where(bad, cols[None, :], max_pages).amin(dim=1)
+    return torch.where(first < max_pages, first, -1)
+
+
+def _read(parts) -> list[list[int]]:
+    """The host values of several integer tensors, in one transfer (one sync on a GPU)."""
+    flat = torch.cat([p.reshape(-1).to(torch.int64) for p in parts]).tolist()
+    out, i = [], 0
+    for p in parts:
+        out.append(flat[i : i + p.numel()])
+        i += p.numel()
+    return out
+
+
+def _check_cumulative(fn, name, cu, rows, tensor, max_name, max_seqlen):
+    """cu: the host values of a cu_seqlens; rows: the rows of `tensor` it indexes (None: unchecked)."""
+    if cu[0] < 0:
+        raise InputValueError(f"{fn}: {name}[0] must be >= 0, got {cu[0]}")
+    for i in range(len(cu) - 1):
+        if cu[i + 1] < cu[i]:
+            raise InputValueError(
+                f"{fn}: {name} must be non-decreasing, got {name}[{i + 1}] = {cu[i + 1]} < {name}[{i}] = {cu[i]}"
+            )
+    if rows is not None and cu[-1] > rows:
+        raise InputValueError(
+            f"{fn}: {name}[-1] = {cu[-1]} runs past the end of {tensor}, which has {rows} rows (tokens)"
+        )
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        b = lengths.index(longest)
+        raise InputValueError(
+            f"{fn}: {max_name} must be at least the longest sequence of {name} (sequence {b}: {longest} tokens), "
+            f"got {max_seqlen}"
+        )
+    return lengths
+
+
+def check_varlen_values(
+    fn, names, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, seqused_k=None, block_table=None
+):
+    """The values behind a varlen call, in one host read: cu_seqlens_q / cu_seqlens_k non-decreasing
+    from an entry >= 0 and inside q / k; no sequence longer than max_seqlen_q / max_seqlen_k;
+    0 <= seqused_k[b] <= the length of sequence b; with a paged k, each sequence within what its
+    block_table row addresses, through entries that are pages of k. names: (q's, k's, cu_seqlens_q's,
+    cu_seqlens_k's, max_seqlen_q's, max_seqlen_k's) names in this function."""
+    nq, nk, ncq, nck, nmq, nmk = names
+    parts = [cu_seqlens_q, cu_seqlens_k] + ([seqused_k] if seqused_k is not None else [])
+    if block_table is not None:
+        lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+        parts.append(_first_bad_page(block_table, k.shape[0], k.shape[1], torch.zeros_like(lens), lens))
+    values = _read(parts)
+    _check_cumulative(fn, ncq, values[0], q.shape[0], nq, nmq, max_seqlen_q)
+    lengths = _check_cumulative(
+        fn, nck, values[1], None if block_table is not None else k.shape[0], nk, nmk, max_seqlen_k
+    )
+    if seqused_k is not None:
+        for b, (used, n) in enumerate(zip(values[2], lengths)):
+            if not 0 <= used <= n:
+                raise InputValueError(f"{fn}: seqused_k[{b}] must be in [0, {n}] (sequence {b} of {nck}), got {used}")
+    if block_table is not None:
+        pages, page_size = block_table.shape[1], k.shape[1]
+        for b, n in enumerate(lengths):
+            if n > pages * page_size:
+                raise InputValueError(
+                    f"{fn}: sequence {b} of {nck} has {n} keys, more than block_table addresses: "
+                    f"block_table.shape[1] * page_block_size = {pages} * {page_size} = {pages * page_size}"
+                )
+        _raise_bad_page(fn, values[-1], block_table, k.shape[0], nk)
+
+
+def _raise_bad_page(fn, first_bad, block_table, num_pages, cache):
+    for b, j in enumerate(first_bad):
+        if j >= 0:
+            raise InputValueError(
+                f"{fn}: block_table[{b}, {j}] = {int(block_table[b, j])} is not a page of {cache} "
+                f"(num_blocks = {num_pages}); the entries a row uses must be in [0, {num_pages})"
+            )
+
+
+def check_kvcache_values(fn, q, k_cache, *, cache_seqlens, seqlen_new, cache_batch_idx, cache_leftpad, block_table):
+    """The values behind flash_attn_with_kvcache, in one host read, before anything is written:
+    0 <= cache_seqlens[b] and cache_seqlens[b] + seqlen_new <= the capacity of a row (k_cache.shape[1],
+    or what block_table addresses); cache_batch_idx[b] a row of k_cache; cache_leftpad[b] in
+    [0, cache_seqlens[b] + seqlen_new]; every block_table entry that a used position falls in a page
+    of k_cache. cache_seqlens: a (batch_size,) tensor, or None for the whole capacity."""
+    batch = q.shape[0]
+    if batch == 0:
+        return
+    paged = block_table is not None
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    lens = cache_seqlens
+    if lens is None:
+        lens = torch.full((batch,), capacity, dtype=torch.int64, device=q.device)
+    parts = [lens] + [t for t in (cache_batch_idx, cache_leftpad) if t is not None]
+    if paged:
+        ends = (lens.long() + seqlen_new).clamp(0, capacity)
+        starts = cache_leftpad.long().clamp(min=0) if cache_leftpad is not None else torch.zeros_like(ends)
+        parts.append(_first_bad_page(block_table, k_cache.shape[0], page_size, starts, ends))
+    values = _read(parts)
+    lens_h, rest = values[0], values[1:]
+    for b, n in enumerate(lens_h):
+        if n < 0:
+            raise InputValueError(f"{fn}: cache_seqlens[{b}] must be >= 0, got {n}")
+        if n + seqlen_new > capacity:
+            where = _capacity_words(k_cache, block_table) if paged else " (k_cache.shape[1])"
+            raise InputValueError(
+                f"{fn}: cache_seqlens[{b}] + seqlen_new = {n} + {seqlen_new} exceeds the cache capacity of "
+                f"{capacity} positions per row{where}"
+            )
+    if cache_batch_idx is not None:
+        rows = k_cache.shape[0]
+        for b, i in enumerate(rest.pop(0)):
+            if not 0 <= i < rows:
+                raise InputValueError(
+                    f"{fn}: cache_batch_idx[{b}] = {i} is not a row of k_cache (batch_size_cache = {rows})"
+                )
+    if cache_leftpad is not None:
+        for b, (pad, n) in enumerate(zip(rest.pop(0), lens_h)):
+            if not 0 <= pad <= n + seqlen_new:
+                raise InputValueError(
+                    f"{fn}: cache_leftpad[{b}] must be in [0, cache_seqlens[{b}] + seqlen_new = {n + seqlen_new}], "
+                    f"got {pad}"
+                )
+    if paged:
+        _raise_bad_page(fn, rest.pop(0), block_table, k_cache.shape[0], "k_cache")

@@ -38,7 +38,7 @@ def attention_probs(
     zero-padded."""
     if cu_seqlens_q is None:
         return _dense_probs(q, k, lse, opts, opts.alibi_slopes, cpu._dense_dropout(opts, dropout_seed, q, k))
-    seqs = list(cpu._sequences(cu_seqlens_q, cu_seqlens_k, seqused_k))
+    seqs = list(cpu._sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0]))
     max_q = max((q1 - q0 for _, q0, q1, _, _ in seqs), default=0)
     max_k = max((k1 - k0 for _, _, _, k0, k1 in seqs), default=0)
     out = torch.zeros(len(seqs), q.shape[1], max_q, max_k, dtype=torch.float32, device=q.device)
