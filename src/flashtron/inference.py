@@ -283,6 +283,9 @@ def _kvcache_triton(
     layout = dict(
         stride_btb=block_table.stride(0) if cache.paged else 0,
         page_size=max(cache.page_size, 1),
+        # the kernels' Bounds guard (kernels/decode.py) skips rows and pages outside these
+        capacity=cache.capacity,
+        cache_rows=k_cache.shape[0],
         PAGED=cache.paged,
         HAS_BATCH_IDX=cache_batch_idx is not None,
     )
