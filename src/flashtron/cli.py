@@ -82,7 +82,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="do_bench measuring time, ms (default 100); on the CPU the least time of the timed calls (default 200)",
     )
-    p.add_argument("--runs", type=int, default=None, help="on the CPU, the least number of timed calls (default 10)")
+    p.add_argument("--runs", type=int, default=None, help="on the CPU, the least number of timed calls (default 5)")
     p.add_argument(
         "--flex-headdims",
         type=_int_list,

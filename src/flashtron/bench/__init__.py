@@ -143,6 +143,8 @@ def _meta(opts: BenchOptions, device, dtype_name: str, grid, budget: Budget, pee
         notes.append(f"time budget: {budget.time_budget_s:.0f} s; cells past it read 'skipped: time budget'")
     if budget.flex_headdims is not None and "flex" in peers:
         notes.append(f"FlexAttention runs at prefill headdim {budget.flex_headdims} only (time budget)")
+    if device.type == "cpu":
+        notes.append(_cpu_load())
     return {
         "device": _device_name(device),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -161,6 +163,17 @@ def _meta(opts: BenchOptions, device, dtype_name: str, grid, budget: Budget, pee
         "ceilings": {"matmul_tflops": mm, "copy_tbps": cp},
         "notes": notes,
     }
+
+
+def _cpu_load() -> str:
+    """The machine's load when the run starts: CPU numbers from a busy machine are slow, all alike."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "CPU load: unknown"
+    cores = os.cpu_count() or 1
+    busy = " (other work shares the CPU: every number may be slow)" if load > 0.5 * cores else ""
+    return f"CPU load at the start: {load:.2f} over the last minute on {cores} cores{busy}"
 
 
 def _device_name(device: torch.device) -> str:

@@ -50,7 +50,7 @@ class Budget:
 
     warmup_ms: int = 25
     rep_ms: int = 100
-    cpu_runs: int = 10
+    cpu_runs: int = 5
     cpu_max_runs: int = 1000
     time_budget_s: float | None = None
     flex_headdims: tuple[int, ...] | None = None
