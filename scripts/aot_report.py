@@ -5,6 +5,8 @@ device time.
 
     python scripts/aot_report.py [fwd|dkdv|dq ...] [--d 64,128]
     python scripts/aot_report.py decode   # every decode table entry, dense and paged, and a stage sweep
+    python scripts/aot_report.py gluon    # the Gluon Hopper forward's variants (launch_hopper)
+    python scripts/aot_report.py gluon-bwd    # the Gluon dK/dV kernel's tiles, each mask kind
 
 Needs only triton (its bundled ptxas). Pointer and stride arguments are marked 16-aligned as the JIT
 marks them for contiguous bf16 tensors, so the code matches what a launch would build.
@@ -149,12 +151,103 @@ def main_decode() -> None:
             show("sweep", paged, 128, base.block_m, base.block_n, base.num_warps, st, False)
 
 
+def main_gluon() -> None:
+    """The Gluon Hopper forward for sm_90, bf16: each (warp specialization, overlap, stages) variant of the
+    dispatched tiles at d64 and d128, then the candidate tiles (ping-pong, d64 tiles), full and causal.
+    Registers are the launch's (with warp specialization the partitions get theirs by setmaxnreg); stack
+    > 0 means spills; bar.sync lists the named barriers (id, threads): 256 is both consumer warpgroups in
+    lock step, 128 one warpgroup."""
+    from dataclasses import replace
+
+    from flashtron import launch_hopper
+
+    tiles = [(d, "dispatched", tile) for d, tile in launch_hopper.HOPPER_TILES.items()]
+    for d, base in launch_hopper.CANDIDATE_TILES["ws-ov"].items():  # the lock-step tile and its simpler forms
+        for ws, overlap, stages in ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 1)):
+            tiles.append((d, "", replace(base, stages=base.stages + stages, warp_specialize=ws, overlap=overlap)))
+    for name, per_d in launch_hopper.CANDIDATE_TILES.items():
+        tiles += [(d, name, tile) for d, tile in per_d.items() if name != "ws-ov"]
+    tiles.append((64, "pp3-192", launch_hopper.HopperTile(192, 128, 3, num_warps=4, consumers=3)))
+    for d, name, tile in tiles:
+        for causal in (False, True):
+            gluon_report(d, name, tile, causal)
+
+
+def gluon_report(d, name, tile, causal) -> None:
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.options import AttnOptions
+
+    q = torch.empty(2, 1000, 4, d, dtype=torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 1000)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
+    t0 = time.time()
+    try:
+        kernel, _, args, kwargs = launch_hopper.kernel_launch(q, q, q, out, lse, opts, tile)
+        compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
+    except Exception as exc:
+        print(f"gluon d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+        return
+    regs, stack = cubin_resources(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    nreg = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*\.u32\s+(\d+)", ptx)})
+    bars = sorted(set(re.findall(r"bar\.sync\s+(\d+,\s*\d+)", ptx)))
+    print(f"gluon d{d:<3} {name:9} ({tile.block_m},{tile.block_n}) stages {tile.stages} warps {tile.num_warps} "
+          f"consumers {tile.consumers} ws {int(tile.warp_specialize)} overlap {int(tile.overlap)} "
+          f"{'causal' if causal else 'full  '} regs {regs} stack {stack} smem {compiled.metadata.shared / 1024:6.1f}K "
+          f"wgmma {'wgmma.mma_async' in ptx} setmaxnreg {nreg} bar.sync {[b.replace(' ', '') for b in bars]} "
+          f"{time.time() - t0:4.1f}s", flush=True)  # fmt: skip
+
+
+def main_gluon_bwd() -> None:
+    """The Gluon dK/dV kernel (kernels/hopper_bwd.py) for sm_90, bf16: the dispatched tile per head dim, and
+    one more stage, with no mask, causal and a window. Stack > 0 means spills (ptxas's spill stores and loads
+    with them)."""
+    from dataclasses import replace
+
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.options import AttnOptions
+
+    for d, base in launch_hopper.HOPPER_BWD_TILES.items():
+        for tile in (base, replace(base, stages=base.stages + 1)):
+            for mask, window in (("full", (-1, -1)), ("causal", (-1, 0)), ("window", (256, 32))):
+                q = torch.empty(2, 1000, 4, d, dtype=torch.bfloat16)
+                k = torch.empty(2, 1000, 2, d, dtype=torch.bfloat16)
+                lse = torch.empty(2, 4, 1000)
+                opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+                t0 = time.time()
+                try:
+                    kernel, _, args, kwargs = launch_hopper.backward_dkdv_launch(
+                        q, k, k, q, lse, lse, torch.empty_like(k), torch.empty_like(k), opts, tile
+                    )
+                    compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
+                except Exception as exc:
+                    print(f"gluon-bwd d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+                    continue
+                regs, stack = cubin_resources(compiled.asm["cubin"])
+                ptx = compiled.asm["ptx"]
+                nreg = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*\.u32\s+(\d+)", ptx)})
+                print(f"gluon-bwd d{d:<3} ({tile.block_m},{tile.block_n}) stages {tile.stages} warps {tile.num_warps} "
+                      f"{mask:6} regs {regs} stack {stack} smem {compiled.metadata.shared / 1024:6.1f}K "
+                      f"wgmma {ptx.count('wgmma.mma_async')} setmaxnreg {nreg} {time.time() - t0:4.1f}s",
+                      flush=True)  # fmt: skip
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tune import TILES
 
     if sys.argv[1:2] == ["decode"]:
         main_decode()
+        return
+    if sys.argv[1:2] == ["gluon"]:
+        main_gluon()
+        return
+    if sys.argv[1:2] == ["gluon-bwd"]:
+        main_gluon_bwd()
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("kinds", nargs="*", default=["fwd", "dkdv", "dq"])

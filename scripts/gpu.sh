@@ -7,6 +7,8 @@
 #            SERIAL_TIMEOUT=s
 #     tune   (1) scripts/tune.py check, started alongside the tests   TUNE_TIMEOUT=s TUNE_WORKERS=n
 #     tests  pytest -m gpu (xdist, -v log)          GPU_TESTS=paths  TEST_TIMEOUT=s  WORKERS=n
+#            PER_TEST_TIMEOUT=s (pytest-timeout: a stuck test fails on its own instead of ending the run)
+#            GPU_MARK="gpu and smoke" runs the quick subset; then pytest -m gpu_big alone (BIG=0 skips it)
 #     tune   (2) scripts/tune.py time on the idle GPU   TUNE_TIME_TIMEOUT=s; TUNE_ONLY="kind:d,..."
 #     paged  scripts/tune.py paged: paged decode against contiguous, by extra pipeline stages
 #            PAGED_TIMEOUT=s
@@ -49,10 +51,23 @@ if has tune; then
   tune_pid=$!
 fi
 if has tests; then
-  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -v -p no:warnings -n "${WORKERS:-12}" -rfE --tb=short --durations=30 \
-    ${GPU_TESTS:-tests} > "$OUT/gpu-tests.log" 2>&1
+  per_test=()
+  python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${PER_TEST_TIMEOUT:-300}")
+  start=$(date +%s)
+  timeout "${TEST_TIMEOUT:-470}" python3 -m pytest -m "${GPU_MARK:-gpu}" -v -p no:warnings -n "${WORKERS:-14}" -rfE \
+    --tb=short --durations=40 "${per_test[@]}" --junitxml="$OUT/gpu-tests.xml" ${GPU_TESTS:-tests} \
+    > "$OUT/gpu-tests.log" 2>&1
   test_rc=$?
-  grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -40
+  grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | cut -c1-300 | head -40
+  sed -n '/Triton compiles/,/^=/p' "$OUT/gpu-tests.log" | head -12
+  summary+=("gpu tests wall: $(($(date +%s) - start)) s")
+  if [ "${BIG:-1}" = 1 ]; then  # ~40 GB each: alone, after the tier
+    timeout "${BIG_TIMEOUT:-120}" python3 -m pytest -m gpu_big -v -p no:warnings -n 0 -rfE --tb=short \
+      ${GPU_TESTS:-tests} > "$OUT/gpu-big-tests.log" 2>&1
+    big_rc=$?
+    grep -E "^(FAILED|ERROR)" "$OUT/gpu-big-tests.log" | cut -c1-300
+    summary+=("gpu_big tests: $(grep -E '(passed|failed|error)' "$OUT/gpu-big-tests.log" | tail -1) (exit $big_rc)")
+  fi
   summary+=("gpu tests: $(grep -E '(passed|failed|error)' "$OUT/gpu-tests.log" | tail -1) (exit $test_rc)")
 fi
 if has tune; then

@@ -15,10 +15,37 @@ import os
 import pytest
 import torch
 
+from compile_count import count_compiles
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The quick GPU subset (`-m "gpu and smoke"`, about 2 minutes): one case of each kernel family and
+# each layer, so that a short device run still catches a broken build, launch or integration.
+SMOKE = (
+    "test_flash_attn.py::test_gpu_grid[causal-128-bf16]",
+    "test_flash_attn.py::test_gpu_grid[full-64-fp16]",
+    "test_flash_attn.py::test_gpu_grid[causal-64-fp32]",
+    "test_flash_attn.py::test_gpu_features[128-128-window]",
+    "test_flash_attn.py::test_gpu_varlen",
+    "test_flash_attn.py::test_gpu_paged_varlen[16]",
+    "test_flash_attn.py::test_gpu_dropout[causal-bf16]",
+    "test_kvcache.py::test_kvcache_gpu_features[decode_dense_mha-torch.bfloat16-3]",
+    "test_kvcache.py::test_kvcache_cuda_graph[0-3]",
+    "test_gpu_shapes.py::test_gpu_new_seqlens_do_not_recompile",
+    "test_compile.py::test_compiled_gpu_training_step",
+    "test_gpt.py::test_gpu_training_step_matches_cpu",
+    "test_transformers.py::test_gpu_llama_bf16_and_generation",
+    "test_ops_rotary.py::test_gpu_varlen[neox]",
+    "test_ops_norm.py::test_gpu_backward_is_deterministic",
+    "test_ops_cross_entropy.py::test_gpu_reductions",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("/")[-1] in SMOKE:
+            item.add_marker(pytest.mark.smoke)
     selected, deselected = [], []
     for item in items:
         if item.get_closest_marker("interpret") and not INTERPRET:
@@ -31,7 +58,7 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
-            if item.get_closest_marker("gpu"):
+            if item.get_closest_marker("gpu") or item.get_closest_marker("gpu_big"):
                 item.add_marker(skip_gpu)
 
 
@@ -53,6 +80,36 @@ def _seed_and_poison():
 def _tables_not_autotune(monkeypatch):
     """Tests run the table tiles whatever the caller's environment says; the autotune tests opt in."""
     monkeypatch.delenv("FLASHTRON_AUTOTUNE", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _count_kernel_compiles(request):
+    """On a GPU, records how many Triton kernels each test compiled (printed at the end of the run):
+    the GPU tier's time is mostly compiling, so this is where to look first."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    with count_compiles() as counts:
+        yield
+    request.node.user_properties.append(("compiles", sum(counts.values())))
+
+
+_COMPILES: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "compiles":  # appended at teardown, so the teardown report carries it
+            _COMPILES[report.nodeid] = value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _COMPILES:
+        return
+    top = sorted(_COMPILES.items(), key=lambda item: -item[1])[:25]
+    terminalreporter.section(f"Triton compiles: {sum(_COMPILES.values())} in {len(_COMPILES)} tests; most")
+    for nodeid, n in top:
+        terminalreporter.write_line(f"{n:4d}  {nodeid}")
 
 
 @pytest.fixture

@@ -14,16 +14,8 @@ from flashtron.options import AttnOptions
 
 
 @pytest.fixture
-def route_through_custom_ops(monkeypatch):
-    """The hook of flashtron.compile's docstring, at the top of flashtron.autograd.attention."""
-    eager = flashtron.autograd.attention
-
-    def attention(q, k, v, opts, **kwargs):
-        if torch.compiler.is_compiling():
-            return compiled.attention(q, k, v, opts, **kwargs)
-        return eager(q, k, v, opts, **kwargs)
-
-    monkeypatch.setattr(flashtron.autograd, "attention", attention)
+def fresh_dynamo():
+    """Each compile test starts and ends with Dynamo's caches empty (no graph reused across tests)."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -110,9 +102,9 @@ def test_compiled_custom_op_dynamic_shapes():
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_compiled_public_functions(route_through_custom_ops, dynamic):
-    """flash_attn_func and flash_attn_varlen_func under torch.compile(fullgraph=True), routed to the
-    custom ops by the hook; no graph breaks (fullgraph raises on one) and eager's results."""
+def test_compiled_public_functions(fresh_dynamo, dynamic):
+    """flash_attn_func and flash_attn_varlen_func under torch.compile(fullgraph=True); no graph breaks
+    (fullgraph raises on one) and eager's results."""
 
     def dense(q, k, v):
         return flashtron.flash_attn_func(q, k, v, causal=True, window_size=(3, -1), softcap=1.5)
@@ -134,8 +126,25 @@ def test_compiled_public_functions(route_through_custom_ops, dynamic):
         assert torch.equal(varlen_c(q, k, v, cu, max(lens)), varlen(q, k, v, cu, max(lens)))
 
 
+def test_compiled_graph_holds_the_attention_ops(fresh_dynamo):
+    """Under torch.compile the public functions reach attention as the flashtron library ops (the hook in
+    flashtron.autograd.attention), not as a trace through the autograd Function and its launchers."""
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    def dense(q, k, v):
+        return flashtron.flash_attn_func(q, k, v, causal=True)
+
+    q, k, v = _qkv((2, 5, 4, 8), (2, 5, 2, 8))
+    torch.compile(dense, fullgraph=True, backend=recording_backend)(q, k, v)
+    assert any("flashtron.attn_fwd" in t for t in targets), targets
+
+
 @pytest.mark.gpu
-def test_compiled_gpu_training_step(route_through_custom_ops):
+def test_compiled_gpu_training_step(fresh_dynamo):
     """As the CPU test below, with every op on its Triton kernels (fp32 inputs, IEEE dots)."""
     torch._dynamo.reset()
     loss, loss_ref, grads, grads_ref = _training_step_grads("cuda")

@@ -28,3 +28,15 @@ def test_readme_example_runs(index):
     if "transformers" in code:
         pytest.importorskip("transformers")
     exec(compile(code, f"README.md python block {index}", "exec"), {})
+
+
+def test_readme_lists_every_environment_variable():
+    """env.VARIABLES is the list of variables flashtron reads; the README's table names each, and no other."""
+    from flashtron import env
+
+    table = README.read_text().split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([A-Z_]+)", table, flags=re.M))
+    assert listed == set(env.VARIABLES)
+    src = Path(env.__file__).read_text()
+    read = set(re.findall(r'"((?:FLASHTRON|TRITON)_[A-Z_]+)"', src.split("VARIABLES = {")[0]))
+    assert read == set(env.VARIABLES), "env.py reads a variable that VARIABLES does not list, or the reverse"

@@ -105,10 +105,12 @@ def gather_pages(k_pages, v_pages, block_table, cu_seqlens_k, max_seqlen_k, sequ
     """Paged prefill: k/v (num_pages, page_size, nheads_k, d) and block_table (batch, max_pages) become
     varlen tensors in which sequence b owns rows [b * span, (b + 1) * span), span = the pages that
     max_seqlen_k needs. Its real length (cu_seqlens_k[b+1] - cu_seqlens_k[b], capped by seqused_k)
-    becomes seqused_k. No host sync; indexing keeps the gradient flowing to the paged tensors.
-    The entries are clamped to pages of k_pages before the gather: those past a sequence's length may
-    hold anything (-1 padding, say), as flash_attn never reads them; the ones in use were checked
-    where the checks run (checks.reads_values), and elsewhere the clamp keeps the gather in bounds."""
+    becomes seqused_k, and span becomes max_seqlen_k: the backward must cover (and zero) every gathered
+    row, or the rows past the longest sequence would carry unwritten gradient back into the pages.
+    No host sync; indexing keeps the gradient flowing to the paged tensors. The entries are clamped
+    to pages of k_pages before the gather: those past a sequence's length may hold anything (-1
+    padding, say), as flash_attn never reads them; the ones in use were checked where the checks run
+    (checks.reads_values), and elsewhere the clamp keeps the gather in bounds."""
     batch, page_size = block_table.shape[0], k_pages.shape[1]
     pages = min(-(-max_seqlen_k // page_size), block_table.shape[1]) if k_pages.shape[0] else 0
     index = block_table[:, :pages].reshape(-1).long().clamp(0, max(k_pages.shape[0] - 1, 0))
@@ -119,7 +121,7 @@ def gather_pages(k_pages, v_pages, block_table, cu_seqlens_k, max_seqlen_k, sequ
     if seqused_k is not None:
         lengths = torch.minimum(lengths, seqused_k)
     starts = torch.arange(0, (batch + 1) * span, span, dtype=torch.int32, device=cu_seqlens_k.device)
-    return k, v, starts, lengths.to(torch.int32)
+    return k, v, starts, lengths.to(torch.int32), span
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -163,7 +165,9 @@ def attention(
     opts.learnable_sink; lse is differentiable too. S_dmask holds the probabilities, with the
     entries that dropout removed negated."""
     if block_table is not None:
-        k, v, cu_seqlens_k, seqused_k = gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k)
+        k, v, cu_seqlens_k, seqused_k, max_seqlen_k = gather_pages(
+            k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k
+        )
     if torch.compiler.is_compiling():
         # torch.compile sees attention as torch.library ops (one opaque node, no graph break)
         from flashtron import compile as compiled

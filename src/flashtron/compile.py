@@ -225,7 +225,9 @@ def attention(
     if block_table is not None:  # paged prefill: the pages gathered first, as flashtron.autograd does
         from flashtron.autograd import gather_pages
 
-        k, v, cu_seqlens_k, seqused_k = gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k)
+        k, v, cu_seqlens_k, seqused_k, max_seqlen_k = gather_pages(
+            k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k
+        )
     seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64) if opts.dropout_p > 0 else None
     out, lse = attn_fwd(
         q,

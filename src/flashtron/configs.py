@@ -93,6 +93,29 @@ SAFE_BWD_DQ = {
     512: TileConfig(16, 16, 4, 1),
 }
 
+# fp32 with IEEE dots (the default for fp32: TF32 off): Triton builds these dots from FMAs, unrolled per
+# thread, so compile time and spills grow with BLOCK_M * BLOCK_N * head_dim / threads. sm_90 compiles on
+# a CPU (scripts/aot_report.py's compile, 2026-12-02), fwd + dK/dV + dQ, causal: d64 SAFE tiles 5.9 +
+# 32.4 + 10.8 s with 1.2-14 KB of spills, these 1.9 + 3.1 + 3.3 s with none; d128 about 50 s against
+# 2.2 + 5.7 + 3.5 s. FMA-bound either way, so the small tiles cost little speed (fp32 has no speed goal).
+IEEE_FP32_FWD = {
+    64: TileConfig(32, 32, 4, 2),
+    128: TileConfig(16, 32, 4, 2),
+    256: TileConfig(16, 16, 4, 1),
+    512: TileConfig(16, 16, 4, 1),
+}
+IEEE_FP32_BWD_DKDV = {
+    64: TileConfig(16, 32, 4, 2),
+    128: TileConfig(16, 32, 4, 2),
+    256: TileConfig(16, 16, 4, 1),
+    512: TileConfig(16, 16, 4, 1),
+}
+IEEE_FP32_BWD_DQ = {
+    64: TileConfig(32, 32, 4, 2),
+    128: TileConfig(16, 32, 4, 2),
+    256: TileConfig(16, 16, 4, 1),
+    512: TileConfig(16, 16, 4, 1),
+}
 
 # Candidates for FLASHTRON_AUTOTUNE (autotune.py) and the tiles scripts/tune.py sweeps, by (kernel,
 # head-dim bucket), Hopper and 16-bit inputs: the tiles in use above plus those picked from
@@ -141,34 +164,39 @@ def _hopper_tiles(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _pick(
-    device: torch.device, dtype: torch.dtype, head_dim: int, hopper: dict, safe: dict, interpret: TileConfig,
-    hopper_override: dict | None = None,
+    device: torch.device, dtype: torch.dtype, head_dim: int, hopper: dict, safe: dict, ieee_fp32: dict,
+    interpret: TileConfig, hopper_override: dict | None = None, precision: str = "ieee",
 ) -> TileConfig:  # fmt: skip
-    """The tile for head_dim: the interpreter's on CPU, else Hopper's (a bucket of hopper_override
-    first) or the SAFE table's."""
+    """The tile for head_dim: the interpreter's on CPU, else the IEEE fp32 table (fp32 without TF32),
+    Hopper's (a bucket of hopper_override first) or the SAFE table's."""
     if device.type != "cuda":
         return interpret
     bucket = head_dim_bucket(head_dim)
+    if dtype == torch.float32 and precision == "ieee":
+        return ieee_fp32[bucket]
     if not _hopper_tiles(device, dtype):
         return safe[bucket]
     return (hopper_override or {}).get(bucket, hopper[bucket])
 
 
-def fwd_config(device: torch.device, dtype: torch.dtype, head_dim: int, left_window: bool = False) -> TileConfig:
-    """Forward tile; `left_window`: the call has a left window bound (see HOPPER_FWD_WINDOW)."""
+def fwd_config(
+    device: torch.device, dtype: torch.dtype, head_dim: int, left_window: bool = False, precision: str = "ieee"
+) -> TileConfig:
+    """Forward tile; `left_window`: the call has a left window bound (see HOPPER_FWD_WINDOW);
+    `precision`: the fp32 dot precision ("ieee" or "tf32"; 16-bit inputs ignore it)."""
     window = HOPPER_FWD_WINDOW if left_window else None
-    return _pick(device, dtype, head_dim, HOPPER_FWD, SAFE_FWD, INTERPRET_FWD, window)
+    return _pick(device, dtype, head_dim, HOPPER_FWD, SAFE_FWD, IEEE_FP32_FWD, INTERPRET_FWD, window, precision)
 
 
 def bwd_configs(
-    device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool = False
+    device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool = False, precision: str = "ieee"
 ) -> tuple[TileConfig, TileConfig]:
-    """(dK/dV kernel config, dQ kernel config); `causal`: plain bottom-right causal (HOPPER_BWD_DKDV_CAUSAL)."""
+    """(dK/dV kernel config, dQ kernel config); `causal`: plain bottom-right causal (HOPPER_BWD_DKDV_CAUSAL);
+    `precision` as in fwd_config."""
     dkdv_causal = HOPPER_BWD_DKDV_CAUSAL if causal else None
-    return (
-        _pick(device, dtype, head_dim, HOPPER_BWD_DKDV, SAFE_BWD_DKDV, INTERPRET_BWD_DKDV, dkdv_causal),
-        _pick(device, dtype, head_dim, HOPPER_BWD_DQ, SAFE_BWD_DQ, INTERPRET_BWD_DQ),
-    )
+    dkdv = (HOPPER_BWD_DKDV, SAFE_BWD_DKDV, IEEE_FP32_BWD_DKDV, INTERPRET_BWD_DKDV, dkdv_causal, precision)
+    dq = (HOPPER_BWD_DQ, SAFE_BWD_DQ, IEEE_FP32_BWD_DQ, INTERPRET_BWD_DQ, None, precision)
+    return _pick(device, dtype, head_dim, *dkdv), _pick(device, dtype, head_dim, *dq)
 
 
 def tune_candidates(kind: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> list[TileConfig]:

@@ -25,6 +25,18 @@ def autotune() -> bool:
     return _flag("FLASHTRON_AUTOTUNE")
 
 
+def backend() -> str:
+    """FLASHTRON_BACKEND: "triton" keeps every call on the portable Triton kernels; "gluon" sends the calls
+    the Gluon Hopper forward covers (launch_hopper.covers) to it, and the dK/dV part of covered backwards to
+    the Gluon dK/dV kernel (launch_hopper.covers_backward); unset or "auto" is the default choice
+    (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 128 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: no
+    backward yet). Other values raise, so that a typo does not silently change nothing."""
+    value = os.environ.get("FLASHTRON_BACKEND", "auto").strip().lower() or "auto"
+    if value not in ("auto", "triton", "gluon"):
+        raise ValueError(f"FLASHTRON_BACKEND must be auto, triton or gluon, got {value!r}")
+    return value
+
+
 def cache_dir() -> Path:
     """FLASHTRON_CACHE_DIR, else $XDG_CACHE_HOME/flashtron, else ~/.cache/flashtron."""
     given = os.environ.get("FLASHTRON_CACHE_DIR")
@@ -45,5 +57,9 @@ VARIABLES = {
     "TRITON_INTERPRET": "1 runs the Triton kernels on CPU tensors through Triton's interpreter (tests).",
     "FLASHTRON_FORCE_CPU_PATH": "1 keeps CPU tensors on the PyTorch path even when TRITON_INTERPRET=1.",
     "FLASHTRON_AUTOTUNE": "1 times the candidate tiles of a kernel on first use and keeps the fastest (GPU).",
+    "FLASHTRON_BACKEND": (
+        "triton forces the Triton kernels; gluon sends every covered sm_90 forward, and the dK/dV part of "
+        "every covered backward, to the Gluon kernels (default: head dim 128 forwards only, no backward)."
+    ),
     "FLASHTRON_CACHE_DIR": "where the autotune cache lives (default $XDG_CACHE_HOME/flashtron or ~/.cache/flashtron).",
 }

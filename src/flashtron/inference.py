@@ -404,8 +404,9 @@ def _launch_combine(out_partial, lse_partial, out, lse, sink):
         return
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     if out.device.type == "cuda":
-        # all splits of a row in one step up to 2048 / headdim_v of them; ~2k fp32 values per program
-        block_s = max(2, min(triton.next_power_of_2(num_splits), 2048 // block_dv))
+        # up to 8 splits of a row per step (more loop); fixed rather than next_power_of_2(num_splits), so a
+        # new split count (it follows batch and cache length) never compiles another combine kernel
+        block_s = max(2, min(8, 2048 // block_dv))
         block_m = max(2, min(16, 2048 // (block_s * block_dv)))
     else:
         block_s, block_m = 2, 4  # interpreter: several split steps and row blocks in small tests

@@ -11,7 +11,7 @@ import math
 import torch
 import triton
 
-from flashtron import autotune
+from flashtron import autotune, env, launch_hopper
 from flashtron.configs import TileConfig, bwd_configs, fwd_config, tune_candidates
 from flashtron.dropout import keep_threshold
 from flashtron.kernels.bwd import (
@@ -126,14 +126,20 @@ def attention_forward(
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, head_dim_v = _shape_info(
         q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k
     )
+    if launch_hopper.chosen(env.backend(), q.shape[-1]) and launch_hopper.covers(
+        q, k, v, opts, varlen=varlen, seqused_k=seqused_k
+    ):
+        return launch_hopper.attention_forward(q, k, v, opts)
     out = new_output((*q.shape[:-1], head_dim_v), q.dtype, q.device)
     lse_shape = (nheads, q.shape[0]) if varlen else (batch, nheads, seqlen_q)
     lse = new_output(lse_shape, torch.float32, q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    cfg = fwd_config(q.device, q.dtype, max(head_dim, head_dim_v), left_window=opts.window_left >= 0)
     score = score_args(q, opts)
+    cfg = fwd_config(
+        q.device, q.dtype, max(head_dim, head_dim_v), left_window=opts.window_left >= 0, precision=score["PRECISION"]
+    )
     rows_q, rows_k = _kernel_seqlens(q, k, varlen, seqlen_q, seqlen_k)
 
     def launch(cfg):
@@ -180,6 +186,7 @@ def attention_backward(
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
+    lse = lse.contiguous()  # the kernels address delta (allocated contiguous) with lse's strides
     delta = new_output(lse.shape, torch.float32, q.device)
     if q.numel() == 0 or k.numel() == 0:
         for t in (dq, dk, dv, delta):
@@ -207,8 +214,10 @@ def attention_backward(
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse))
         delta.sub_(dlse)
-    cfg_kv, cfg_q = bwd_configs(q.device, q.dtype, max(head_dim, head_dim_v), causal=opts.causal)
     score = score_args(q, opts)
+    cfg_kv, cfg_q = bwd_configs(
+        q.device, q.dtype, max(head_dim, head_dim_v), causal=opts.causal, precision=score["PRECISION"]
+    )
     common = dict(
         HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim_v,
@@ -245,7 +254,13 @@ def attention_backward(
         )  # fmt: skip
 
     shape = ((head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, nheads // nheads_k, varlen, seqused_k)
-    launch_dkdv(_tuned("dkdv", cfg_kv, launch_dkdv, q, opts, *shape))
+    if launch_hopper.chosen_backward(env.backend(), head_dim) and launch_hopper.covers_backward(
+        q, k, v, dout, opts, varlen=varlen, seqused_k=seqused_k
+    ):
+        # dK/dV on the Gluon Hopper kernel, dQ on the Triton one below: both without atomics
+        launch_hopper.attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts)
+    else:
+        launch_dkdv(_tuned("dkdv", cfg_kv, launch_dkdv, q, opts, *shape))
     launch_dq(_tuned("dq", cfg_q, launch_dq, q, opts, *shape))
     return dq, dk, dv, delta
 

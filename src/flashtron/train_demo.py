@@ -9,6 +9,12 @@ downloaded.
 
     python -m flashtron.train_demo            # CUDA: llama-small, bf16
     python -m flashtron.train_demo --quick    # CPU smoke run, < 60 s
+    torchrun --nproc-per-node 2 -m flashtron.train_demo --context-parallel   # ring attention, 2 GPUs
+
+With --context-parallel every rank of the torchrun job (NCCL on GPUs, gloo on CPUs; one process
+without torchrun) trains the same GPT on its zigzag shard of each sequence, by ring attention, with
+gradients averaged over the ranks; the report gives the world size, tokens/s in all and per rank,
+and the longest *global* sequence one training step fits. Only flashtron runs there.
 
 `main(argv)` returns the exit status; the markdown table goes to stdout and to --out.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 
@@ -26,7 +33,7 @@ BACKENDS = ("flashtron", "sdpa", "standard")
 @dataclasses.dataclass
 class Result:
     backend: str
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # all ranks together under context parallelism
     peak_mib: float | None = None
     final_loss: float | None = None
     longest: str = "-"
@@ -45,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--search-limit", type=int, default=None, help="longest seqlen tried (default 131072, 512 quick)")
     p.add_argument("--search-seconds", type=float, default=None, help="time budget per backend (default 120, 5 quick)")
     p.add_argument("--no-search", action="store_true", help="skip the longest-sequence search")
+    p.add_argument(
+        "--context-parallel",
+        nargs="?",
+        const="zigzag",
+        choices=("zigzag", "contiguous"),
+        default=None,
+        help="shard each sequence over the torchrun ranks and train with ring attention (layout, default zigzag)",
+    )
     p.add_argument("--out", default="train-demo.md", help="markdown report (default: train-demo.md)")
     return p
 
@@ -98,11 +113,81 @@ def _model(args, config, backend):
     import torch
 
     from flashtron.models import GPT
-    from flashtron.nn import set_attention_backend
+    from flashtron.nn import ContextParallel, set_attention_backend
 
-    torch.manual_seed(0)  # the same initial weights for every backend
+    torch.manual_seed(0)  # the same initial weights for every backend (and every rank)
     dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
-    return set_attention_backend(GPT(config, device=args.device, dtype=dtype), backend)
+    cp = ContextParallel(None, args.context_parallel) if args.context_parallel else None
+    return set_attention_backend(GPT(config, device=args.device, dtype=dtype, context_parallel=cp), backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Context parallelism: every rank runs this file; the ranks agree on every decision
+# ---------------------------------------------------------------------------------------------
+
+
+def _init_context_parallel(args) -> bool:
+    """Joins the default process group, starting it when there is none (then returns True). Under
+    torchrun, CUDA ranks take NCCL and their LOCAL_RANK's GPU; elsewhere gloo. Without torchrun: a
+    group of one."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and torch.device(args.device).index is None:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    if dist.is_initialized():
+        return False
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def _shard(args, *tensors):
+    if not args.context_parallel:
+        return tensors
+    from flashtron.distributed import shard_sequence
+
+    return tuple(shard_sequence(t, layout=args.context_parallel) for t in tensors)
+
+
+def _average_gradients(args, model):
+    """Every rank saw its shard of the same sequences: the model's gradient is the ranks' mean."""
+    if not args.context_parallel:
+        return
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def _mean_over_ranks(args, value) -> float:
+    """A rank's mean over its tokens -> the mean over all tokens (the shards are equal)."""
+    if not args.context_parallel:
+        return float(value)
+    import torch.distributed as dist
+
+    value = value.float().clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+def _all_agree(args, ok: bool) -> bool:
+    """True when `ok` holds on every rank (one rank stopping alone would leave the ring waiting)."""
+    if not args.context_parallel:
+        return ok
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], device=args.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def train(args, config, backend) -> Result:
@@ -120,15 +205,16 @@ def train(args, config, backend) -> Result:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(args.device)
             start = time.perf_counter()
-        x, y = synthetic_batch(args.batch_size, args.seqlen, config.vocab_size, args.device, gen)
+        x, y = _shard(args, *synthetic_batch(args.batch_size, args.seqlen, config.vocab_size, args.device, gen))
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _average_gradients(args, model)
         opt.step()
     _sync(args.device)
     elapsed = time.perf_counter() - start
     result.tokens_per_s = args.steps * args.batch_size * args.seqlen / elapsed
-    result.final_loss = float(loss.detach())
+    result.final_loss = _mean_over_ranks(args, loss.detach())
     if cuda:
         result.peak_mib = torch.cuda.max_memory_allocated(args.device) / 2**20
     return result
@@ -136,7 +222,9 @@ def train(args, config, backend) -> Result:
 
 def longest_sequence(args, config, backend) -> str:
     """Doubles the seqlen of one batch-1 training step (forward + backward) until it runs out of
-    memory, reaches --search-limit or spends --search-seconds; returns the longest that ran."""
+    memory, reaches --search-limit or spends --search-seconds; returns the longest that ran. Under
+    context parallelism the ranks agree on each stop, but an OOM that strikes one rank inside the
+    ring leaves the others waiting for its transfers until the process group times out."""
     import torch
 
     model = _model(args, config, backend)
@@ -144,25 +232,28 @@ def longest_sequence(args, config, backend) -> str:
     deadline = time.perf_counter() + args.search_seconds
     seqlen, fits, why = args.seqlen, None, "limit"
     while seqlen <= args.search_limit:
-        if time.perf_counter() > deadline:
+        if not _all_agree(args, time.perf_counter() <= deadline):
             why = "time budget"
             break
+        ran = False
         try:
-            x, y = synthetic_batch(1, seqlen, config.vocab_size, args.device, gen)
+            x, y = _shard(args, *synthetic_batch(1, seqlen, config.vocab_size, args.device, gen))
             _, loss = model(x, y)
             loss.backward()
             _sync(args.device)
-            fits = seqlen
+            ran = True
         except (RuntimeError, MemoryError) as e:
             if not _is_oom(e):
                 raise
-            why = f"OOM at {seqlen}"
-            break
         finally:
             x = y = loss = None
             model.zero_grad(set_to_none=True)
             if torch.device(args.device).type == "cuda":
                 torch.cuda.empty_cache()
+        if not _all_agree(args, ran):
+            why = f"OOM at {seqlen}"
+            break
+        fits = seqlen
         seqlen *= 2
     if fits is None:
         return f"< {args.seqlen} ({why})"
@@ -174,22 +265,35 @@ def report(args, config, results) -> str:
 
     device = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "CPU"
     heads_kv = config.n_head_kv or config.n_head
+    world = args.world
+    cp = f"; context parallel: ring attention, {args.context_parallel} shards, world {world}" if world else ""
     lines = [
         f"# flashtron training demo: {args.config}",
         "",
         f"device {device}; config {args.config} "
         f"(n_layer {config.n_layer}, n_embd {config.n_embd}, heads {config.n_head}/{heads_kv}); "
-        f"batch {args.batch_size} x seqlen {args.seqlen}; {args.steps} timed steps after 1 warm-up",
+        f"batch {args.batch_size} x seqlen {args.seqlen}; {args.steps} timed steps after 1 warm-up{cp}",
         "",
-        "| backend | tokens/s | peak memory (MiB) | final loss | longest seqlen, batch 1 |",
-        "|---|---:|---:|---:|---|",
     ]
+    if world:
+        lines += [
+            "| backend | world | tokens/s | tokens/s per rank | peak memory per rank (MiB) | final loss "
+            "| longest global seqlen, batch 1 |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+    else:
+        lines += [
+            "| backend | tokens/s | peak memory (MiB) | final loss | longest seqlen, batch 1 |",
+            "|---|---:|---:|---:|---|",
+        ]
     for r in results:
+        lead = f"| {r.backend} | {world} |" if world else f"| {r.backend} |"
         if r.error:
-            lines.append(f"| {r.backend} | error: {r.error} | | | |")
+            lines.append(f"{lead} error: {r.error} |" + " |" * (5 if world else 4))
             continue
         mem = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a (CPU)"
-        lines.append(f"| {r.backend} | {r.tokens_per_s:,.0f} | {mem} | {r.final_loss:.3f} | {r.longest} |")
+        speed = f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / world:,.0f}" if world else f"{r.tokens_per_s:,.0f}"
+        lines.append(f"{lead} {speed} | {mem} | {r.final_loss:.3f} | {r.longest} |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +304,17 @@ def main(argv=None) -> int:
     from flashtron.models import GPTConfig
 
     config = GPTConfig.from_name(args.config)
+    args.world, started = None, False
+    if args.context_parallel:
+        import torch.distributed as dist
+
+        started = _init_context_parallel(args)
+        args.world = dist.get_world_size()
+        args.backends = ("flashtron",)  # the ring is flashtron's; SDPA and standard have no CP here
+        parts = args.world * (2 if args.context_parallel == "zigzag" else 1)
+        if args.seqlen % parts:
+            raise SystemExit(f"train-demo: --seqlen must be a multiple of {parts} for {args.context_parallel} "
+                             f"shards over {args.world} ranks, got {args.seqlen}")  # fmt: skip
     if config.rotary_dim > 0:  # positions are not learned: any length can be tried
         config = dataclasses.replace(config, max_seqlen=max(args.search_limit, args.seqlen))
     elif args.seqlen > config.max_seqlen:
@@ -218,11 +333,18 @@ def main(argv=None) -> int:
             result = Result(backend, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
         results.append(result)
         print(f"{backend}: done", file=sys.stderr)
+    status = 0 if all(r.error is None for r in results) else 1
+    if args.context_parallel:
+        rank = dist.get_rank()
+        if started:
+            dist.destroy_process_group()
+        if rank != 0:  # rank 0 reports for all
+            return status
     text = report(args, config, results)
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
-    return 0 if all(r.error is None for r in results) else 1
+    return status
 
 
 if __name__ == "__main__":

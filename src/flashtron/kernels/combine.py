@@ -14,7 +14,22 @@ import triton.language as tl
 from flashtron.kernels.common import LOG2E
 
 
-@triton.jit(do_not_specialize=["num_splits", "seqlen", "nheads"])
+# every LSE stride may follow batch or seqlen (the decode kernel's LSE is (splits, batch, nheads, seqlen)
+# seen as (splits, batch, seqlen, nheads)): runtime values, so seqlen 1 is no new specialization
+@triton.jit(
+    do_not_specialize=[
+        "num_splits",
+        "seqlen",
+        "nheads",
+        "stride_lps",
+        "stride_lpb",
+        "stride_lpm",
+        "stride_lph",
+        "stride_lb",
+        "stride_lm",
+        "stride_lh",
+    ]
+)
 def combine_kernel(
     OutPartial, LsePartial, Out, LSE, Sink,
     stride_ps, stride_pb, stride_pm, stride_ph,

@@ -195,6 +195,7 @@ def _attend_cache_blocks(
 @triton.jit(
     do_not_specialize=[
         "seqlen_q", "seqlen_new", "page_size", "rotary_dim", "seqlen_ro", "num_splits", "window_left", "window_right",
+        "stride_ls", "stride_lb", "stride_lh",  # follow batch and seqlen_q: no recompile per shape
         "capacity", "cache_rows",
     ]
 )  # fmt: skip

@@ -3,6 +3,12 @@
 GPT-2 style (learned positions, LayerNorm, GELU MLP) and Llama style (rotary, RMSNorm, SwiGLU, GQA)
 are the same model with different config fields. Attention runs on flashtron (flash_attn_func for
 training, flash_attn_with_kvcache for generation), norms and the loss on flashtron.ops.
+
+Context parallelism: `GPT(config, context_parallel=ContextParallel(group, "zigzag"))` (or
+`flashtron.nn.set_context_parallel` later) makes forward take this rank's shard of idx and targets
+(flashtron.distributed.shard_sequence); positions are global and attention is ring attention over
+the group. The loss is the mean over this rank's tokens, so average it, and the gradients, over
+the group (equal shards: the mean of the means is the full mean).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import math
 
 import torch
 
-from flashtron.nn import MHA, MLP, Block, GatedMLP, KVCache, LayerNorm, RMSNorm
+from flashtron.nn import MHA, MLP, Block, ContextParallel, GatedMLP, KVCache, LayerNorm, RMSNorm, set_context_parallel
 from flashtron.ops import cross_entropy_loss
 
 
@@ -66,9 +72,10 @@ PRESETS = {
 class GPT(torch.nn.Module):
     """Decoder-only transformer. forward(idx, targets=None, kv_cache=None); generate(idx, ...)."""
 
-    def __init__(self, config: GPTConfig, device=None, dtype=None):
+    def __init__(self, config: GPTConfig, device=None, dtype=None, context_parallel: ContextParallel | None = None):
         super().__init__()
         c, factory = config, dict(device=device, dtype=dtype)
+        self.context_parallel = None
         if c.n_embd % c.n_head:
             raise ValueError(f"GPT: n_embd ({c.n_embd}) must be a multiple of n_head ({c.n_head})")
         self.config = c
@@ -96,6 +103,7 @@ class GPT(torch.nn.Module):
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("out_proj.weight", "fc2.weight")):
                 torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.n_layer))
+        set_context_parallel(self, context_parallel)
 
     @staticmethod
     def _init_weights(module):
@@ -111,6 +119,8 @@ class GPT(torch.nn.Module):
         h = self.wte(idx)
         if self.wpe is not None:
             pos = torch.arange(seqlen, device=idx.device)
+            if self.context_parallel is not None:  # a shard: its tokens' global positions
+                pos = self.context_parallel.positions(seqlen, idx.device)
             if kv_cache is not None:  # per-row positions read on the device: no host sync
                 pos = kv_cache.cache_seqlens[:, None].long() + pos
             h = h + self.wpe(pos)
@@ -123,11 +133,17 @@ class GPT(torch.nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx: (batch_size, seqlen) int64. Returns logits (batch_size, seqlen, vocab_size), or
-        (logits, loss) when targets (batch_size, seqlen) int64 are given (-100 ignored)."""
+        (logits, loss) when targets (batch_size, seqlen) int64 are given (-100 ignored). Under
+        context parallelism idx, targets and logits are this rank's shards."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"GPT: idx must be (batch_size, seqlen) int64, got {tuple(idx.shape)} {idx.dtype}")
-        if self.wpe is not None and kv_cache is None and idx.shape[1] > self.config.max_seqlen:
-            raise ValueError(f"GPT: seqlen must be <= max_seqlen = {self.config.max_seqlen}, got {idx.shape[1]}")
+        seqlen = idx.shape[1]
+        if self.context_parallel is not None:
+            if kv_cache is not None:
+                raise ValueError("GPT: kv_cache does not work with context_parallel (generation is not sharded)")
+            seqlen *= self.context_parallel.world()
+        if self.wpe is not None and kv_cache is None and seqlen > self.config.max_seqlen:
+            raise ValueError(f"GPT: seqlen must be <= max_seqlen = {self.config.max_seqlen}, got {seqlen}")
         logits = self.lm_head(self.hidden_states(idx, kv_cache))
         if targets is None:
             return logits

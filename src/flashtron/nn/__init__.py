@@ -4,7 +4,7 @@ RMSNorm and LayerNorm (fused residual add) come from flashtron.ops and are re-ex
 """
 
 from flashtron.nn.block import Block
-from flashtron.nn.mha import ATTENTION_BACKENDS, MHA, KVCache, attention
+from flashtron.nn.mha import ATTENTION_BACKENDS, MHA, ContextParallel, KVCache, attention
 from flashtron.nn.mlp import MLP, GatedMLP
 from flashtron.nn.rotary import RotaryEmbedding
 from flashtron.ops import LayerNorm, RMSNorm
@@ -21,6 +21,8 @@ __all__ = [
     "RMSNorm",
     "LayerNorm",
     "set_attention_backend",
+    "ContextParallel",
+    "set_context_parallel",
 ]
 
 
@@ -32,4 +34,14 @@ def set_attention_backend(model, backend: str):
     for module in model.modules():
         if isinstance(module, MHA):
             module.backend = backend
+    return model
+
+
+def set_context_parallel(model, context_parallel: ContextParallel | None):
+    """Sets `context_parallel` on every module of `model` that has one (MHA, GPT): with a
+    ContextParallel(group, layout) they take this rank's sequence shards and attend by ring attention
+    over the group; None turns it off. Returns the model."""
+    for module in model.modules():
+        if hasattr(module, "context_parallel"):
+            module.context_parallel = context_parallel
     return model

@@ -8,9 +8,15 @@ rotary embedding itself, without host syncs (so a decode step can be captured in
 For comparisons, the dense path can run two other backends inside the same module
 (`MHA.backend`): "sdpa" (torch's scaled_dot_product_attention) and "standard" (the scores
 materialised in fp32). Both follow flash_attn's bottom-right aligned causal and window masks.
+
+With `MHA.context_parallel` set to a `ContextParallel(group, layout)`, x is this rank's shard of the
+sequence (flashtron.distributed.shard_sequence); rotary uses the shard's global positions and
+attention runs as ring_flash_attn_func over the group.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +25,25 @@ from flashtron import flash_attn_func, flash_attn_varlen_func, flash_attn_with_k
 from flashtron.nn.rotary import RotaryEmbedding
 
 ATTENTION_BACKENDS = ("flashtron", "sdpa", "standard")
+
+
+class ContextParallel(NamedTuple):
+    """Where a sequence-sharded layer's tokens live: a torch.distributed group (None: the default
+    group) and the shard layout ("zigzag" or "contiguous", flashtron.distributed.shard_sequence)."""
+
+    group: object = None
+    layout: str = "zigzag"
+
+    def world(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.group)
+
+    def positions(self, seqlen_local: int, device):
+        """(seqlen_local,) int64 global positions of this rank's tokens."""
+        from flashtron.distributed import shard_positions
+
+        return shard_positions(seqlen_local * self.world(), self.group, self.layout, device=device)
 
 
 class KVCache(torch.nn.Module):
@@ -160,6 +185,7 @@ class MHA(torch.nn.Module):
         self.cross_attn, self.causal, self.window_size = cross_attn, causal, tuple(window_size)
         self.dropout, self.softmax_scale, self.layer_idx = dropout, softmax_scale, layer_idx
         self.backend = "flashtron"
+        self.context_parallel: ContextParallel | None = None
         kv_dim = num_heads_kv * self.head_dim
         factory = dict(device=device, dtype=dtype)
         if cross_attn:
@@ -193,15 +219,12 @@ class MHA(torch.nn.Module):
         self-attention, inference). Returns like x."""
         if kv_cache is not None:
             return self._forward_cached(x, kv_cache)
+        if self.context_parallel is not None:
+            return self._forward_sharded(x, x_kv, key_padding_mask, cu_seqlens)
         q, k, v = self._qkv(x, x_kv)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(q, k, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        kw = dict(
-            dropout_p=self.dropout if self.training else 0.0,
-            softmax_scale=self.softmax_scale,
-            causal=self.causal,
-            window_size=self.window_size,
-        )
+        kw = self._attention_kwargs()
         if cu_seqlens is not None:
             if self.cross_attn:
                 raise ValueError("MHA: cu_seqlens is for self-attention; cross_attn takes key_padding_mask")
@@ -210,6 +233,28 @@ class MHA(torch.nn.Module):
             out = self._padded(q, k, v, key_padding_mask, kw)
         else:
             out = attention(q, k, v, self.backend, **kw)
+        return self.out_proj(out.flatten(-2))
+
+    def _attention_kwargs(self):
+        return dict(
+            dropout_p=self.dropout if self.training else 0.0,
+            softmax_scale=self.softmax_scale,
+            causal=self.causal,
+            window_size=self.window_size,
+        )
+
+    def _forward_sharded(self, x, x_kv, key_padding_mask, cu_seqlens):
+        """x: (batch_size, seqlen / world, embed_dim), this rank's shard: ring attention over the group."""
+        from flashtron.distributed import ring_flash_attn_func
+
+        cp = self.context_parallel
+        if x_kv is not None or key_padding_mask is not None or cu_seqlens is not None:
+            raise ValueError("MHA: context_parallel takes dense self-attention only (no x_kv, mask or cu_seqlens)")
+        q, k, v = self._qkv(x, None)
+        if self.rotary_emb is not None:
+            seqlen = x.shape[1] * cp.world()
+            q, k = self.rotary_emb(q, k, max_seqlen=seqlen, positions=cp.positions(x.shape[1], x.device))
+        out = ring_flash_attn_func(q, k, v, **self._attention_kwargs(), group=cp.group, layout=cp.layout)
         return self.out_proj(out.flatten(-2))
 
     def _padded(self, q, k, v, key_padding_mask, kw):

@@ -58,16 +58,24 @@ class RotaryEmbedding(torch.nn.Module):
         freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
         return freqs.cos(), freqs.sin()
 
-    def forward(self, q, k, seqlen_offset: int = 0, cu_seqlens=None, max_seqlen=None):
+    def forward(self, q, k, seqlen_offset: int = 0, cu_seqlens=None, max_seqlen=None, positions=None):
         """Rotates q and k at their positions; returns (q, k), new tensors.
 
         q: (batch_size, seqlen, nheads, headdim), k: (batch_size, seqlen, nheads_k, headdim); or
         (total_seqlen, nheads, headdim) with cu_seqlens (batch_size + 1,) int32 and max_seqlen (int),
         positions restarting at 0 in each sequence. seqlen_offset: int, the position of the first
         token. (Decoding at per-row positions goes through flash_attn_with_kvcache and cos_sin.)
+        positions: (seqlen,) int64, the position of each token of dense q and k, all below
+        max_seqlen (a context-parallel shard's, flashtron.distributed.shard_positions).
         """
         if isinstance(seqlen_offset, bool) or not isinstance(seqlen_offset, int):
             raise TypeError(f"RotaryEmbedding: seqlen_offset must be an int, got {type(seqlen_offset).__name__}")
+        if positions is not None:
+            if cu_seqlens is not None or max_seqlen is None:
+                raise ValueError("RotaryEmbedding: positions needs max_seqlen (their bound) and no cu_seqlens")
+            cos, sin = self.cos_sin(max_seqlen, q.device)
+            cos, sin = cos[positions], sin[positions]  # one row per token, in order: offset 0
+            return tuple(apply_rotary_emb(t, cos, sin, interleaved=self.interleaved) for t in (q, k))
         seqlen = max_seqlen if cu_seqlens is not None else q.shape[1]
         cos, sin = self.cos_sin(seqlen_offset + seqlen, q.device)
         kw = dict(

@@ -1,0 +1,562 @@
+"""One GPU run for the Gluon Hopper forward (issue 15): are the new variants right, and how fast is each.
+
+    PYTHONPATH=src python3 scripts/gluon_check.py [--budget 220] [--variants pp,ws-ov,...] [--api]
+    PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 240]    # issue 16: the backward
+
+Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
+mbarrier, an illegal address) costs only that part:
+  1. check <variant>, one child per variant, in the order given (default: pp, ws-ov, pp-256x64, ov-128x64):
+     `pp` is the dispatched ping-pong tile (launch_hopper.HOPPER_TILES: two one-warpgroup consumers taking
+     turns on the tensor cores) and gets the full matrix; `ws-ov` is the first tile (8 warps in lock step,
+     launch_hopper.CANDIDATE_TILES["ws-ov"]), the same-run baseline, checked on the bf16 configurations that
+     the timing compiles (it passed the full matrix on 2026-12-02); `pp-256x64` and `ov-128x64` are d64-only tiles
+     (launch_hopper.CANDIDATE_TILES), checked on three d64 configurations. The checks share the budget
+     less TIME_RESERVE seconds, which the timing always keeps; a variant cut off by its time limit counts
+     as failed and is not timed.
+  2. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim,
+     seqlens 16k, 4k, 1k in that order) for each variant whose cases all passed, the Triton forward, and
+     SDPA's cuDNN and flash. Rows are saved as they come: a time-out keeps the rows done.
+  3. with --api, if 30 s are left: a few calls through the public flash_attn_func with
+     FLASHTRON_BACKEND=gluon, backward included (the Triton backward on the Gluon forward's out and lse).
+Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
+GQA 4:1, 13 seqlen pairs from 1 to 4096 with seqlen_q != seqlen_k both ways; outputs poisoned with NaN;
+out and lse against the fp32 reference by the tests' rule (tests/tolerance.py); two runs bitwise equal.
+Prints one line per failure, a summary per variant, the TFLOP/s table last; writes $OUT/gluon_check.json.
+
+With --backward the run is the backward's instead (issue 16), same budget design, two parts:
+  1. check-bwd: the Gluon dK/dV kernel (launch_hopper.HOPPER_BWD_TILES) inside launch.attention_backward
+     with FLASHTRON_BACKEND=gluon (delta and dQ on the Triton kernels), on the Gluon forward's out and lse,
+     with a gradient on lse too: dq, dk, dv against the fp32 reference by the tests' backward rule, two
+     runs bitwise equal, the Gluon kernel asserted to have run. BWD_CONFIGS x BWD_SEQLENS, GQA 4:1.
+  2. time-bwd, if every check passed: backward TFLOP/s (2.5x the forward's FLOPs, halved when causal) at
+     the same grid: the whole flashtron backward with the Gluon dK/dV ("gluon"), the Gluon dK/dV kernel on
+     its own ("gluon-dkdv", FLOPs of its 3 of the 5 backward matmuls: 1.5x the forward's), the Triton
+     backward, and SDPA cuDNN and flash (torch.autograd.grad of their out, retain_graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", "src"), os.path.join(HERE, "..", "tests")]
+
+SEQLENS = [(1, 1), (17, 17), (127, 127), (128, 128), (129, 129), (1000, 1000), (4096, 4096),
+           (17, 129), (129, 17), (127, 1000), (1000, 127), (1, 1000), (4096, 1000)]  # fmt: skip
+MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (256, 32)}
+BATCH, NHEADS, NHEADS_K = 2, 8, 2  # GQA 4:1
+TIME_SEQLENS = [16384, 4096, 1024]  # the largest first: the rows that matter most come first
+
+
+def _short(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    # Triton's CompilationError puts the cause last; assertion messages come first
+    text = lines[-1] if type(exc).__name__ == "CompilationError" and lines else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+# Configurations (dtype, head dim, mask) each variant is checked on; every one is a fresh compile.
+FULL = [(dt, d, m) for dt in ("bfloat16", "float16") for d in (64, 128) for m in ("none", "causal", "window")
+        if m != "window" or dt == "bfloat16"]  # fmt: skip
+TIMED = [("bfloat16", d, m) for d in (64, 128) for m in ("none", "causal")]  # what the timing compiles
+D64 = [("bfloat16", 64, "none"), ("bfloat16", 64, "causal"), ("float16", 64, "window")]
+OLD = TIMED + [("float16", 128, "causal")]
+# name: (tile per head dim as a function of launch_hopper, configurations, seconds its check may take at most)
+VARIANTS = {
+    "pp": (lambda lh, d: lh.HOPPER_TILES[d], FULL, 95),  # the dispatched ping-pong tile; about 50 s
+    "ws-ov": (lambda lh, d: lh.CANDIDATE_TILES["ws-ov"][d], TIMED, 40),  # the first tile (lock step), baseline
+    "pp-256x64": (lambda lh, d: lh.CANDIDATE_TILES["pp-256x64"].get(d), D64, 35),
+    "ov-128x64": (lambda lh, d: lh.CANDIDATE_TILES["ov-128x64"].get(d), D64, 35),
+    # the first run's other variants (2026-12-02), for --variants
+    "plain": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], warp_specialize=False, overlap=False), OLD, 45),
+    "ws": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], overlap=False), OLD, 45),
+    "ws-ov-deep": (
+        lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], stages=lh.CANDIDATE_TILES["ws-ov"][d].stages + 1),
+        OLD,
+        45,
+    ),
+}
+DEFAULT_VARIANTS = "pp,ws-ov,pp-256x64,ov-128x64"
+TIME_RESERVE = 55.0  # seconds the timing keeps whatever the checks take (about 40 s on 2026-12-02's H200)
+API_RESERVE = 30.0
+
+
+def _tile(d: int, variant: str):
+    """The variant's HopperTile at head dim d, or None where it has none."""
+    from flashtron import launch_hopper
+
+    return VARIANTS[variant][0](launch_hopper, d)
+
+
+def _cases(variant: str):
+    import torch
+
+    for dtype, d, mask in VARIANTS[variant][1]:
+        if _tile(d, variant) is not None:
+            yield getattr(torch, dtype), d, mask
+
+
+def _check_case(dtype, d, mask, variant, sq, sk):
+    """Gluon forward against the fp32 reference and PyTorch-in-dtype; two runs bitwise equal."""
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.options import AttnOptions
+    from flashtron.reference import attention_ref
+    from tolerance import assert_fa_close
+
+    g = torch.Generator(device="cuda").manual_seed(sq * 7919 + sk * 31 + d)
+    q = torch.randn(BATCH, sq, NHEADS, d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype)
+    window = MASKS[mask]
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    assert launch_hopper.covers(q, k, v, opts, varlen=False), "covers() refuses this case"
+    tile = _tile(d, variant)
+    out, lse = launch_hopper.attention_forward(q, k, v, opts, tile)
+    out2, lse2 = launch_hopper.attention_forward(q, k, v, opts, tile)
+    torch.cuda.synchronize()
+    kw = dict(causal=False, window_size=window)
+    out_ref, lse_ref, _ = attention_ref(q, k, v, upcast=True, **kw)
+    out_pt, lse_pt, _ = attention_ref(q, k, v, upcast=False, reorder_ops=True, **kw)
+    assert_fa_close(out, out_ref, out_pt, name="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf pattern differs"
+    finite = torch.isfinite(lse_ref)
+    assert_fa_close(lse[finite], lse_ref[finite], lse_pt.float()[finite], name="lse")
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), "two runs differ"
+
+
+def child_check(variants: list[str], state: str) -> None:
+    """Checks the variants, saving the results after each configuration (a time-out keeps what ran)."""
+    from flashtron import launch
+
+    launch.set_output_poisoning(True)
+    results = {}
+    for variant, dtype, d, mask in ((v, *c) for v in variants for c in _cases(v)):
+        name = f"{variant} {str(dtype)[6:]} d{d} {mask}"
+        fails, passed, t0 = [], 0, time.time()
+        for sq, sk in SEQLENS:
+            try:
+                _check_case(dtype, d, mask, variant, sq, sk)
+                passed += 1
+            except Exception as exc:  # one bad case must not stop the rest
+                fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
+                if len(fails) <= 3:  # the first few say enough; the JSON keeps them all
+                    print(f"  FAIL {name} sq={sq} sk={sk}: {_short(exc)[:160]}", flush=True)
+                if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
+                    break  # every case of this variant would fail the same way (or the context is gone)
+        print(f"{name:26} {passed}/{len(SEQLENS)} passed ({time.time() - t0:.1f}s)", flush=True)
+        results[name] = dict(passed=passed, total=len(SEQLENS), fails=fails)
+        _save(state, results)
+        if any("CUDA error" in f or "illegal" in f for f in fails):
+            print("  CUDA context is broken; stopping this part", flush=True)
+            break
+
+
+def _save(path: str, result: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
+def _check_api() -> dict:
+    """Through flash_attn_func with FLASHTRON_BACKEND=gluon: forward on the Gluon kernel (asserted), the
+    backward on the Triton kernels, against the reference (tests/attention_cases.py's checker)."""
+    import torch
+
+    from attention_cases import check_attention
+    from flashtron import launch_hopper
+
+    os.environ["FLASHTRON_BACKEND"] = "gluon"
+    calls = []
+    original = launch_hopper.attention_forward
+    launch_hopper.attention_forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    cases = [
+        dict(batch=2, seqlen_q=300, seqlen_k=300, nheads=8, nheads_k=2, d=128, dv=128, dtype=torch.bfloat16),
+        dict(batch=1, seqlen_q=129, seqlen_k=1000, nheads=4, nheads_k=4, d=64, dv=64, dtype=torch.float16,
+             causal=True, layouts=("bhsd", "contiguous", "bhsd")),
+        dict(batch=2, seqlen_q=1000, seqlen_k=127, nheads=4, nheads_k=1, d=128, dv=128, dtype=torch.bfloat16,
+             causal=True),
+        dict(batch=1, seqlen_q=513, seqlen_k=513, nheads=2, nheads_k=2, d=64, dv=64, dtype=torch.bfloat16,
+             window=(100, 0)),
+    ]  # fmt: skip
+    results = {}
+    for i, case in enumerate(cases):
+        name = f"api fwd+bwd #{i}"
+        before = len(calls)
+        try:
+            check_attention(device="cuda", **case)
+            assert len(calls) > before, "the call did not take the Gluon forward"
+            results[name] = dict(passed=1, total=1, fails=[])
+            print(f"{name:26} passed", flush=True)
+        except Exception as exc:
+            results[name] = dict(passed=0, total=1, fails=[_short(exc)])
+            print(f"{name:26} FAIL {_short(exc)}", flush=True)
+    launch_hopper.attention_forward = original
+    os.environ.pop("FLASHTRON_BACKEND")
+    return results
+
+
+def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashtron import launch, launch_hopper
+    from flashtron.options import AttnOptions
+
+    b, h = 16384 // s, 2048 // d
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
+    fns = {}
+    for name in variants:
+        tile = _tile(d, name)
+        if tile is not None:  # d64-only tiles have no d128 cell
+            fns[f"gluon-{name}"] = lambda tile=tile: launch_hopper.attention_forward(q, k, v, opts, tile)
+    fns["triton"] = lambda: launch.attention_forward(q, k, v, opts)  # FLASHTRON_BACKEND=triton in this process
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+
+        def sdpa(backend=backend):
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+        fns[label] = sdpa
+    flops = 4 * b * h * s * s * d / (2 if causal else 1)
+    row = dict(d=d, causal=causal, seqlen=s)
+    for label, fn in fns.items():
+        try:
+            row[label] = flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e9
+        except Exception as exc:
+            row[label] = None
+            print(f"  time {label} d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+    return row
+
+
+def child_time(variants: list[str], state: str) -> None:
+    os.environ["FLASHTRON_BACKEND"] = "triton"
+    rows = []
+    for s in TIME_SEQLENS:
+        for d in (128, 64):
+            for causal in (False, True):
+                try:
+                    rows.append(_time_cell(d, causal, s, variants))
+                except Exception as exc:  # e.g. out of memory: the other cells still run
+                    print(f"  time d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+                    continue
+                print("  " + " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in rows[-1].items()), flush=True)  # fmt: skip
+                _save(state, dict(rows=rows))
+
+
+# The backward's check: every head dim, both dtypes, each mask kind at least once (every one is a fresh
+# compile of the Gluon dK/dV kernel, and of the Triton dQ kernel).
+BWD_CONFIGS = [("bfloat16", 128, "none"), ("bfloat16", 128, "causal"), ("bfloat16", 128, "window"),
+               ("bfloat16", 64, "none"), ("bfloat16", 64, "causal"), ("float16", 128, "causal"),
+               ("float16", 64, "window")]  # fmt: skip
+BWD_SEQLENS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (2048, 2048), (17, 129), (129, 17),
+               (127, 1000), (1000, 127), (1, 1000), (4096, 1000)]  # fmt: skip
+BWD_CHECK_LIMIT = 120.0  # seconds the backward check may take (not measured yet: 7 configurations)
+BWD_TIME_RESERVE = 100.0  # seconds the backward timing keeps (Triton backward compiles for 4 (d, mask) cells)
+
+
+def _check_bwd_case(dtype, d, mask, sq, sk, calls):
+    """Gluon dK/dV (+ Triton dQ) against the fp32 reference and PyTorch-in-dtype; two runs bitwise equal."""
+    import torch
+
+    from flashtron import launch, launch_hopper
+    from flashtron.options import AttnOptions
+    from flashtron.reference import attention_ref
+    from tolerance import assert_grads_close
+
+    g = torch.Generator(device="cuda").manual_seed(sq * 7919 + sk * 31 + d + 1)
+    q = torch.randn(BATCH, sq, NHEADS, d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype)
+    dout = torch.randn(BATCH, sq, NHEADS, d, device="cuda", generator=g).to(dtype)
+    window = MASKS[mask]
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    assert launch_hopper.covers_backward(q, k, v, dout, opts, varlen=False), "covers_backward() refuses this case"
+    out, lse = launch_hopper.attention_forward(q, k, v, opts)
+    finite = torch.isfinite(lse)
+    dlse = torch.where(finite, torch.randn(lse.shape, device="cuda", generator=g), 0.0)
+    before = len(calls)
+    dq, dk, dv, _ = launch.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse)
+    dq2, dk2, dv2, _ = launch.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse)
+    torch.cuda.synchronize()
+    assert len(calls) == before + 2, "the backward did not take the Gluon dK/dV kernel"
+    grads = []
+    for upcast in (True, False):
+        ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o, lse_ref, _ = attention_ref(*ins, causal=False, window_size=window, upcast=upcast, reorder_ops=not upcast)
+        grads.append(torch.autograd.grad((o, lse_ref), ins, (dout.to(o.dtype), dlse.to(lse_ref.dtype))))
+    assert_grads_close((dq, dk, dv), *grads)
+    assert torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2), "two runs differ"
+
+
+def child_check_bwd(state: str) -> None:
+    """Checks BWD_CONFIGS, saving after each configuration (a time-out keeps what ran)."""
+    import torch
+
+    from flashtron import launch, launch_hopper
+
+    launch.set_output_poisoning(True)
+    os.environ["FLASHTRON_BACKEND"] = "gluon"
+    calls = []
+    original = launch_hopper.attention_backward_dkdv
+    launch_hopper.attention_backward_dkdv = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    results = {}
+    for dtype, d, mask in BWD_CONFIGS:
+        name = f"bwd {dtype} d{d} {mask}"
+        fails, passed, t0 = [], 0, time.time()
+        for sq, sk in BWD_SEQLENS:
+            try:
+                _check_bwd_case(getattr(torch, dtype), d, mask, sq, sk, calls)
+                passed += 1
+            except Exception as exc:  # one bad case must not stop the rest
+                fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
+                if len(fails) <= 3:
+                    print(f"  FAIL {name} sq={sq} sk={sk}: {_short(exc)[:160]}", flush=True)
+                if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
+                    break
+        print(f"{name:26} {passed}/{len(BWD_SEQLENS)} passed ({time.time() - t0:.1f}s)", flush=True)
+        results[name] = dict(passed=passed, total=len(BWD_SEQLENS), fails=fails)
+        _save(state, results)
+        if any("CUDA error" in f or "illegal" in f for f in fails):
+            print("  CUDA context is broken; stopping this part", flush=True)
+            break
+
+
+def _time_bwd_cell(d: int, causal: bool, s: int) -> dict:
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashtron import launch, launch_hopper
+    from flashtron.options import AttnOptions
+
+    b, h = 16384 // s, 2048 // d
+    q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
+    out, lse = launch_hopper.attention_forward(q, k, v, opts)
+    _, _, _, delta = launch.attention_backward(dout, q, k, v, out, lse, opts)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+    def flashtron_bwd(backend):
+        os.environ["FLASHTRON_BACKEND"] = backend
+        return launch.attention_backward(dout, q, k, v, out, lse, opts)
+
+    fns = {
+        "gluon": lambda: flashtron_bwd("gluon"),
+        "gluon-dkdv": lambda: launch_hopper.attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts),
+        "triton": lambda: flashtron_bwd("triton"),
+    }
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    dot = dout.transpose(1, 2)
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        except Exception as exc:
+            print(f"  time {label} d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+            continue
+        fns[label] = lambda o=o: torch.autograd.grad(o, (qt, kt, vt), dot, retain_graph=True)
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+    row = dict(d=d, causal=causal, seqlen=s)
+    for label, fn in fns.items():
+        share = 1.5 / 2.5 if label == "gluon-dkdv" else 1.0  # dK/dV alone: S, dP, dV, dK (S counted once)
+        try:
+            row[label] = share * flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e9
+        except Exception as exc:
+            row[label] = None
+            print(f"  time {label} d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+    return row
+
+
+def child_time_bwd(state: str) -> None:
+    rows = []
+    for s in TIME_SEQLENS:
+        for d in (128, 64):
+            for causal in (False, True):
+                try:
+                    rows.append(_time_bwd_cell(d, causal, s))
+                except Exception as exc:  # e.g. out of memory: the other cells still run
+                    print(f"  time-bwd d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
+                    continue
+                print("  " + " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in rows[-1].items()), flush=True)  # fmt: skip
+                _save(state, dict(rows=rows))
+
+
+def _bwd_table(rows: list[dict]) -> str:
+    cols = ["gluon", "gluon-dkdv", "triton", "cudnn", "sdpa-flash"]
+    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>10}" for c in cols)
+    out = ["backward TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench; gluon-dkdv: its share)",
+           head + "  gluon: /triton /cudnn"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["d"], r["causal"], r["seqlen"])):
+        cells = " ".join(f"{r[c]:10.0f}" if r.get(c) else f"{'-':>10}" for c in cols)
+        ratio = ""
+        if r.get("gluon") and r.get("triton") and r.get("cudnn"):
+            ratio = f"  {r['gluon'] / r['triton']:.2f}x {r['gluon'] / r['cudnn']:.2f}x"
+        out.append(f"{r['d']:>4} {'causal' if r['causal'] else 'full':>6} {r['seqlen']:>6} {cells}{ratio}")
+    return "\n".join(out)
+
+
+def main_backward(budget: float) -> None:
+    """The --backward run: check-bwd, then time-bwd if every case passed; writes $OUT/gluon_check_bwd.json."""
+    import torch
+
+    start = time.time()
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
+    else:
+        print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
+    out_dir = os.environ.get("OUT") or "."
+    limit = min(BWD_CHECK_LIMIT, budget - BWD_TIME_RESERVE)
+    check = _run_child("check-bwd", [], limit, os.path.join(out_dir, ".check-bwd.json")) or {}
+    ok = len(check) == len(BWD_CONFIGS) and all(r["passed"] == r["total"] for r in check.values())
+    timing = None
+    if ok:
+        left = budget - (time.time() - start)
+        timing = _run_child("time-bwd", [], left - 3, os.path.join(out_dir, ".time-bwd.json"))
+    with open(os.path.join(out_dir, "gluon_check_bwd.json"), "w") as f:
+        json.dump({"check": check, "time": timing}, f, indent=1)
+    print("\n== summary (backward)")
+    bad = [n for n, r in check.items() if r["passed"] != r["total"]]
+    print(f"check-bwd: {sum(r['passed'] for r in check.values())}/{sum(r['total'] for r in check.values())} "
+          f"cases passed, {len(check)}/{len(BWD_CONFIGS)} configurations ran"
+          + (f"; failing: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    if not ok:
+        print("not timed: a configuration failed or did not run")
+    if timing and timing.get("rows"):
+        print(_bwd_table(timing["rows"]))
+    print(f"total {time.time() - start:.0f}s")
+
+
+def _run_child(part: str, extra: list[str], timeout: float, state: str) -> dict | None:
+    """Runs one part; returns what its state file holds, also after a time-out (what it finished)."""
+    t0 = time.time()
+    if os.path.exists(state):
+        os.remove(state)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", part, "--state", state, *extra]
+    try:
+        rc = subprocess.run(cmd, timeout=max(timeout, 5)).returncode
+        print(f"== {part} {' '.join(extra)}: exit {rc} after {time.time() - t0:.0f}s", flush=True)
+    except subprocess.TimeoutExpired:
+        print(f"== {part} {' '.join(extra)}: TIMED OUT after {timeout:.0f}s (a hang, or compiles too slow); "
+              "keeping what it saved", flush=True)  # fmt: skip
+    try:
+        with open(state) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _table(rows: list[dict], variants: list[str]) -> str:
+    cols = [f"gluon-{v}" for v in variants] + ["triton", "cudnn", "sdpa-flash"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    width = {c: max(7, len(c)) for c in cols}
+    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>{width[c]}}" for c in cols)
+    out = ["TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench)",
+           head + "  best gluon: /triton /cudnn /ws-ov"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["d"], r["causal"], r["seqlen"])):
+        cells = " ".join(f"{r[c]:{width[c]}.0f}" if r.get(c) else f"{'-':>{width[c]}}" for c in cols)
+        best, name = max(((r.get(f"gluon-{v}") or 0), v) for v in variants)
+        ratio = ""
+        if best and r.get("triton") and r.get("cudnn"):
+            ratio = f"  {name} {best / r['triton']:.2f}x {best / r['cudnn']:.2f}x"
+            if r.get("gluon-ws-ov"):
+                ratio += f" {best / r['gluon-ws-ov']:.2f}x"
+        out.append(f"{r['d']:>4} {'causal' if r['causal'] else 'full':>6} {r['seqlen']:>6} {cells}{ratio}")
+    return "\n".join(out)
+
+
+def _variant_passed(result: dict | None, variant: str) -> bool:
+    """Every case of the variant ran and passed (a variant cut off by a time-out counts as failed)."""
+    mine = {n: r for n, r in (result or {}).items() if n.split(" ")[0] == variant}
+    return len(mine) == len(list(_cases(variant))) and all(r["passed"] == r["total"] for r in mine.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--state")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--budget", type=float, default=220.0, help="seconds for the whole run")
+    ap.add_argument("--api", action="store_true", help="also the public-API check, if 30 s are left")
+    ap.add_argument("--backward", action="store_true", help="check and time the Gluon backward instead")
+    args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}")
+    if args.child == "time":
+        child_time(variants, args.state)
+    elif args.child == "check-api":
+        _save(args.state, _check_api())
+    elif args.child == "check":
+        child_check(variants, args.state)
+    elif args.child == "check-bwd":
+        child_check_bwd(args.state)
+    elif args.child == "time-bwd":
+        child_time_bwd(args.state)
+    if args.child:
+        return
+    if args.backward:
+        main_backward(args.budget)
+        return
+
+    import torch
+
+    start = time.time()
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
+    else:
+        print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
+    out_dir = os.environ.get("OUT") or "."
+    report = {"check": {}}
+    # the checks may use the budget less what the timing (and the API check) keep
+    checks_end = start + args.budget - TIME_RESERVE - (API_RESERVE if args.api else 0)
+    for v in variants:
+        limit = min(VARIANTS[v][2], checks_end - time.time())
+        if limit < 15:
+            print(f"== check {v}: skipped, {limit:.0f}s left for the checks", flush=True)
+            continue
+        res = _run_child("check", ["--variants", v], limit, os.path.join(out_dir, f".check-{v}.json"))
+        report["check"].update(res or {})
+    # a variant is timed only if every case passed (a hang while timing would lose the table)
+    ok = [v for v in variants if _variant_passed(report["check"], v)]
+    left = args.budget - (time.time() - start) - (API_RESERVE if args.api else 0)
+    report["time"] = None
+    if ok:
+        report["time"] = _run_child("time", ["--variants", ",".join(ok)], left - 3, os.path.join(out_dir, ".time.json"))
+    left = args.budget - (time.time() - start)
+    if args.api and left > API_RESERVE - 5:
+        report["check-api"] = _run_child("check-api", [], left - 3, os.path.join(out_dir, ".check-api.json"))
+    with open(os.path.join(out_dir, "gluon_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print("\n== summary")
+    for v in variants:
+        mine = {n: r for n, r in report["check"].items() if n.split(" ")[0] == v}
+        bad = [n for n, r in mine.items() if r["passed"] != r["total"]]
+        total = sum(r["total"] for r in mine.values())
+        passed = sum(r["passed"] for r in mine.values())
+        print(f"check {v}: {passed}/{total} cases passed, {len(mine)}/{len(list(_cases(v)))} configurations ran"
+              + (f"; failing: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    if report.get("check-api"):
+        res = report["check-api"]
+        print(f"check-api: {sum(r['passed'] for r in res.values())}/{len(res)} passed")
+    print(f"variants with every case passed (timed): {ok or 'none'}")
+    if report["time"] and report["time"].get("rows"):
+        print(_table(report["time"]["rows"], ok))
+    print(f"total {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Attention backward dK/dV for Hopper (sm_90) in Gluon: K and V resident in shared memory, Q and dO
+streamed through a TMA ring by a 1-warp loader, async wgmma. FA3's shape for the key side; dQ stays on
+the Triton dQ kernel (kernels/bwd.py), and delta = rowsum(dO * O) - dlse comes from its preprocess.
+
+Grid: (key blocks, nheads_k, batch), like kernels/bwd.py's attention_bwd_dkdv_kernel, and the same
+results. A program owns BLOCK_N keys of one KV head and loops over the query blocks of every query head
+of its GQA group (heads innermost), accumulating dK and dV in registers: no atomics, so two runs agree
+bit for bit. Per (query block, head) step, with every block built transposed, keys along the rows:
+
+    S^T  = K Q^T          [BLOCK_N, BLOCK_M]   (A: K in shared memory, B: Q's tile permuted)
+    P^T  = exp2(S^T * qk_scale - lse * log2 e)
+    dP^T = V dO^T         [BLOCK_N, BLOCK_M]
+    dV  += P^T dO         [BLOCK_N, HEAD_DIM]  (A: P^T from registers, B: dO's tile)
+    dS^T = P^T (dP^T - delta)
+    dK  += dS^T Q         [BLOCK_N, HEAD_DIM]  (A: dS^T from registers, B: Q's tile)
+
+so P and dS never go through shared memory, and dK, dV need no transpose (dK is scaled by softmax_scale
+at the end). The dV matmul runs while dS is computed. LSE and delta are plain loads by the consumers (a
+TMA box needs 16-byte row strides, seqlen_q * 4 bytes is not one in general).
+
+Q and dO arrive as 4-D TMA descriptors over (batch, seqlen, nheads, headdim), boxes [1, BLOCK_M, 1, d]:
+rows past seqlen_q are zero-filled per batch entry; K and V likewise with [1, BLOCK_N, 1, d].
+
+Ring: STAGES slots of (Q, dO), a ready barrier each (TMA arrives with the byte count) and one free barrier
+per slot that the consumers arrive on once both matmuls reading it (dV's and dK's) are done. The query
+blocks a key block visits come as kernels/common.py's q_block_bounds gives them: the masked left edge,
+the unmasked middle, the masked right edge; loader and consumers walk the same sequence of steps.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+LOG2E = gl.constexpr(1.4426950408889634)
+
+
+@gluon.jit
+def _q_range(start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """Query range [lo, hi) whose rows see some key of [start_n, start_n + BLOCK_N) and its unmasked middle
+    [full_lo, full_hi), as kernels/common.py's q_block_bounds (bottom-right aligned window)."""
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    full_lo = 0
+    hi = seqlen_q
+    full_hi = (seqlen_q // BLOCK_M) * BLOCK_M
+    if HAS_RIGHT:
+        lo = (gl.maximum(start_n - shift - window_right, 0) // BLOCK_M) * BLOCK_M
+        first_all = gl.maximum(start_n + BLOCK_N - 1 - shift - window_right, 0)
+        full_lo = ((first_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = gl.minimum(hi, gl.maximum(start_n + BLOCK_N - shift + window_left, 0))
+        full_hi = gl.minimum(full_hi, (gl.maximum(start_n - shift + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
+    if start_n + BLOCK_N > seqlen_k:  # a key block that runs past seqlen_k has no unmasked middle
+        full_hi = full_lo
+    hi = gl.maximum(hi, lo)
+    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
+    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@gluon.jit
+def _segment(seg: gl.constexpr, lo, full_lo, full_hi, hi):
+    """[start, end) of segment seg: 0 the masked left edge, 1 the unmasked middle, 2 the masked right edge."""
+    start = full_hi
+    end = hi
+    if seg == 0:
+        start = lo
+        end = full_lo
+    elif seg == 1:
+        start = full_lo
+        end = full_hi
+    return start, end
+
+
+# Barriers live in one [3 * STAGES + 1, 1] array: per slot s, Q ready (s), dO ready (STAGES + s), slot free
+# (2 STAGES + s); then K and V ready (3 STAGES).
+@gluon.jit
+def _loader(q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, off_b, off_h0, group_size,
+            BLOCK_M: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The load partition: the (Q, dO) tiles of every step, each as soon as its slot is free."""
+    t = 0
+    for seg in gl.static_range(3):
+        start, end = _segment(seg, lo, full_lo, full_hi, hi)
+        for step in range(gl.cdiv(end - start, BLOCK_M) * group_size):
+            off_h = off_h0 + step % group_size
+            start_m = start + (step // group_size) * BLOCK_M
+            s = t % STAGES
+            # a fresh mbarrier counts as having completed the phase before 0, so the first lap passes
+            mbarrier.wait(bars.index(2 * STAGES + s), ((t // STAGES) & 1) ^ 1)
+            mbarrier.expect(bars.index(s), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [off_b, start_m, off_h, 0], bars.index(s), q_bufs.index(s))
+            mbarrier.expect(bars.index(STAGES + s), do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                do_desc, [off_b, start_m, off_h, 0], bars.index(STAGES + s), do_bufs.index(s)
+            )
+            t += 1
+
+
+@gluon.jit
+def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_lh, start, end, off_h0, group_size,
+           offs_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+           s_layout: gl.constexpr, acc_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+           STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """Accumulate into dK, dV the query blocks [start, end) of every head of the group; t is the ring
+    position of the first step. LSE, Delta point at row 0, head 0 of this sequence."""
+    dtype: gl.constexpr = q_bufs.dtype
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    # the row statistics are prefetched compact (one value a thread or fewer) and spread over the block's
+    # columns only where used: held in the wgmma layout from the start they cost 32 registers through the
+    # step, and the consumers are at the 240 of setmaxnreg already (ptxas spilled)
+    row_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    arange_m = gl.arange(0, BLOCK_M, layout=row_layout)
+    cols = gl.expand_dims(offs_n, 1)  # keys: the rows of a transposed block
+    for step in range(gl.cdiv(end - start, BLOCK_M) * group_size):
+        off_h = off_h0 + step % group_size
+        start_m = start + (step // group_size) * BLOCK_M
+        offs_m = start_m + arange_m
+        rows_lse = LSE + off_h.to(gl.int64) * stride_lh + offs_m
+        rows_delta = Delta + off_h.to(gl.int64) * stride_lh + offs_m
+        if MASK:
+            # rows past seqlen_q get P = exp2(s - inf) = 0 (their Q and dO rows are zero-filled): no row mask
+            lse = gl.load(rows_lse, mask=offs_m < seqlen_q, other=float("inf"))
+            delta = gl.load(rows_delta, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            lse = gl.load(rows_lse)
+            delta = gl.load(rows_delta)
+        s = t % STAGES
+        phase = (t // STAGES) & 1
+        q_tile = q_bufs.index(s).reshape([BLOCK_M, HEAD_DIM])
+        do_tile = do_bufs.index(s).reshape([BLOCK_M, HEAD_DIM])
+        mbarrier.wait(bars.index(s), phase)
+        zero_s = gl.zeros([offs_n.shape[0], BLOCK_M], gl.float32, s_layout)
+        st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(bars.index(STAGES + s), phase)
+        dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))  # S^T done; dP^T may still run
+        lse = gl.convert_layout(lse * LOG2E, gl.SliceLayout(0, s_layout))
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))  # [BLOCK_N, BLOCK_M]
+        # Keys past seqlen_k need no mask: their K and V rows are zero-filled and each key's dK, dV row
+        # depends on its own row of P and dS only, and those rows are not stored.
+        if MASK and (HAS_LEFT or HAS_RIGHT):
+            diag = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout)), 0)
+            diag = diag + (seqlen_k - seqlen_q)
+            if HAS_RIGHT and HAS_LEFT:
+                keep = (cols <= diag + window_right) & (cols >= diag - window_left)
+            elif HAS_RIGHT:
+                keep = cols <= diag + window_right
+            else:
+                keep = cols >= diag - window_left
+            pt = gl.where(keep, pt, 0.0)
+        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_tile, dv, is_async=True)
+        dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt,))  # dP^T done; dV may still run
+        delta = gl.convert_layout(delta, gl.SliceLayout(0, s_layout))
+        dst = pt * (dpt - gl.expand_dims(delta, 0))  # [BLOCK_N, BLOCK_M]
+        dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), op_layout), q_tile, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        mbarrier.arrive(bars.index(2 * STAGES + s), count=1)
+        t += 1
+    return dk, dv, t
+
+
+@gluon.jit
+def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lb, stride_lh, stride_dkb,
+              stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, start_n, lo, full_lo, full_hi, hi,
+              off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """The math partition (num_warps warps; each warpgroup owns 64 keys of the block): the four matmuls,
+    P and dS, and the epilogue. The pointers are the kernel's own: offsets to this program's batch and head
+    are taken here, the output ones after the loop, so that no register carries them through it (the
+    consumers are at setmaxnreg's 240)."""
+    num_warps: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
+    )
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    k_tile = k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM])
+    v_tile = v_bufs.index(0).reshape([BLOCK_N, HEAD_DIM])
+    # also when no query sees these keys: the K/V copies must land before the program ends
+    mbarrier.wait(bars.index(3 * STAGES), 0)
+    off_b = gl.program_id(2)
+    LSE += off_b.to(gl.int64) * stride_lb
+    Delta += off_b.to(gl.int64) * stride_lb
+    t = 0
+    for seg in gl.static_range(3):
+        start, end = _segment(seg, lo, full_lo, full_hi, hi)
+        dk, dv, t = _steps(
+            dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_lh, start, end, off_h0, group_size,
+            offs_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale, s_layout, acc_layout, BLOCK_M,
+            HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT,
+        )  # fmt: skip
+
+    dk = dk * dk_scale
+    off_hk = gl.program_id(1)
+    DK += off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
+    DV += off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh
+    offs_an = gl.convert_layout(offs_n, gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    n_ok = gl.expand_dims(offs_an < seqlen_k, 1)
+    rows = gl.expand_dims(offs_an.to(gl.int64), 1)
+    dk_ptrs = DK + rows * stride_dkn + gl.expand_dims(offs_d, 0)
+    gl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok)
+    dv_ptrs = DV + rows * stride_dvn + gl.expand_dims(offs_d, 0)
+    gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok)
+
+
+# seqlens, the group size, the window and the LSE strides that follow the seqlens are runtime values: no
+# recompile per sequence length (see hopper_fwd.attention_fwd_hopper_kernel)
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group_size", "window_left", "window_right", "stride_lb",
+                              "stride_lh"])  # fmt: skip
+def attention_bwd_dkdv_hopper_kernel(
+    q_desc, k_desc, v_desc, do_desc, LSE, Delta, DK, DV,
+    stride_lb, stride_lh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, dk_scale,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+):  # fmt: skip
+    """q_desc, do_desc: TMA descriptors over (batch, seqlen_q, nheads, headdim), boxes [1, BLOCK_M, 1, d];
+    k_desc, v_desc over (batch, seqlen_k, nheads_k, headdim), boxes [1, BLOCK_N, 1, d]. LSE (natural log)
+    and Delta: (batch, nheads, seqlen_q) fp32, same strides, rows contiguous. DK, DV like k and v (last
+    stride 1). qk_scale = softmax_scale * log2(e), dk_scale = softmax_scale. group_size = nheads //
+    nheads_k. Launch with num_warps 8 (two consumer warpgroups of BLOCK_N / 2 keys each)."""
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    gl.static_assert(q_desc.block_type.shape[1] == BLOCK_M)
+    gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
+    gl.static_assert(do_desc.block_type.shape[3] == HEAD_DIM)
+    pid_n = gl.program_id(0)
+    off_hk = gl.program_id(1)
+    off_b = gl.program_id(2)
+    start_n = pid_n * BLOCK_N
+    off_h0 = off_hk * group_size
+    lo, full_lo, full_hi, hi = _q_range(
+        start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [1] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [1] + v_desc.block_type.shape, v_desc.layout)
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [3 * STAGES + 1, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(3 * STAGES + 1):  # every barrier has one arrive (or one expect) per phase
+        mbarrier.init(bars.index(i), count=1)
+
+    kv_bar = bars.index(3 * STAGES)
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [off_b, start_n, off_hk, 0], kv_bar, k_bufs.index(0))
+    tma.async_copy_global_to_shared(v_desc, [off_b, start_n, off_hk, 0], kv_bar, v_bufs.index(0))
+
+    # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
+    gl.warp_specialize([
+        (_consumer, (
+            k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lb, stride_lh, stride_dkb,
+            stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, start_n, lo, full_lo, full_hi, hi,
+            off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale,
+            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT,
+        )),
+        (_loader, (
+            q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, off_b, off_h0, group_size,
+            BLOCK_M, STAGES,
+        )),
+    ], [1], [24])  # fmt: skip

@@ -1,0 +1,420 @@
+"""Attention forward for Hopper (sm_90) in Gluon: TMA loads into a K/V shared-memory ring, async wgmma.
+
+Grid: (query blocks, nheads, batch), like kernels/fwd.py, and the same results: out, and the LSE in
+natural log with out 0 / lse -inf for rows that see no key. One program owns BLOCK_M query rows of one
+head; its num_warps (8: two warpgroups of 64 rows) run the two matmuls and the online softmax.
+
+Q, K and V arrive as 4-D TMA descriptors over (batch, seqlen, nheads, headdim) with a box of
+[1, BLOCK, 1, HEAD_DIM]: rows past seqlen are zero-filled per batch entry, so no block reads into the
+next sequence. Keys past seqlen_k still have to be masked to -inf in the scores.
+
+K/V ring: STAGES slots, each with a ready barrier for K and one for V (TMA arrives with the byte count)
+and, with WARP_SPECIALIZE, an empty barrier the consumers arrive on when both matmuls on the slot are
+done. WARP_SPECIALIZE puts the loads in a 1-warp partition with few registers; without it the consumer
+warps issue the next load into a slot themselves once they are done with it.
+
+CONSUMERS > 1 (ping-pong, FA3's inter-warpgroup overlap; needs WARP_SPECIALIZE and OVERLAP): the math
+runs in CONSUMERS partitions of one warpgroup each (num_warps = 4), consumer c owning query rows
+[c * BLOCK_M / CONSUMERS, (c + 1) * BLOCK_M / CONSUMERS) of the block with its own Q tile, accumulator
+and softmax state. All of them visit the same KV blocks from the one ring (each slot is freed when all
+CONSUMERS have arrived). They take turns issuing their matmuls: consumer c waits on its turn barrier,
+issues the step's wgmmas, and passes the turn to consumer c + 1 (round robin), so one warpgroup's
+softmax runs while the next one's matmuls occupy the tensor cores.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+LN2 = gl.constexpr(0.6931471805599453)  # lse (natural log) = log2-sum-exp * ln 2
+
+
+@gluon.jit
+def _kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """KV range [lo, hi) that rows [start_m, start_m + BLOCK_M) visit and its unmasked middle
+    [full_lo, full_hi), as kernels/common.py's kv_block_bounds (bottom-right aligned window)."""
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    full_lo = 0
+    hi = seqlen_k
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_LEFT:
+        lo = (gl.maximum(start_m + shift - window_left, 0) // BLOCK_N) * BLOCK_N
+        first_all = gl.maximum(start_m + BLOCK_M - 1 + shift - window_left, 0)
+        full_lo = ((first_all + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = gl.minimum(hi, gl.maximum(start_m + BLOCK_M + shift + window_right, 0))
+        full_hi = gl.minimum(full_hi, (gl.maximum(start_m + shift + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    hi = gl.maximum(hi, lo)
+    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
+    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+# Barriers live in one [4 * STAGES + 1 + CONSUMERS, 1] array: per slot s, K ready (s), V ready (STAGES + s),
+# K free (2 STAGES + s), V free (3 STAGES + s); then Q ready (4 STAGES); then, with ping-pong, consumer c's
+# turn (4 STAGES + 1 + c). Ready barriers complete when TMA has written the bytes; free barriers when every
+# consumer is done reading the slot (warp-specialized only: count CONSUMERS, one arrive per consumer).
+@gluon.jit
+def _load_k(k_desc, k_bufs, bars, t, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, pred=True):
+    """Start the TMA load of the t-th K block the program visits into slot t % STAGES."""
+    s = t % STAGES
+    bar = bars.index(s)
+    mbarrier.expect(bar, k_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [off_b, lo + t * BLOCK_N, off_hk, 0], bar, k_bufs.index(s), pred=pred)
+
+
+@gluon.jit
+def _load_v(v_desc, v_bufs, bars, t, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, pred=True):
+    s = t % STAGES
+    bar = bars.index(STAGES + s)
+    mbarrier.expect(bar, v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [off_b, lo + t * BLOCK_N, off_hk, 0], bar, v_bufs.index(s), pred=pred)
+
+
+@gluon.jit
+def _loader(k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk,
+            BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The load partition: refill each K and V slot as soon as the consumers release it."""
+    for t in range(n_blocks):
+        s = t % STAGES
+        # a fresh mbarrier counts as having completed the phase before 0, so the first lap passes
+        phase = ((t // STAGES) & 1) ^ 1
+        mbarrier.wait(bars.index(2 * STAGES + s), phase)
+        _load_k(k_desc, k_bufs, bars, t, lo, off_b, off_hk, BLOCK_N, STAGES)
+        mbarrier.wait(bars.index(3 * STAGES + s), phase)
+        _load_v(v_desc, v_bufs, bars, t, lo, off_b, off_hk, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            WARP_SPECIALIZE: gl.constexpr):  # fmt: skip
+    """The consumers are done reading K block t: free its slot (warp-specialized) or, with no loader,
+    start the K load that will use the slot STAGES blocks from now."""
+    if WARP_SPECIALIZE:
+        mbarrier.arrive(bars.index(2 * STAGES + t % STAGES), count=1)
+    else:
+        _load_k(k_desc, k_bufs, bars, t + STAGES, lo, off_b, off_hk, BLOCK_N, STAGES, pred=t + STAGES < n_blocks)
+
+
+@gluon.jit
+def _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            WARP_SPECIALIZE: gl.constexpr):  # fmt: skip
+    if WARP_SPECIALIZE:
+        mbarrier.arrive(bars.index(3 * STAGES + t % STAGES), count=1)
+    else:
+        _load_v(v_desc, v_bufs, bars, t + STAGES, lo, off_b, off_hk, BLOCK_N, STAGES, pred=t + STAGES < n_blocks)
+
+
+@gluon.jit
+def _turn_wait(bars, c, STAGES: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Ping-pong: wait until it is this consumer's c-th turn to issue matmuls. Consumer 0's first turn is
+    free (a fresh mbarrier counts as having completed the phase before 0); consumer c's turn k completes
+    with consumer c - 1's k-th pass (consumer 0's turn k with the last one's (k - 1)-th). Turns strictly
+    alternate, so no barrier gets two phases ahead of its waiter and the parity is enough."""
+    if CONSUMERS > 1:
+        if CID == 0:
+            mbarrier.wait(bars.index(4 * STAGES + 1), (c & 1) ^ 1)
+        else:
+            mbarrier.wait(bars.index(4 * STAGES + 1 + CID), c & 1)
+
+
+@gluon.jit
+def _turn_pass(bars, STAGES: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Ping-pong: this consumer's matmuls are issued; the next consumer may issue its own."""
+    if CONSUMERS > 1:
+        mbarrier.arrive(bars.index(4 * STAGES + 1 + (CID + 1) % CONSUMERS), count=1)
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr,
+                  HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """Fold raw scores qk [BLOCK_M, BLOCK_N] of keys [start_n, start_n + BLOCK_N) into the running max
+    and sum (log2 units: scores times qk_scale). Returns (p, alpha, m_i, l_i): the block's unnormalised
+    probabilities and the factor that rescales the old accumulator. With MASK, keys outside the window
+    or past seqlen_k are excluded."""
+    qk = qk * qk_scale
+    if MASK:
+        offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        rows = gl.expand_dims(offs_m, 1)
+        cols = gl.expand_dims(offs_n, 0)
+        keep = cols < seqlen_k
+        diag = rows + (seqlen_k - seqlen_q)
+        if HAS_RIGHT:
+            keep = keep & (cols <= diag + window_right)
+        if HAS_LEFT:
+            keep = keep & (cols >= diag - window_left)
+        qk = gl.where(keep, qk, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        # a row that has seen no key yet keeps m = -inf: subtract 0 instead of inf - inf
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        m_sub = m_new
+    p = gl.exp2(qk - gl.expand_dims(m_sub, 1))  # [BLOCK_M, BLOCK_N]
+    alpha = gl.exp2(m_i - m_sub)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _attend(acc, m_i, l_i, p_op, t, q_smem, k_desc, v_desc, k_bufs, v_bufs, bars,
+            start, end, n_blocks, lo, off_b, off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+            s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+            WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
+            CONSUMERS: gl.constexpr):  # fmt: skip
+    """Fold KV blocks [start, end) into (acc, m_i, l_i); t is the ring position of the first of them.
+
+    Plain order, per block: S = Q K^T, wait, softmax, O += P V, wait. With OVERLAP (FA3's intra-warpgroup
+    overlap) block t's P V is not issued yet on entry (p_op holds its P): each step issues S(t+1) = Q K^T
+    and O += P(t) V(t) together, waits for S only, runs the softmax of t+1 while the P V matmul runs,
+    then waits for it and rescales O. The caller issues the last block's P V. With ping-pong the two
+    matmuls of a step are this consumer's t-th turn."""
+    dtype: gl.constexpr = k_desc.dtype
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    zero_s = gl.zeros([offs_m.shape[0], BLOCK_N], gl.float32, s_layout)
+    for start_n in range(start, end, BLOCK_N):
+        if OVERLAP:
+            t += 1  # the block this step scores; block t - 1 has its P in p_op
+        s = t % STAGES
+        mbarrier.wait(bars.index(s), (t // STAGES) & 1)
+        k_tile = k_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        if OVERLAP:
+            _turn_wait(bars, t, STAGES, CID, CONSUMERS)
+            qk = warpgroup_mma(q_smem, k_tile, zero_s, use_acc=False, is_async=True)
+            sp = (t - 1) % STAGES
+            mbarrier.wait(bars.index(STAGES + sp), ((t - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_bufs.index(sp).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            _turn_pass(bars, STAGES, CID, CONSUMERS)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))  # S done; P V may still run
+        else:
+            qk = warpgroup_mma(q_smem, k_tile, zero_s, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))  # [BLOCK_M, BLOCK_N]
+        _k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left,
+                                           window_right, qk_scale, s_layout, BLOCK_N, MASK, HAS_LEFT,
+                                           HAS_RIGHT)  # fmt: skip
+        if OVERLAP:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            _v_done(v_desc, v_bufs, bars, t - 1, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if not OVERLAP:
+            mbarrier.wait(bars.index(STAGES + s), (t // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # [BLOCK_M, HEAD_DIM]
+            _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+            t += 1
+    return acc, m_i, l_i, p_op, t
+
+
+@gluon.jit
+def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+              stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+              qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
+              OVERLAP: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr):  # fmt: skip
+    """A math partition: both matmuls, the online softmax, the epilogue, for rows [CID * ROWS, (CID + 1)
+    * ROWS) of the block (ROWS = BLOCK_M / CONSUMERS). Visits n_blocks >= 1 KV blocks from lo (the same
+    for every consumer: the range is the whole block's): the first is peeled off (masked), then the
+    masked left edge, the unmasked middle and the masked right edge, in ascending order as the loads were
+    issued."""
+    gl.static_assert(CONSUMERS == 1 or (WARP_SPECIALIZE and OVERLAP), "ping-pong needs the loader and overlap")
+    ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+    num_warps: gl.constexpr = gl.num_warps()
+    dtype: gl.constexpr = k_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    if not WARP_SPECIALIZE:
+        for i in gl.static_range(STAGES):
+            _load_k(k_desc, k_bufs, bars, i, lo, off_b, off_hk, BLOCK_N, STAGES, pred=i < n_blocks)
+            _load_v(v_desc, v_bufs, bars, i, lo, off_b, off_hk, BLOCK_N, STAGES, pred=i < n_blocks)
+
+    offs_m = start_m + CID * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    q_tile = q_smem.index(CID).reshape([ROWS, HEAD_DIM])
+    mbarrier.wait(bars.index(4 * STAGES), 0)
+
+    # block 0: scores and softmax (with the mask: it may be an edge block, or see nothing at all)
+    mbarrier.wait(bars.index(0), 0)
+    k_tile = k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    _turn_wait(bars, 0, STAGES, CID, CONSUMERS)
+    qk = warpgroup_mma(q_tile, k_tile, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    _turn_pass(bars, STAGES, CID, CONSUMERS)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+    _k_done(k_desc, k_bufs, bars, 0, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+    p, _, m_i, l_i = _softmax_step(qk, m_i, l_i, offs_m, lo, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                                   s_layout, BLOCK_N, True, HAS_LEFT, HAS_RIGHT)  # fmt: skip
+    p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+    t = 0
+    if not OVERLAP:
+        mbarrier.wait(bars.index(STAGES), 0)
+        acc = warpgroup_mma(p_op, v_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _v_done(v_desc, v_bufs, bars, 0, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+        t = 1
+
+    first = lo + BLOCK_N
+    for seg in gl.static_range(3):
+        # (masked left edge, unmasked middle, masked right edge), each clipped to start after block 0
+        if seg == 0:
+            start, end = first, gl.maximum(full_lo, first)
+        elif seg == 1:
+            start, end = gl.maximum(full_lo, first), gl.maximum(full_hi, first)
+        else:
+            start, end = gl.maximum(full_hi, first), gl.maximum(hi, first)
+        acc, m_i, l_i, p_op, t = _attend(
+            acc, m_i, l_i, p_op, t, q_tile, k_desc, v_desc, k_bufs, v_bufs, bars, start, end, n_blocks, lo, off_b,
+            off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, s_layout, o_layout, BLOCK_N,
+            HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, CID, CONSUMERS,
+        )  # fmt: skip
+    if OVERLAP:
+        # the last block's P V (turn n_blocks)
+        s = t % STAGES
+        mbarrier.wait(bars.index(STAGES + s), (t // STAGES) & 1)
+        _turn_wait(bars, t + 1, STAGES, CID, CONSUMERS)
+        acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        _turn_pass(bars, STAGES, CID, CONSUMERS)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+
+    # rows that saw nothing have l_i == 0: out 0, lse -inf
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
+
+    LSE += off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+    gl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
+    offs_om = gl.convert_layout(offs_m, gl.SliceLayout(1, o_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    Out += off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+    o_ptrs = Out + gl.expand_dims(offs_om.to(gl.int64) * stride_om, 1) + gl.expand_dims(offs_d, 0)
+    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims(offs_om < seqlen_q, 1))
+
+
+# seqlens and the LSE strides that follow them are runtime values: no recompile per sequence length; nor
+# per GQA group size (1 would be a specialization of its own, for one integer division per program)
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group_size", "window_left", "window_right", "stride_lb",
+                              "stride_lh"])  # fmt: skip
+def attention_fwd_hopper_kernel(
+    q_desc, k_desc, v_desc, Out, LSE,
+    stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr,
+    CONSUMERS: gl.constexpr = 1,
+):  # fmt: skip
+    """q_desc, k_desc, v_desc: TMA descriptors over (batch, seqlen, nheads, headdim), boxes
+    [1, BLOCK_M / CONSUMERS or BLOCK_N, 1, HEAD_DIM]. Out: like q (last stride 1); LSE: (batch, nheads,
+    seqlen_q), rows contiguous. qk_scale = softmax_scale * log2(e). group_size = nheads // nheads_k.
+    seqlen_k > 0. CONSUMERS 1: one math partition of num_warps warps; 2 or 3: ping-pong, one warpgroup
+    each (launch with num_warps = 4)."""
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    gl.static_assert(q_desc.block_type.shape[1] * CONSUMERS == BLOCK_M)
+    gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
+    gl.static_assert(CONSUMERS == 1 or gl.num_warps() == 4, "ping-pong: one warpgroup per consumer")
+    pid_m = gl.program_id(0)
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+    if HAS_RIGHT:
+        # with a right bound the last query blocks see the most keys: launch them first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_hk = off_h // group_size
+    lo, full_lo, full_hi, hi = _kv_range(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    # at least one block, also for rows that see no key: block lo is in range (lo < seqlen_k) and fully
+    # masked, so they come out as out 0 / lse -inf without a separate path
+    n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)
+
+    # one Q tile per consumer
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    N_BARS: gl.constexpr = 4 * STAGES + 1 + (CONSUMERS if CONSUMERS > 1 else 0)
+    bars = gl.allocate_shared_memory(gl.int64, [N_BARS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2 * STAGES):  # ready
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(2 * STAGES, 4 * STAGES):  # free: complete when every consumer has arrived
+        mbarrier.init(bars.index(i), count=CONSUMERS)
+    for i in gl.static_range(4 * STAGES, N_BARS):  # Q ready, turns
+        mbarrier.init(bars.index(i), count=1)
+
+    mbarrier.expect(bars.index(4 * STAGES), CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):
+        row = start_m + c * (BLOCK_M // CONSUMERS)
+        if c > 0:
+            # a consumer whose rows all lie past seqlen_q reads the last row's box instead of one wholly out
+            # of bounds (its results are not stored); the expected byte count stays the full box
+            row = gl.minimum(row, seqlen_q - 1)
+        tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], bars.index(4 * STAGES), q_smem.index(c))
+
+    # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
+    if CONSUMERS == 3:
+        # 4 warpgroups at maxnreg 128: the loader's warpgroup gives up 104, the consumers get 160 each
+        gl.warp_specialize([
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, CONSUMERS,
+            )),
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
+            )),
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 2, CONSUMERS,
+            )),
+            (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+        ], [4, 4, 1], [160, 160, 24])  # fmt: skip
+    elif CONSUMERS == 2:
+        # consumer 0 is the default partition (4 warps), consumer 1 a 4-warp worker
+        gl.warp_specialize([
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, CONSUMERS,
+            )),
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
+            )),
+            (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+        ], [4, 1], [240, 24])  # fmt: skip
+    elif WARP_SPECIALIZE:
+        gl.warp_specialize([
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, 1,
+            )),
+            (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+        ], [1], [24])  # fmt: skip
+    else:
+        _consumer(
+            q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+            stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+            qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, 1,
+        )  # fmt: skip

@@ -1,0 +1,255 @@
+"""Launchers for the Gluon Hopper kernels (kernels/hopper_fwd.py, kernels/hopper_bwd.py): which calls they
+cover, their tiles, their TMA descriptors, and an sm_90 compile that needs no GPU (tests, scripts).
+
+launch.attention_forward sends a call here when `covers` says the kernel handles it and the backend
+choice (env.backend) allows it; everything else stays on the Triton kernel. Outputs are the Triton
+forward's: out like q, lse (batch, nheads, seqlen_q) fp32 in natural log, so the Triton backward
+consumes them unchanged. launch.attention_backward likewise sends the dK/dV part of a covered backward
+to the Gluon dK/dV kernel (`chosen_backward`: only under FLASHTRON_BACKEND=gluon until a GPU run measures
+it); delta's preprocess and dQ stay on the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from flashtron.options import AttnOptions
+
+LOG2E = math.log2(math.e)
+
+# Head dims whose covered calls take the Gluon forward by default (FLASHTRON_BACKEND unset or "auto"), where
+# it measured correct and faster than the Triton forward at every size. H200, 2026-12-02,
+# scripts/gluon_check.py (every case passed: fp16/bf16, none/causal/window, seqlens 1-4096, GQA 4), TFLOP/s
+# at PERF.md's grid, peers in the same run: the ping-pong tile at d128 1.14-1.33x Triton (16k: 652 / 490
+# full, 622 / 490 causal; cuDNN 687 / 627). At d64 it is 1.02-1.06x Triton from 4k up without a mask but
+# 0.81-0.97x at 1k and causal 4k, so d64 stays on Triton by default.
+GLUON_DEFAULT_HEAD_DIMS = frozenset({128})
+
+
+def chosen(backend: str, head_dim: int) -> bool:
+    """Whether the backend setting (env.backend()) sends covered calls of this head dim to the Gluon kernel."""
+    return backend == "gluon" or (backend == "auto" and head_dim in GLUON_DEFAULT_HEAD_DIMS)
+
+
+@dataclass(frozen=True)
+class HopperTile:
+    block_m: int
+    block_n: int
+    stages: int
+    num_warps: int = 8  # two consumer warpgroups of 64 rows each
+    warp_specialize: bool = True
+    overlap: bool = True  # softmax of block j+1 while P V of block j runs (hopper_fwd._attend)
+    # > 1: ping-pong, that many one-warpgroup consumer partitions of block_m / consumers rows each, taking
+    # turns on the tensor cores (needs warp_specialize and overlap, and num_warps 4)
+    consumers: int = 1
+
+
+# The dispatched tiles: ping-pong, two one-warpgroup consumers of 64 rows taking turns on the tensor cores
+# (consumers=2), a 1-warp TMA loader. Shared memory: Q BLOCK_M x d plus STAGES x (K + V) of BLOCK_N x d,
+# 16-bit: d64 16K + 3 x 32K = 112K; d128 32K + 2 x 64K = 160K (227K fit). Against the first tile (8 warps in
+# lock step, "ws-ov" below) in the same run: 1.09-1.32x at d128, 1.01-1.16x at d64 (docs/perf-notes.md).
+HOPPER_TILES = {
+    64: HopperTile(128, 128, 3, num_warps=4, consumers=2),
+    128: HopperTile(128, 128, 2, num_warps=4, consumers=2),
+}
+
+# Measured next to HOPPER_TILES by scripts/gluon_check.py, not dispatched (compile report in
+# docs/perf-notes.md; none spills). "ws-ov": the first Gluon tile, 8 consumer warps in lock step, kept as
+# the same-run baseline. The d64 ones answer Triton's (128, 64, 4 warps, 3 stages) tile: ping-pong of two
+# 128-row consumers over 64-key blocks (Q 2 x 16K + 4 x 16K K/V = 96K), and the 8-warp kernel over 64-key
+# blocks with 4 stages (80K); both lost to the dispatched d64 tile from 4k up. Three 64-row consumers
+# (192 x 128, FA3's d64 tile) spill 16 bytes at 160 registers each, so it is not among them.
+CANDIDATE_TILES = {
+    "ws-ov": {64: HopperTile(128, 128, 3), 128: HopperTile(128, 128, 2)},
+    "pp-256x64": {64: HopperTile(256, 64, 4, num_warps=4, consumers=2)},
+    "ov-128x64": {64: HopperTile(128, 64, 4)},
+}
+
+
+# Head dims whose covered backwards take the Gluon dK/dV kernel by default: none until scripts/gluon_check.py
+# --backward has measured it correct and faster than the Triton dK/dV kernel on an H200.
+GLUON_DEFAULT_BACKWARD_HEAD_DIMS: frozenset[int] = frozenset()
+
+
+def chosen_backward(backend: str, head_dim: int) -> bool:
+    """Whether the backend setting sends the dK/dV part of covered backwards of this head dim to Gluon."""
+    return backend == "gluon" or (backend == "auto" and head_dim in GLUON_DEFAULT_BACKWARD_HEAD_DIMS)
+
+
+@dataclass(frozen=True)
+class HopperBwdTile:
+    block_m: int  # query rows per step of the loop
+    block_n: int  # keys per program (resident K and V)
+    stages: int  # (Q, dO) ring slots
+    num_warps: int = 8  # two consumer warpgroups of block_n / 2 keys each
+
+
+# FA3's dK/dV shapes (hopper/ of flash-attention, its d64 and d128 backward tiles): 128 keys per program in
+# two warpgroups; 128 query rows per step at d64, 64 at d128 (dK and dV take 128 fp32 registers a thread at
+# d128). Shared memory, 16-bit: K + V 2 x BLOCK_N x d, plus STAGES x (Q + dO) of BLOCK_M x d: d64 32K + 2 x
+# 32K = 96K; d128 64K + 2 x 32K = 128K. Not measured yet (docs/perf-notes.md, 2026-12-02, backward).
+HOPPER_BWD_TILES = {
+    64: HopperBwdTile(128, 128, 2),
+    128: HopperBwdTile(64, 128, 2),
+}
+
+
+def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:
+    """Whether the Gluon forward handles this call: dense sm_90 fp16/bf16, head dim 64 or 128 for q, k and
+    v, window/causal only (no softcap, ALiBi, dropout or sinks yet), and TMA-legal tensors (16-byte
+    aligned base and strides)."""
+    if varlen or seqused_k is not None or q.device.type != "cuda" or not _is_sm90(q.device.index):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    d = q.shape[-1]
+    if d not in HOPPER_TILES or k.shape[-1] != d or v.shape[-1] != d:
+        return False
+    if opts.softcap > 0 or opts.alibi_slopes is not None or opts.dropout_p > 0 or opts.learnable_sink is not None:
+        return False
+    return all(_tma_ok(t) for t in (q, k, v))
+
+
+@functools.cache
+def _is_sm90(index) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _descriptor(t: torch.Tensor, block_rows: int):
+    """A 4-D TMA descriptor over (batch, seqlen, nheads, headdim) with a [1, block_rows, 1, headdim] box."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    block = [1, block_rows, 1, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, str(t.dtype).removeprefix("torch.")))
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None = None):
+    """(kernel, grid, args, kwargs) of one launch: the arguments as kernel[grid](*args, **kwargs) takes them.
+    Works on CPU tensors too (compile_sm90 builds the same specialization from them)."""
+    from flashtron.kernels.hopper_fwd import attention_fwd_hopper_kernel
+
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    tile = tile or HOPPER_TILES[d]
+    grid = (math.ceil(seqlen_q / tile.block_m), nheads, batch)
+    args = (
+        # one Q box per consumer
+        _descriptor(q, tile.block_m // tile.consumers), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+        out, lse,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
+        opts.softmax_scale * LOG2E,
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        STAGES=tile.stages,
+        HAS_LEFT=opts.window_left >= 0,
+        HAS_RIGHT=opts.window_right >= 0,
+        WARP_SPECIALIZE=tile.warp_specialize,
+        OVERLAP=tile.overlap,
+        CONSUMERS=tile.consumers,
+        num_warps=tile.num_warps,
+        # with the 1-warp loader the CTA has one warpgroup more than the consumers': 3 (8 consumer warps, or
+        # 2 ping-pong consumers) x 128 threads x 168 fits the 64K registers, 4 x 128 x 128 too; setmaxnreg
+        # moves the loader's share (24) to the consumers (240, or 160 with 3 ping-pong consumers)
+        maxnreg=(128 if tile.consumers == 3 else 168) if tile.warp_specialize else None,
+    )
+    return attention_fwd_hopper_kernel, grid, args, kwargs
+
+
+def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None):
+    """out like q and lse (batch, nheads, seqlen_q) fp32 natural log; q: (batch, seqlen_q, nheads, d),
+    k, v: (batch, seqlen_k, nheads_k, d). Callers check `covers` first."""
+    from flashtron.outputs import new_output
+
+    batch, seqlen_q, nheads, _ = q.shape
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((batch, nheads, seqlen_q), torch.float32, q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    if k.shape[1] == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    kernel, grid, args, kwargs = kernel_launch(q, k, v, out, lse, opts, tile)
+    kernel[grid](*args, **kwargs)
+    return out, lse
+
+
+def covers_backward(q, k, v, dout, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:
+    """Whether the Gluon dK/dV kernel handles this backward: what `covers` takes, with dout of q's dtype
+    (dout with strides TMA cannot take is made contiguous by the launcher)."""
+    return dout.dtype == q.dtype and covers(q, k, v, opts, varlen=varlen, seqused_k=seqused_k)
+
+
+def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, tile: HopperBwdTile | None = None):
+    """(kernel, grid, args, kwargs) of one dK/dV launch, as kernel_launch. lse and delta: (batch, nheads,
+    seqlen_q) fp32 with the same strides, rows contiguous; dk, dv like k, v (last stride 1)."""
+    from flashtron.kernels.hopper_bwd import attention_bwd_dkdv_hopper_kernel
+
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    tile = tile or HOPPER_BWD_TILES[d]
+    assert lse.stride() == delta.stride() and lse.stride(2) == 1
+    grid = (math.ceil(seqlen_k / tile.block_n), nheads_k, batch)
+    args = (
+        _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+        _descriptor(dout, tile.block_m), lse, delta, dk, dv,
+        lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
+        dv.stride(2),
+        seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
+        opts.softmax_scale * LOG2E, opts.softmax_scale,
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        STAGES=tile.stages,
+        HAS_LEFT=opts.window_left >= 0,
+        HAS_RIGHT=opts.window_right >= 0,
+        num_warps=tile.num_warps,
+        # two consumer warpgroups and the loader's: 3 x 128 threads x 168 fit the 64K registers; setmaxnreg
+        # moves the loader's share (24) to the consumers (240)
+        maxnreg=168,
+    )
+    return attention_bwd_dkdv_hopper_kernel, grid, args, kwargs
+
+
+def attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, tile: HopperBwdTile | None = None):
+    """Writes dk, dv (allocated by the caller, like k and v) of a covered backward: q, dout (batch,
+    seqlen_q, nheads, d), k, v (batch, seqlen_k, nheads_k, d), lse (natural log) and delta = rowsum(dout *
+    out) - dlse, (batch, nheads, seqlen_q) fp32, same strides. Callers check `covers_backward` first."""
+    if not _tma_ok(dout) or 0 in dout.stride():  # e.g. an expanded gradient
+        dout = dout.contiguous()
+    kernel, grid, args, kwargs = backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts, tile)
+    kernel[grid](*args, **kwargs)
+
+
+def compile_sm90(kernel, args, kwargs):
+    """Compile kernel for sm_90 exactly as kernel[grid](*args, **kwargs) would specialize it, without a GPU.
+    Returns triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata.shared)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = GluonASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)

@@ -1,0 +1,179 @@
+"""The Gluon Hopper forward compiles for sm_90 on any machine (no GPU needed), for every variant the
+dispatch can send a call to, with wgmma in its PTX, no register spills and shared memory that fits.
+
+Gluon kernels do not run in Triton's interpreter, so this is the CPU tier's only check of them; the GPU
+tier (test_hopper_gpu.py) and scripts/gluon_check.py check the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+from flashtron.options import AttnOptions
+
+gluon = pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
+
+from flashtron import launch_hopper  # noqa: E402
+
+SMEM_LIMIT = 227 * 1024
+
+
+def _compile(d, dtype, window, warp_specialize=True, overlap=True, seqlen_q=300, seqlen_k=257, tile=None):
+    q = torch.empty(2, seqlen_q, 4, d, dtype=dtype)
+    k = torch.empty(2, seqlen_k, 2, d, dtype=dtype)  # GQA 2:1
+    v = torch.empty_like(k)
+    out = torch.empty_like(q)
+    lse = torch.empty(2, 4, seqlen_q)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    if tile is None:  # the dispatched tile, or the lock-step one without warp specialization or overlap
+        tile = launch_hopper.HOPPER_TILES[d]
+        if not (warp_specialize and overlap):
+            tile = dataclasses.replace(
+                launch_hopper.CANDIDATE_TILES["ws-ov"][d], warp_specialize=warp_specialize, overlap=overlap
+            )
+    kernel, _, args, kwargs = launch_hopper.kernel_launch(q, k, v, out, lse, opts, tile)
+    return launch_hopper.compile_sm90(kernel, args, kwargs)
+
+
+def _spill_bytes(compiled) -> int | None:
+    """Stack bytes by the cuobjdump that triton ships (None where it is missing)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    try:
+        from aot_report import cubin_resources
+
+        return cubin_resources(compiled.asm["cubin"])[1]
+    except (FileNotFoundError, OSError):
+        return None
+
+
+# Every head dim and mask kind the dispatch sends (launch_hopper.covers), each dtype once.
+VARIANTS = [
+    (64, torch.bfloat16, (-1, -1)),
+    (64, torch.float16, (-1, 0)),
+    (128, torch.bfloat16, (-1, -1)),
+    (128, torch.bfloat16, (-1, 0)),
+    (128, torch.float16, (64, 32)),
+]
+
+
+@pytest.mark.parametrize("d, dtype, window", VARIANTS)
+def test_hopper_forward_compiles_for_sm90(d, dtype, window):
+    compiled = _compile(d, dtype, window)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads
+    assert "setmaxnreg" in ptx  # the loader partition hands registers to the consumers
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx  # the softmax / P V overlap
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
+    _check_barriers(launch_hopper.HOPPER_TILES[d], d, dtype, window, ptx)
+
+
+def _check_barriers(tile, d, dtype, window, ptx):
+    """The named barriers (id, threads) that Triton puts before the mbarrier waits and arrives: ping-pong
+    consumers each sync only themselves (no lock step across them), and their code (wgmma included) is
+    emitted once per consumer partition; the lock-step tile syncs all its consumer warps together."""
+    syncs = {(int(i), int(n)) for i, n in re.findall(r"bar\.sync\s+(\d+),\s*(\d+);", ptx)}
+    if tile.consumers > 1:
+        assert syncs and all(n == 128 for _, n in syncs) and len({i for i, _ in syncs}) >= tile.consumers
+        base = launch_hopper.CANDIDATE_TILES["ws-ov"][d]
+        if dataclasses.replace(tile, consumers=1, num_warps=base.num_warps) == base:  # same blocks: compare
+            one = _compile(d, dtype, window, tile=base).asm["ptx"]
+            assert ptx.count("wgmma.mma_async") == tile.consumers * one.count("wgmma.mma_async")
+    else:
+        assert (0, 32 * tile.num_warps) in syncs
+
+
+@pytest.mark.parametrize("warp_specialize, overlap", [(False, False), (True, False), (False, True)])
+def test_hopper_forward_other_variants_compile(warp_specialize, overlap):
+    # the simpler variants scripts/gluon_check.py checks next to the dispatched one
+    compiled = _compile(128, torch.bfloat16, (-1, 0), warp_specialize, overlap)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert ("setmaxnreg" in ptx) == warp_specialize
+    assert ("wgmma.wait_group.sync.aligned 1;" in ptx) == overlap  # S waited for while P V still runs
+    assert _spill_bytes(compiled) in (0, None)
+
+
+# The candidates scripts/gluon_check.py measures (launch_hopper.CANDIDATE_TILES), each once, with a mask
+# kind that exercises its edge blocks.
+CANDIDATES = [
+    ("ws-ov", 128, torch.bfloat16, (64, 32)),
+    ("pp-256x64", 64, torch.bfloat16, (-1, 0)),
+    ("ov-128x64", 64, torch.float16, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("name, d, dtype, window", CANDIDATES)
+def test_hopper_candidate_tiles_compile(name, d, dtype, window):
+    tile = launch_hopper.CANDIDATE_TILES[name][d]
+    compiled = _compile(d, dtype, window, tile=tile)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx
+    assert "setmaxnreg" in ptx
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
+    _check_barriers(tile, d, dtype, window, ptx)
+
+
+def test_covers_only_cuda_dense_supported_calls():
+    q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
+    opts = AttnOptions(softmax_scale=0.125)
+    assert not launch_hopper.covers(q, q, q, opts, varlen=False)  # CPU tensors never
+    assert launch_hopper.chosen("gluon", 64) and not launch_hopper.chosen("triton", 128)
+    # by default, only the head dims where it measured faster than the Triton forward
+    assert launch_hopper.chosen("auto", 128) and not launch_hopper.chosen("auto", 64)
+
+
+# The Gluon dK/dV kernel (kernels/hopper_bwd.py), every head dim and mask kind that covers_backward takes,
+# each dtype once, with a bound on the stack bytes: the unmasked kernels have none; with a causal or window
+# mask the edge segments push the consumers past setmaxnreg's 240 registers and ptxas spills a few scalars
+# of the loop state (24-80 bytes at this commit, triton 3.6.0; docs/perf-notes.md, 2026-12-02 backward
+# entry). The bound catches a regression; the goal is 0 everywhere.
+BWD_VARIANTS = [
+    (64, torch.bfloat16, (-1, -1), 0),
+    (64, torch.float16, (-1, 0), 96),
+    (128, torch.bfloat16, (-1, -1), 0),
+    (128, torch.bfloat16, (-1, 0), 96),
+    (128, torch.float16, (64, 32), 96),
+]
+
+
+def _compile_bwd(d, dtype, window, seqlen_q=300, seqlen_k=257):
+    q = torch.empty(2, seqlen_q, 4, d, dtype=dtype)
+    k = torch.empty(2, seqlen_k, 2, d, dtype=dtype)  # GQA 2:1
+    lse = torch.empty(2, 4, seqlen_q)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    kernel, _, args, kwargs = launch_hopper.backward_dkdv_launch(
+        q, k, torch.empty_like(k), torch.empty_like(q), lse, torch.empty_like(lse), torch.empty_like(k),
+        torch.empty_like(k), opts,
+    )  # fmt: skip
+    return launch_hopper.compile_sm90(kernel, args, kwargs)
+
+
+@pytest.mark.parametrize("d, dtype, window, stack_bound", BWD_VARIANTS)
+def test_hopper_backward_dkdv_compiles_for_sm90(d, dtype, window, stack_bound):
+    compiled = _compile_bwd(d, dtype, window)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads of K, V, Q and dO
+    assert "setmaxnreg" in ptx  # the 1-warp loader partition
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx  # P's math while dP^T runs, dS's while dV runs
+    assert not re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, flags=re.M)  # deterministic: no atomics
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    spill = _spill_bytes(compiled)
+    assert spill is None or spill <= stack_bound, f"stack {spill} bytes, bound {stack_bound}"
+
+
+def test_backward_is_opt_in():
+    # until a GPU run measures it, only FLASHTRON_BACKEND=gluon sends backwards to the Gluon dK/dV kernel
+    assert launch_hopper.chosen_backward("gluon", 128) and launch_hopper.chosen_backward("gluon", 64)
+    assert not any(launch_hopper.chosen_backward(b, d) for b in ("auto", "triton") for d in (64, 128))
+    q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert not launch_hopper.covers_backward(q, q, q, q, AttnOptions(softmax_scale=0.125), varlen=False)

@@ -1,0 +1,100 @@
+"""GPU tier for the Gluon Hopper kernels: a handful of calls through flash_attn_func with
+FLASHTRON_BACKEND=gluon (forward on the Gluon kernel; backward with dK/dV on the Gluon kernel and delta
+and dQ on the Triton kernels), on sm_90 only. Few cases on purpose: each Gluon variant is a fresh compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_cases import check_attention
+
+pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
+
+
+@pytest.fixture
+def gluon_forward(monkeypatch):
+    """Routes covered forwards to the Gluon kernel and counts the calls that took it."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon forward is sm_90 only")
+    from flashtron import launch_hopper
+
+    calls = []
+    original = launch_hopper.attention_forward
+    monkeypatch.setattr(launch_hopper, "attention_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setenv("FLASHTRON_BACKEND", "gluon")
+    return calls
+
+
+CASES = [
+    # (batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype, causal, window, layouts)
+    (2, 257, 257, 4, 4, 128, torch.bfloat16, False, (-1, -1), ("contiguous",) * 3),
+    (2, 129, 1000, 8, 2, 64, torch.float16, True, (-1, -1), ("contiguous",) * 3),
+    (1, 1000, 127, 4, 1, 128, torch.bfloat16, True, (-1, -1), ("bhsd", "contiguous", "bhsd")),
+    (1, 513, 513, 2, 2, 64, torch.bfloat16, False, (100, 8), ("contiguous",) * 3),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_gluon_forward_through_api(gluon_forward, case):
+    batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
+    check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
+    assert gluon_forward, "the forward did not take the Gluon kernel"
+
+
+@pytest.mark.gpu
+def test_uncovered_calls_stay_on_triton(gluon_forward):
+    # head dim 96 and the sliced layout (unaligned base) are not covered: the Triton forward runs
+    check_attention(1, 65, 65, 2, 2, 96, 96, torch.bfloat16, "cuda", causal=True)
+    check_attention(1, 65, 65, 2, 2, 64, 64, torch.bfloat16, "cuda", layouts=("sliced",) * 3, backward=False)
+    assert not gluon_forward
+
+
+@pytest.fixture
+def gluon_backward(monkeypatch):
+    """Routes covered backwards' dK/dV to the Gluon kernel and counts the calls that took it."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels are sm_90 only")
+    from flashtron import launch_hopper
+
+    calls = []
+    original = launch_hopper.attention_backward_dkdv
+    monkeypatch.setattr(
+        launch_hopper, "attention_backward_dkdv", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
+    monkeypatch.setenv("FLASHTRON_BACKEND", "gluon")
+    return calls
+
+
+BWD_CASES = [
+    # (batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype, causal, window, layouts)
+    (1, 300, 300, 8, 2, 128, torch.bfloat16, True, (-1, -1), ("contiguous",) * 3),  # GQA 4:1
+    (2, 129, 1000, 4, 2, 64, torch.float16, False, (-1, -1), ("bhsd", "contiguous", "bhsd")),  # sq < sk
+    (1, 1000, 127, 2, 2, 128, torch.float16, True, (-1, -1), ("contiguous",) * 3),  # sq > sk: empty rows
+    (1, 513, 700, 4, 1, 64, torch.bfloat16, False, (100, 8), ("contiguous",) * 3),  # window, MQA
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_gluon_backward_through_api(gluon_backward, case):
+    batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
+    check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
+    assert gluon_backward, "the backward did not take the Gluon dK/dV kernel"
+
+
+@pytest.mark.gpu
+def test_gluon_backward_is_deterministic(gluon_backward):
+    import flashtron
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 300, 8, 128, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(1, 300, 2, 128, device="cuda", generator=g).to(torch.bfloat16).requires_grad_() for _ in "kv")
+    out = flashtron.flash_attn_func(q, k, v, causal=True, deterministic=True)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), dout)
+    assert len(gluon_backward) == 2
+    for name, a, b in zip("qkv", first, second):
+        assert torch.equal(a, b), f"d{name} differs between two runs"
