@@ -11,7 +11,7 @@ at its table tile; a dK/dV candidate serves causal calls too while swept), `deco
 split count, timed as CUDA-graph replays next to SDPA-flash and SDPA-cuDNN). TUNE_ONLY="dkdv:128,..."
 limits a run to those (kind, head dim) pairs. A candidate is installed by editing the config tables
 in this process, never through the environment. Correctness uses the tests' tolerance rule
-(tests/tolerance.py) against an fp32 reference. Sizes follow ../shared/PERF.md: batch * seqlen =
+(tests/tolerance.py) against an fp32 reference. Sizes follow the bench's GPU grid: batch * seqlen =
 16384 tokens, nheads = 2048 / headdim, bf16.
 """
 

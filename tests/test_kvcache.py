@@ -432,8 +432,8 @@ def test_kvcache_cuda_graph(page, num_splits):
 
 @pytest.mark.parametrize("paged", [False, True])
 def test_kvcache_cpu_lengths_past_capacity_raise(paged):
-    """A cache_seqlens tensor is not checked on the GPU (that would sync), but the CPU path reads the
-    lengths anyway: past the capacity it names the row instead of attending a clipped cache."""
+    """A cache_seqlens tensor past the capacity names the row instead of attending a clipped cache
+    (checks.check_kvcache_values; tests/test_bounds.py has the rest of the value checks)."""
     q, k_new, v_new = torch.randn(2, 1, 4, 8), torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8)
     if paged:
         k_cache, v_cache = torch.randn(5, 4, 2, 8), torch.randn(5, 4, 2, 8)

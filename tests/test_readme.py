@@ -1,5 +1,6 @@
-"""The README's Python examples run as written. Without a GPU, a CUDA example runs on the CPU path
-instead, in fp32 and at seqlen 256 (the same calls; the sizes only keep tier 1 quick)."""
+"""The README's Python examples run exactly as written, on whatever device is present: the first one
+picks CUDA when there is one and flashtron's CPU path otherwise, so a machine without a GPU runs it
+unchanged."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -17,14 +17,16 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 2, "README.md lost its ```python examples"
 
 
+def test_first_example_needs_no_gpu():
+    """No hard-coded CUDA device: it must run as written where there is none."""
+    assert 'device="cuda"' not in BLOCKS[0] and "torch.cuda.is_available()" in BLOCKS[0]
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index):
     code = BLOCKS[index]
     if "transformers" in code:
         pytest.importorskip("transformers")
-    if "cuda" in code and not torch.cuda.is_available():
-        code = code.replace('device="cuda"', 'device="cpu"').replace("torch.bfloat16", "torch.float32")
-        code = code.replace("4096", "256")
     exec(compile(code, f"README.md python block {index}", "exec"), {})
 
 

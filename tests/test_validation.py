@@ -1,6 +1,8 @@
-"""The public edge: bad inputs raise TypeError/ValueError naming the argument, before any dispatch;
-good inputs are normalised into AttnOptions and handed over as API.md says; the signatures are
-flash_attn 2.8's (and FlashAttention-3's for flash_attn_combine).
+"""The public edge: bad inputs raise InputTypeError/InputValueError naming the argument, before any
+dispatch, and each is catchable both as the TypeError/ValueError it is and as the RuntimeError that
+flash_attn raises; what flash_attn 2.8 accepts (tensor windows, negative sides, softcap <= 0, numpy and
+tensor ints, non-contiguous last dimensions) is accepted and normalised into AttnOptions and handed
+over as API.md says; the signatures are flash_attn 2.8's (and FlashAttention-3's for flash_attn_combine).
 
 The backends are replaced by a recording stub where a call must get through, so this file needs
 neither autograd nor inference to exist or to work.
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,9 +133,6 @@ BAD = {
     ),
     "q-headdim-0": (F, lambda: dense(q=rn(B, SQ, H, 0), k=rn(B, SK, HK, 0)), ValueError, r"headdim of q .* got 0"),
     "v-headdim": (F, lambda: dense(v=rn(B, SK, HK, 520)), ValueError, r"headdim of v must be between 1 and 512"),
-    "q-stride": (F, lambda: dense(q=strided(rn(B, SQ, H, D))), ValueError, r"q must have contiguous last dimension"),
-    "k-stride": (F, lambda: dense(k=strided(rn(B, SK, HK, D))), ValueError, r"k must have contiguous last dimension"),
-    "v-stride": (F, lambda: dense(v=strided(rn(B, SK, HK, D))), ValueError, r"v must have contiguous last dimension"),
     "k-device": (F, lambda: dense(k=meta(rn(B, SK, HK, D))), ValueError, r"k must be on the same device as q"),
     "v-device": (F, lambda: dense(v=meta(rn(B, SK, HK, D))), ValueError, r"v must be on the same device as q"),
     # --- scalar options ---
@@ -139,7 +140,7 @@ BAD = {
     "dropout-one": (F, lambda: dense(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     "dropout-nan": (F, lambda: dense(dropout_p=math.nan), ValueError, r"dropout_p"),
     "dropout-str": (F, lambda: dense(dropout_p="0.1"), TypeError, r"dropout_p must be a float, got str"),
-    "softcap-neg": (F, lambda: dense(softcap=-1.0), ValueError, r"softcap must be a finite float >= 0"),
+    "softcap-ninf": (F, lambda: dense(softcap=-math.inf), ValueError, r"softcap must be a finite float"),
     "softcap-inf": (F, lambda: dense(softcap=math.inf), ValueError, r"softcap must be a finite float"),
     "softcap-nan": (F, lambda: dense(softcap=math.nan), ValueError, r"softcap"),
     "softcap-none": (F, lambda: dense(softcap=None), TypeError, r"softcap must be a float"),
@@ -148,10 +149,23 @@ BAD = {
     "scale-inf": (F, lambda: dense(softmax_scale=math.inf), ValueError, r"softmax_scale"),
     "scale-nan": (F, lambda: dense(softmax_scale=math.nan), ValueError, r"softmax_scale"),
     "scale-str": (F, lambda: dense(softmax_scale="x"), TypeError, r"softmax_scale must be a float"),
-    "scale-tensor": (F, lambda: dense(softmax_scale=torch.tensor(0.1)), TypeError, r"softmax_scale must be a float"),
+    "scale-tensor-2": (F, lambda: dense(softmax_scale=torch.tensor([0.1, 0.2])), TypeError, r"softmax_scale must"),
+    "scale-bool-tensor": (F, lambda: dense(softmax_scale=torch.tensor(True)), TypeError, r"softmax_scale must be a"),
     "window-short": (F, lambda: dense(window_size=(1,)), ValueError, r"window_size must be a \(left, right\) pair"),
     "window-long": (F, lambda: dense(window_size=(1, 2, 3)), ValueError, r"window_size"),
-    "window-below": (F, lambda: dense(window_size=(-2, 0)), ValueError, r"window_size .* got \(-2, 0\)"),
+    "window-float-tensor": (F, lambda: dense(window_size=torch.tensor([1.0, 0.0])), TypeError, r"window_size"),
+    "window-bool-tensor": (F, lambda: dense(window_size=torch.tensor([True, False])), TypeError, r"window_size"),
+    "window-tensor-3": (F, lambda: dense(window_size=torch.tensor([1, 2, 3])), ValueError, r"got 3 values"),
+    "window-tensor-0d": (F, lambda: dense(window_size=torch.tensor(4)), TypeError, r"window_size .* got a int64"),
+    "window-bool": (F, lambda: dense(window_size=(True, 0)), TypeError, r"window_size"),
+    "window-none": (F, lambda: dense(window_size=None), TypeError, r"window_size .* got NoneType"),
+    # --- flags: bools only, as flash_attn's bool parameters ---
+    "causal-str": (F, lambda: dense(causal="yes"), TypeError, r"flash_attn_func: causal must be a bool, got str"),
+    "causal-int": (F, lambda: dense(causal=1), TypeError, r"causal must be a bool, got int 1"),
+    "causal-none": (F, lambda: dense(causal=None), TypeError, r"causal must be a bool"),
+    "deterministic-str": (F, lambda: dense(deterministic="no"), TypeError, r"deterministic must be a bool"),
+    "probs-int": (F, lambda: dense(return_attn_probs=1), TypeError, r"return_attn_probs must be a bool"),
+    "lse-str": (F, lambda: dense(return_lse="yes"), TypeError, r"return_lse must be a bool"),
     "window-float": (F, lambda: dense(window_size=(1.5, 0)), TypeError, r"window_size"),
     "window-int": (F, lambda: dense(window_size=4), TypeError, r"window_size .* got int"),
     "window-str": (F, lambda: dense(window_size="ab"), TypeError, r"window_size"),
@@ -245,7 +259,7 @@ BAD = {
     "cu-k-float": (V, lambda: varlen(cu_seqlens_k=torch.tensor([0.0, 4, 9])), TypeError, r"cu_seqlens_k must have"),
     "cu-q-list": (V, lambda: varlen(cu_seqlens_q=[0, 3, 7]), TypeError, r"cu_seqlens_q must be a torch\.Tensor"),
     "cu-q-2d": (V, lambda: varlen(cu_seqlens_q=i32(0, 3, 7).view(1, 3)), ValueError, r"cu_seqlens_q must be 1-D"),
-    "cu-q-short": (V, lambda: varlen(cu_seqlens_q=i32(0)), ValueError, r"cu_seqlens_q must have batch_size \+ 1 >= 2"),
+    "cu-q-empty": (V, lambda: varlen(cu_seqlens_q=i32()), ValueError, r"cu_seqlens_q must have batch_size \+ 1 >= 1"),
     "cu-len": (
         V,
         lambda: varlen(cu_seqlens_k=i32(0, 4, 6, 9)),
@@ -255,13 +269,19 @@ BAD = {
     "cu-device": (V, lambda: varlen(cu_seqlens_k=meta(i32(0, 4, 9))), ValueError, r"cu_seqlens_k must be on the same"),
     "max-q-neg": (V, lambda: varlen(max_seqlen_q=-1), ValueError, r"max_seqlen_q must be >= 0"),
     "max-q-float": (V, lambda: varlen(max_seqlen_q=4.0), TypeError, r"max_seqlen_q must be an int, got float"),
-    "max-k-tensor": (V, lambda: varlen(max_seqlen_k=torch.tensor(5)), TypeError, r"max_seqlen_k must be an int"),
+    "max-k-float-tensor": (
+        V,
+        lambda: varlen(max_seqlen_k=torch.tensor(5.0)),
+        TypeError,
+        r"max_seqlen_k must be an int",
+    ),
+    "max-k-tensor-2": (V, lambda: varlen(max_seqlen_k=i32(5, 5)), TypeError, r"max_seqlen_k must be an int, got a"),
     "max-k-bool": (V, lambda: varlen(max_seqlen_k=True), TypeError, r"max_seqlen_k must be an int"),
     "seqused-dtype": (V, lambda: varlen(seqused_k=torch.tensor([4, 5])), TypeError, r"seqused_k must have dtype int32"),
     "seqused-shape": (V, lambda: varlen(seqused_k=i32(4, 5, 6)), ValueError, r"seqused_k must have shape \(2,\)"),
     "seqused-2d": (V, lambda: varlen(seqused_k=i32(4, 5).view(2, 1)), ValueError, r"seqused_k must have shape"),
     "varlen-alibi": (V, lambda: varlen(alibi_slopes=rn(B + 1, H)), ValueError, r"alibi_slopes must have shape"),
-    "varlen-window": (V, lambda: varlen(window_size=(0, -3)), ValueError, r"window_size"),
+    "varlen-window": (V, lambda: varlen(window_size=(0, -3, 1)), ValueError, r"window_size"),
     "bt-dtype": (
         V,
         lambda: paged_varlen(block_table=torch.arange(6).view(B, MAXP)),
@@ -320,7 +340,7 @@ BAD = {
         KV,
         lambda: kvcache(k_cache=strided(rn(B, CAP, HK, D))),
         ValueError,
-        r"k_cache must have contiguous last dimension",
+        r"k_cache must have contiguous last dimension .* updated in place, so it cannot be copied",
     ),
     "kvc-k-without-v": (
         KV,
@@ -473,7 +493,11 @@ BAD = {
     ),
     "kvc-splits-neg": (KV, lambda: kvcache(num_splits=-1), ValueError, r"num_splits must be >= 0"),
     "kvc-splits-float": (KV, lambda: kvcache(num_splits=1.5), TypeError, r"num_splits must be an int"),
-    "kvc-softcap": (KV, lambda: kvcache(softcap=-2.0), ValueError, r"softcap"),
+    "kvc-softcap": (KV, lambda: kvcache(softcap=math.nan), ValueError, r"softcap"),
+    "kvc-causal": (KV, lambda: kvcache(causal="yes"), TypeError, r"flash_attn_with_kvcache: causal must be a bool"),
+    "kvc-interleaved": (KV, lambda: kvcache_new(rotary_interleaved=0), TypeError, r"rotary_interleaved must be a b"),
+    "kvc-return-lse": (KV, lambda: kvcache(return_softmax_lse="yes"), TypeError, r"return_softmax_lse must be a b"),
+    "kvc-seqlens-bool": (KV, lambda: kvcache(cache_seqlens=True), TypeError, r"cache_seqlens must be an int"),
     "kvc-window": (KV, lambda: kvcache(window_size=(1, 2, 3)), ValueError, r"window_size"),
     "kvc-scale": (KV, lambda: kvcache(softmax_scale=0), ValueError, r"softmax_scale"),
     "kvc-alibi": (KV, lambda: kvcache(alibi_slopes=rn(B, H + 1)), ValueError, r"alibi_slopes must have shape"),
@@ -536,9 +560,53 @@ def backends(monkeypatch):
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_input_raises_naming_the_argument(case, backends):
     fn, build, exc, match = BAD[case]
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as info:
         fn(**build())
     assert not backends, "validation must fail before any dispatch"
+    expected = flashtron.InputTypeError if exc is TypeError else flashtron.InputValueError
+    assert type(info.value) is expected
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_is_a_runtime_error(case, backends):
+    """Code written for flash_attn falls back to SDPA on RuntimeError (what flash_attn's checks raise):
+    the same `except RuntimeError` catches every flashtron input error."""
+    fn, build, _, match = BAD[case]
+    try:
+        fn(**build())
+    except RuntimeError as exc:
+        assert isinstance(exc, flashtron.InputError)
+        assert re.search(match, str(exc)), str(exc)
+    else:
+        pytest.fail("no error raised")
+    assert not backends
+
+
+def test_error_classes():
+    assert issubclass(flashtron.InputTypeError, TypeError) and issubclass(flashtron.InputTypeError, RuntimeError)
+    assert issubclass(flashtron.InputValueError, ValueError) and issubclass(flashtron.InputValueError, RuntimeError)
+    assert not issubclass(flashtron.InputTypeError, ValueError)
+    assert not issubclass(flashtron.InputValueError, TypeError)
+
+
+def test_helper_errors_are_runtime_errors():
+    """The helpers and ops check their inputs with the same classes."""
+    from flashtron.ops import apply_rotary_emb, rms_norm
+
+    cases = [
+        (
+            lambda: flashtron.unpad_input(rn(2, 3, 4), rn(2, 3)),
+            TypeError,
+            r"unpad_input: attention_mask must be a bool",
+        ),
+        (lambda: flashtron.pad_input(rn(3, 4), i32(0, 1), 1, 3), ValueError, r"pad_input: indices must have one"),
+        (lambda: apply_rotary_emb(rn(1, 2, 1, 4), rn(2, 3), rn(2, 3)), ValueError, r"rotary_dim"),
+        (lambda: rms_norm(rn(2, 4), rn(4), eps=-1.0), ValueError, r"eps must be >= 0"),
+    ]
+    for call, kind, match in cases:
+        with pytest.raises(kind, match=match) as info:
+            call()
+        assert isinstance(info.value, RuntimeError) and isinstance(info.value, flashtron.InputError)
 
 
 def test_builders_are_valid(backends):
@@ -581,7 +649,7 @@ def test_window_and_causal_normalised(backends, kwargs, left, right):
 
 def test_options_passed_through(backends):
     alibi, sink = rn(B, H).abs(), rn(H)
-    F(**dense(dropout_p=0.25, softcap=30, alibi_slopes=alibi, deterministic=1, learnable_sink=sink))
+    F(**dense(dropout_p=0.25, softcap=30, alibi_slopes=alibi, deterministic=True, learnable_sink=sink))
     opts = backends[0].opts
     assert opts.softmax_scale == pytest.approx(1 / math.sqrt(D), rel=1e-15)
     assert (opts.dropout_p, opts.softcap, opts.deterministic) == (0.25, 30.0, True)
@@ -662,6 +730,101 @@ def test_kvcache_tensor_args_never_synced(backends):
 def test_combine_returns_backend_result(backends):
     assert CB(**combine(out_dtype=torch.bfloat16)) == ("out", "lse")
     assert backends[0].kw == {"out": None, "out_dtype": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepted as flash_attn 2.8 accepts it (its wrapper, its C++ checks and its own tests)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "window, left, right",
+    [
+        (torch.tensor([3, 2]), 3, 2),  # flash_attn's tests pass torch.randint(0, seqlen, (2,))
+        (torch.tensor([3, 2], dtype=torch.int32), 3, 2),
+        ((torch.tensor(3), torch.tensor([2])), 3, 2),
+        ([np.int64(3), np.int32(2)], 3, 2),
+        (np.array([3, 2]), 3, 2),
+        ((-2, 0), -1, 0),  # any negative side is unbounded
+        ((-100, -7), -1, -1),
+        (torch.tensor([-5, 4]), -1, 4),
+    ],
+    ids=["tensor", "int32-tensor", "0d-tensors", "numpy-ints", "numpy-array", "neg2", "neg-both", "tensor-neg"],
+)
+def test_window_size_as_flash_attn_takes_it(backends, window, left, right):
+    F(**dense(window_size=window))
+    opts = backends[0].opts
+    assert (opts.window_left, opts.window_right) == (left, right)
+    assert type(opts.window_left) is int and type(opts.window_right) is int
+    F(**dense(window_size=window, causal=True))
+    assert (backends[1].opts.window_left, backends[1].opts.window_right) == (left, 0)
+
+
+@pytest.mark.parametrize("softcap", [-1.0, -30, -1e-9, torch.tensor(-2.0)], ids=str)
+def test_negative_softcap_is_off(backends, softcap):
+    F(**dense(softcap=softcap))
+    assert backends[0].opts.softcap == 0.0
+    KV(**kvcache(softcap=softcap))
+    assert backends[1].opts.softcap == 0.0
+
+
+def test_int_and_float_likes(backends):
+    V(**varlen(max_seqlen_q=np.int64(4), max_seqlen_k=torch.tensor(5)))
+    kw = backends[0].kw
+    assert (kw["max_seqlen_q"], kw["max_seqlen_k"]) == (4, 5)
+    assert type(kw["max_seqlen_q"]) is int and type(kw["max_seqlen_k"]) is int
+    F(**dense(dropout_p=torch.tensor(0.25), softmax_scale=np.float32(0.5), softcap=torch.tensor(3)))
+    opts = backends[1].opts
+    assert (opts.dropout_p, opts.softmax_scale, opts.softcap) == (0.25, 0.5, 3.0)
+    assert all(type(x) is float for x in (opts.dropout_p, opts.softmax_scale, opts.softcap))
+    KV(**kvcache_new(cache_seqlens=np.int32(3), num_splits=torch.tensor(2)))
+    kw = backends[2].kw
+    assert kw["cache_seqlens"].tolist() == [3, 3] and kw["cache_seqlens"].dtype == torch.int32
+    assert kw["num_splits"] == 2 and type(kw["num_splits"]) is int
+    F(**dense(causal=np.True_, deterministic=np.False_))
+    assert backends[3].opts.window_right == 0 and backends[3].opts.deterministic is False
+
+
+def _assert_copied(got, given):
+    assert got.stride(-1) == 1 and torch.equal(got, given) and got.data_ptr() != given.data_ptr()
+
+
+def test_noncontiguous_last_dim_is_copied(backends):
+    """As flash_attn's maybe_contiguous: any tensor with stride(-1) != 1 is copied, except the KV caches,
+    which are written in place (their refusal is in BAD)."""
+    q, k, v = strided(rn(B, SQ, H, D)), strided(rn(B, SK, HK, D)), strided(rn(B, SK, HK, D))
+    sink = rn(H, 2)[:, 0]  # 1-D with stride 2
+    F(q, k, v, learnable_sink=sink)
+    call = backends[0]
+    for got, given in ((call.q, q), (call.k, k), (call.v, v), (call.opts.learnable_sink, sink)):
+        _assert_copied(got, given)
+
+    qkv = strided(rn(B, SQ, 3, H, D))
+    api.flash_attn_qkvpacked_func(qkv)
+    assert all(t.stride(-1) == 1 for t in (backends[1].q, backends[1].k, backends[1].v))
+    assert torch.equal(backends[1].v, qkv[:, :, 2])
+
+    cu_q = i32(0, 9, 3, 9, 7, 9)[::2]  # (0, 3, 7) with stride 2
+    args = varlen(q=strided(rn(7, H, D)), cu_seqlens_q=cu_q, seqused_k=i32(3, 9, 4, 9)[::2])
+    V(**args)
+    kw = backends[2].kw
+    _assert_copied(kw["cu_seqlens_q"], cu_q)
+    _assert_copied(kw["seqused_k"], args["seqused_k"])
+    _assert_copied(backends[2].q, args["q"])
+
+    bt = i32(0, 1, 2, 3, 4, 5).view(MAXP, B).t()  # (B, MAXP), stride(-1) == 2
+    args = kvcache_new(
+        k_cache=rn(PAGES, PAGE, HK, D), v_cache=rn(PAGES, PAGE, HK, D), block_table=bt, q=strided(rn(B, 1, H, D)),
+        k=strided(rn(B, 2, HK, D)), rotary_cos=strided(rn(CAP + 4, D // 4)), rotary_sin=strided(rn(CAP + 4, D // 4)),
+        cache_seqlens=i32(1, 9, 2, 9)[::2],
+    )  # fmt: skip
+    KV(**args)
+    kw = backends[3].kw
+    _assert_copied(kw["block_table"], bt)
+    _assert_copied(kw["cache_seqlens"], args["cache_seqlens"])
+    _assert_copied(kw["rotary_cos"], args["rotary_cos"])
+    _assert_copied(kw["k"], args["k"])
+    _assert_copied(backends[3].q, args["q"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """flashtron: FlashAttention's API (flash_attn 2.8) on Triton kernels, with an exact CPU path.
 
 Switch `from flash_attn import flash_attn_func` to `from flashtron import flash_attn_func` and keep
-the rest. Importing flashtron queries no device and compiles nothing.
+the rest. Importing flashtron queries no device and compiles nothing. Bad arguments raise
+InputTypeError or InputValueError: RuntimeErrors, as flash_attn's checks raise, and also the
+TypeError or ValueError each is by nature.
 """
 
 from flashtron.api import (
@@ -15,6 +17,7 @@ from flashtron.api import (
     flash_attn_with_kvcache,
 )
 from flashtron.autograd import attention_backward, attention_forward
+from flashtron.checks import InputError, InputTypeError, InputValueError
 from flashtron.padding import pad_input, unpad_input
 
 __version__ = "0.1.0"
@@ -32,4 +35,7 @@ __all__ = [
     "attention_backward",
     "unpad_input",
     "pad_input",
+    "InputError",
+    "InputTypeError",
+    "InputValueError",
 ]

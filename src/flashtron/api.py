@@ -5,6 +5,13 @@ Each function checks its inputs (checks.py), turns the loose flash_attn argument
 (KV cache, combine). Features from later FlashAttention versions are keyword-only arguments after
 the FA2 ones, so FA2's positional calls keep working.
 
+Arguments are taken as flash_attn 2.8 takes them (checks.py): int-likes as ints, numpy ints or
+one-element tensors; window_size as a tuple, list, numpy array or 2-element integer tensor, any
+negative side unbounded; softcap <= 0 off; flags as bools only. A tensor whose last dimension is not
+contiguous is copied, as flash_attn's maybe_contiguous does (the KV caches, updated in place, must
+be contiguous there). Bad arguments raise InputTypeError / InputValueError, which are RuntimeErrors
+as flash_attn's own errors are.
+
 dtypes: fp16, bf16 and fp32. fp32 inputs use IEEE fp32 dot products unless TF32 is on for CUDA
 matmuls (`torch.backends.cuda.matmul.fp32_precision = "tf32"`, or the older `allow_tf32 = True`).
 softmax_lse is fp32, natural log.
@@ -40,6 +47,9 @@ def _options(
     dropout_p, scale, left, right, softcap = checks.check_options(
         fn, dropout_p=dropout_p, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
     )
+    causal = checks.check_bool(fn, "causal", causal)
+    deterministic = checks.check_bool(fn, "deterministic", deterministic)
+    alibi_slopes, learnable_sink = checks.contiguous_last(alibi_slopes), checks.contiguous_last(learnable_sink)
     checks.check_alibi(fn, alibi_slopes, nheads=nheads, batch=batch, device=q.device)
     checks.check_sink(fn, learnable_sink, nheads=nheads, device=q.device)
     if causal:  # bottom-right causal is a window with no right side; a left window is kept
@@ -52,15 +62,16 @@ def _options(
         alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
         learnable_sink=learnable_sink,
-        deterministic=bool(deterministic),
+        deterministic=deterministic,
     )
 
 
-def _run(q, k, v, opts, return_attn_probs, return_lse, **varlen):
+def _run(fn, q, k, v, opts, return_attn_probs, return_lse, **varlen):
     # Imported here, after validation, so the checks work (and are tested) without the backends.
     from flashtron import autograd
 
-    probs = bool(return_attn_probs)
+    probs = checks.check_bool(fn, "return_attn_probs", return_attn_probs)
+    return_lse = checks.check_bool(fn, "return_lse", return_lse)
     out, lse, s_dmask = autograd.attention(q, k, v, opts, return_probs=probs, **varlen)
     if probs:
         return out, lse, s_dmask
@@ -68,24 +79,35 @@ def _run(q, k, v, opts, return_attn_probs, return_lse, **varlen):
 
 
 def _dense(fn, names, q, k, v, *, return_attn_probs, return_lse, **options):
+    q, k, v = (checks.contiguous_last(t) for t in (q, k, v))
     nheads = checks.check_qkv(fn, q, k, v, names=names)[0]
     opts = _options(fn, q, nheads, q.shape[0], **options)
-    return _run(q, k, v, opts, return_attn_probs, return_lse)
+    return _run(fn, q, k, v, opts, return_attn_probs, return_lse)
 
 
 def _varlen(
     fn, names, meta_names, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_table,
     seqused_k, return_attn_probs, return_lse, **options,
 ):  # fmt: skip
-    nheads = checks.check_qkv(fn, q, k, v, varlen=True, paged=block_table is not None, names=names)[0]
+    q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table = (
+        checks.contiguous_last(t) for t in (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
+    )
+    paged = block_table is not None
+    nheads = checks.check_qkv(fn, q, k, v, varlen=True, paged=paged, names=names)[0]
     batch = checks.check_cu_seqlens(fn, cu_seqlens_q, cu_seqlens_k, device=q.device, names=meta_names[:2])
     max_seqlen_q = checks.check_int(fn, meta_names[2], max_seqlen_q, minimum=0)
     max_seqlen_k = checks.check_int(fn, meta_names[3], max_seqlen_k, minimum=0)
     checks.check_batch_vector(fn, "seqused_k", seqused_k, batch=batch, device=q.device)
-    if block_table is not None:
+    if paged:
         checks.check_block_table(fn, block_table, batch=batch, device=q.device)
     opts = _options(fn, q, nheads, batch, **options)
+    if checks.reads_values(q, paged=paged):
+        checks.check_varlen_values(
+            fn, names[:2] + meta_names, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            seqused_k=seqused_k, block_table=block_table,
+        )  # fmt: skip
     return _run(
+        fn,
         q,
         k,
         v,
@@ -121,11 +143,12 @@ def flash_attn_func(
 
     q: (batch_size, seqlen_q, nheads, headdim); k: (batch_size, seqlen_k, nheads_k, headdim);
     v: (batch_size, seqlen_k, nheads_k, headdim_v). nheads_k must divide nheads (MQA/GQA): query
-    head i reads KV head i // (nheads // nheads_k). Only stride(-1) == 1 is required.
+    head i reads KV head i // (nheads // nheads_k). Any strides; a last dimension whose stride is not 1
+    is copied first, as in flash_attn.
     dropout_p: probability of dropping a probability. softmax_scale: default 1 / sqrt(headdim).
     causal: bottom-right aligned. window_size (left, right): query i sees keys
-    [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 is unbounded.
-    softcap > 0: scores become softcap * tanh(scores / softcap). alibi_slopes: (nheads,) or
+    [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; a negative side is unbounded.
+    softcap > 0: scores become softcap * tanh(scores / softcap); <= 0 is off. alibi_slopes: (nheads,) or
     (batch_size, nheads), fp32. deterministic: bitwise reproducible backward.
     learnable_sink (keyword): (nheads,) sink logit added to each row's softmax denominator.
     fp32 inputs use IEEE fp32 dot products unless TF32 is on for CUDA matmuls
@@ -164,6 +187,7 @@ def flash_attn_qkvpacked_func(
     unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
     fn = "flash_attn_qkvpacked_func"
+    qkv = checks.contiguous_last(qkv)
     checks.check_packed(fn, "qkv", qkv, ndim=5, count=3, layout="(batch_size, seqlen, 3, nheads, headdim)")
     return _dense(
         fn, ("qkv",) * 3, *qkv.unbind(2),
@@ -195,6 +219,7 @@ def flash_attn_kvpacked_func(
     unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
     fn = "flash_attn_kvpacked_func"
+    kv = checks.contiguous_last(kv)
     checks.check_packed(fn, "kv", kv, ndim=5, count=2, layout="(batch_size, seqlen_k, 2, nheads_k, headdim)")
     return _dense(
         fn, ("q", "kv", "kv"), q, *kv.unbind(2),
@@ -236,6 +261,12 @@ def flash_attn_varlen_func(
     the number of keys actually used in each sequence. Causal and window positions are relative
     to each sequence. Other arguments as flash_attn_func. fp32 inputs use IEEE fp32 dot products
     unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
+    The metadata's values are checked (cu_seqlens non-decreasing and inside q and k, max_seqlen_*
+    at least the longest sequence, seqused_k within its sequence, each sequence within what its
+    block_table row addresses through pages of k): always for CPU tensors; for CUDA tensors only with
+    a block_table (one device sync); never while capturing a CUDA graph or tracing torch.compile.
+    Where they are not checked, the kernels clamp them so nothing outside q, k and v is touched
+    (README, "Bounds").
 
     Returns out: (total_q, nheads, headdim_v); softmax_lse (when asked for) is (nheads, total_q).
     """
@@ -273,6 +304,7 @@ def flash_attn_varlen_qkvpacked_func(
     products unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
     fn = "flash_attn_varlen_qkvpacked_func"
+    qkv = checks.contiguous_last(qkv)
     checks.check_packed(fn, "qkv", qkv, ndim=4, count=3, layout="(total, 3, nheads, headdim)")
     meta = ("cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen")
     q, k, v = qkv.unbind(1)
@@ -312,6 +344,7 @@ def flash_attn_varlen_kvpacked_func(
     products unless TF32 is on for CUDA matmuls (matmul.fp32_precision = "tf32" or allow_tf32).
     """
     fn = "flash_attn_varlen_kvpacked_func"
+    kv = checks.contiguous_last(kv)
     checks.check_packed(fn, "kv", kv, ndim=4, count=2, layout="(total_k, 2, nheads_k, headdim)")
     k, v = kv.unbind(1)
     return _varlen(
@@ -357,11 +390,16 @@ def flash_attn_with_kvcache(
     capacity, dtype of q; they rotate the new k (and q) at their absolute positions, and need k/v.
     rotary_interleaved: GPT-J pairs (True) or GPT-NeoX halves (False).
     cache_seqlens: int, or (batch_size,) int32: the filled length of each cache row (None: the
-    whole cache). An int is checked against the capacity; a tensor is not (that would need a device
-    sync), so keeping cache_seqlens + seqlen_new within the cache is then the caller's job, as in
-    flash_attn. cache_batch_idx: (batch_size,) int32, the cache row of each batch row.
+    whole cache). cache_batch_idx: (batch_size,) int32, the cache row of each batch row.
     cache_leftpad: (batch_size,) int32, where the valid keys start in each row.
-    block_table: (batch_size, max_num_blocks_per_seq) int32. num_splits: 0 = heuristic, 1 = no
+    block_table: (batch_size, max_num_blocks_per_seq) int32. Their values are checked before
+    anything is written (cache_seqlens + seqlen_new within the capacity, which with a block_table is
+    block_table.shape[1] * page_block_size; cache_batch_idx a row of the cache; cache_leftpad within
+    the row; the block_table entries in use pages of the cache): always for CPU tensors, and for CUDA
+    tensors with a block_table at the cost of one device sync per call, as flash_attn does; never
+    while capturing a CUDA graph or tracing torch.compile, and never for dense CUDA caches. Where
+    they are not checked, the kernels keep every access inside the tensors (README, "Bounds").
+    num_splits: 0 = heuristic, 1 = no
     split, n = n splits. learnable_sink (keyword): (nheads,). Other arguments as flash_attn_func.
     fp32 inputs use IEEE fp32 dot products unless TF32 is on for CUDA matmuls
     (torch.backends.cuda.matmul.fp32_precision = "tf32", or the older allow_tf32 = True).
@@ -370,7 +408,13 @@ def flash_attn_with_kvcache(
     return_softmax_lse=True, softmax_lse (batch_size, nheads, seqlen) fp32.
     """
     fn = "flash_attn_with_kvcache"
-    nheads = checks.check_kvcache(
+    q, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table = (
+        checks.contiguous_last(t)
+        for t in (q, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table)
+    )
+    if isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = checks.contiguous_last(cache_seqlens)
+    nheads, cache_seqlens = checks.check_kvcache(
         fn,
         q,
         k_cache,
@@ -383,12 +427,14 @@ def flash_attn_with_kvcache(
         cache_batch_idx=cache_batch_idx,
         cache_leftpad=cache_leftpad,
         block_table=block_table,
-        num_splits=num_splits,
     )
+    num_splits = checks.check_int(fn, "num_splits", num_splits, minimum=0)
     opts = _options(
         fn, q, nheads, q.shape[0], dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink, deterministic=False,
     )  # fmt: skip
+    rotary_interleaved = checks.check_bool(fn, "rotary_interleaved", rotary_interleaved)
+    return_softmax_lse = checks.check_bool(fn, "return_softmax_lse", return_softmax_lse)
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     from flashtron import inference  # at call time, as in _run
@@ -412,8 +458,8 @@ def flash_attn_with_kvcache(
         cache_batch_idx=cache_batch_idx,
         cache_leftpad=cache_leftpad,
         block_table=block_table,
-        rotary_interleaved=bool(rotary_interleaved),
-        num_splits=int(num_splits),
+        rotary_interleaved=rotary_interleaved,
+        num_splits=num_splits,
     )
     return (out, lse) if return_softmax_lse else out
 
@@ -429,6 +475,7 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     Returns (out, softmax_lse): out (batch_size, seqlen, nheads, headdim), softmax_lse
     (batch_size, seqlen, nheads) fp32.
     """
+    out_partial, lse_partial = checks.contiguous_last(out_partial), checks.contiguous_last(lse_partial)
     checks.check_combine("flash_attn_combine", out_partial, lse_partial, out, out_dtype)
     from flashtron import inference  # at call time, as in _run
 

@@ -117,14 +117,17 @@ def gather_pages(k_pages, v_pages, block_table, cu_seqlens_k, max_seqlen_k, sequ
     max_seqlen_k needs. Its real length (cu_seqlens_k[b+1] - cu_seqlens_k[b], capped by seqused_k)
     becomes seqused_k, and span becomes max_seqlen_k: the backward must cover (and zero) every gathered
     row, or the rows past the longest sequence would carry unwritten gradient back into the pages.
-    No host sync; indexing keeps the gradient flowing to the paged tensors."""
+    No host sync; indexing keeps the gradient flowing to the paged tensors. The entries are clamped
+    to pages of k_pages before the gather: those past a sequence's length may hold anything (-1
+    padding, say), as flash_attn never reads them; the ones in use were checked where the checks run
+    (checks.reads_values), and elsewhere the clamp keeps the gather in bounds."""
     batch, page_size = block_table.shape[0], k_pages.shape[1]
-    pages = min(-(-max_seqlen_k // page_size), block_table.shape[1])
-    index = block_table[:, :pages].reshape(-1).long()
+    pages = min(-(-max_seqlen_k // page_size), block_table.shape[1]) if k_pages.shape[0] else 0
+    index = block_table[:, :pages].reshape(-1).long().clamp(0, max(k_pages.shape[0] - 1, 0))
     k = k_pages.index_select(0, index).reshape(batch * pages * page_size, *k_pages.shape[2:])
     v = v_pages.index_select(0, index).reshape(batch * pages * page_size, *v_pages.shape[2:])
     span = pages * page_size
-    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).clamp(max=span)
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).clamp(0, span)
     if seqused_k is not None:
         lengths = torch.minimum(lengths, seqused_k)
     starts = torch.arange(0, (batch + 1) * span, span, dtype=torch.int32, device=cu_seqlens_k.device)

@@ -76,7 +76,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "default: 420 on GPU, 240 with --quick, 100 for the CPU --quick run)",
     )
     p.add_argument("--warmup", type=int, default=None, help="do_bench warm-up, ms (default 25)")
-    p.add_argument("--rep", type=int, default=None, help="do_bench measuring time, ms (default 100)")
+    p.add_argument(
+        "--rep",
+        type=int,
+        default=None,
+        help="do_bench measuring time, ms (default 100); on the CPU the least time of the timed calls (default 200)",
+    )
+    p.add_argument("--runs", type=int, default=None, help="on the CPU, the least number of timed calls (default 5)")
     p.add_argument(
         "--flex-headdims",
         type=_int_list,
@@ -106,6 +112,7 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
         time_budget_s=args.time_budget,
         warmup_ms=args.warmup,
         rep_ms=args.rep,
+        cpu_runs=args.runs,
         flex_headdims=args.flex_headdims,
         command="flashtron " + shlex.join(argv),
     )

@@ -28,7 +28,7 @@ INTERPRET_BWD_DKDV = TileConfig(16, 32, 1, 1)
 INTERPRET_BWD_DQ = TileConfig(32, 16, 1, 1)
 
 # Hopper (sm90). Head-dim bucket -> config. Measured on one H200 with scripts/tune.py, 2026-12-01
-# (bf16, ../shared/PERF.md sizes, TFLOP/s at seqlen 512 / 4096, full and causal; docs/perf-notes.md has the
+# (bf16, the bench's GPU grid sizes, TFLOP/s at seqlen 512 / 4096, full and causal; docs/perf-notes.md has the
 # whole sweep). d64 (128, 64, 4, 3) and d128 (128, 64, 8, 3) stayed best or tied; d256 (64, 32, 4, 2)
 # gave 226/381 full and 102/334 causal against 199/307 and 81/263 for the old (64, 64, 4, 2).
 HOPPER_FWD = {

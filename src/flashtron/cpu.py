@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from flashtron.checks import InputValueError
 from flashtron.dropout import block_keep
 from flashtron.options import AttnOptions
 
@@ -77,9 +78,9 @@ def _varlen_dropout(opts, seed, q, k, q0, k0):
 
 def _check(opts: AttnOptions, block_n: int, dropout_seed) -> None:
     if opts.dropout_p > 0 and not isinstance(dropout_seed, int):
-        raise ValueError(f"dropout_seed must be an int when dropout_p > 0, got {dropout_seed!r}")
+        raise InputValueError(f"dropout_seed must be an int when dropout_p > 0, got {dropout_seed!r}")
     if not isinstance(block_n, int) or block_n < 1:
-        raise ValueError(f"block_n must be a positive int, got {block_n!r}")
+        raise InputValueError(f"block_n must be a positive int, got {block_n!r}")
 
 
 def _problem(opts, sq, sk, nheads_k, group, slopes, dtype, block_n) -> _Problem:
@@ -171,6 +172,8 @@ def _forward_dense(q, k, v, opts, slopes, block_n, drop=None):
     b, sq, h, _ = q.shape
     sk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = h // hk
+    if b * sq == 0:  # no query rows: nothing to attend (the reshapes below cannot infer a size then)
+        return torch.zeros((b, sq, h, dv), dtype=q.dtype), torch.full((b, h, sq), _NEG_INF, dtype=dt)
     p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
     qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
     qh5 = qh.view(b, hk, g, sq, -1)
@@ -217,6 +220,9 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=N
     b, sq, h, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
     g = h // hk
+    if b * sq == 0:  # no query rows: every gradient is zero
+        dsink = None if opts.learnable_sink is None else torch.zeros_like(opts.learnable_sink)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsink
     p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
     qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
     doh = _heads_first(dout, hk, dt)
@@ -266,13 +272,23 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=N
     return _heads_last(dq, q), _heads_last(dk, k), _heads_last(dv, v), dsink
 
 
-def _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
-    """Yield (index, q_start, q_end, k_start, k_end) per sequence of a varlen batch."""
+def _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, total_q, total_k):
+    """Yield (index, q_start, q_end, k_start, k_end) per sequence of a varlen batch.
+
+    The API has checked the values wherever it reads them (checks.reads_values); when it has not (a
+    call under torch.compile), they are clamped as the kernels clamp them (kernels/common.py,
+    sequence_bounds), so every sequence stays inside q and k: start into [0, total], end into
+    [start, total], seqused_k into [0, the sequence's length]."""
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     used = seqused_k.tolist() if seqused_k is not None else None
     for i in range(len(cu_q) - 1):
-        k_end = cu_k[i] + used[i] if used is not None else cu_k[i + 1]
-        yield i, cu_q[i], cu_q[i + 1], cu_k[i], k_end
+        q0 = min(max(cu_q[i], 0), total_q)
+        q1 = min(max(cu_q[i + 1], q0), total_q)
+        k0 = min(max(cu_k[i], 0), total_k)
+        k1 = min(max(cu_k[i + 1], k0), total_k)
+        if used is not None:
+            k1 = k0 + min(max(used[i], 0), k1 - k0)
+        yield i, q0, q1, k0, k1
 
 
 def _slopes_of(opts: AttnOptions, i: int):
@@ -309,7 +325,7 @@ def attention_forward(
     total_q, h, _ = q.shape
     out = torch.zeros((total_q, h, v.shape[-1]), dtype=q.dtype)
     lse = torch.full((h, total_q), _NEG_INF, dtype=_compute_dtype(q))
-    for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+    for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0]):
         if q1 == q0:
             continue
         drop = _varlen_dropout(opts, dropout_seed, q, k, q0, k0)
@@ -349,7 +365,7 @@ def attention_backward(
     dsink = None
     if opts.learnable_sink is not None:
         dsink = torch.zeros(q.shape[1], dtype=opts.learnable_sink.dtype)
-    for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+    for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0]):
         if q1 == q0:
             continue
         grads = _backward_dense(

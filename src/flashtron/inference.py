@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from flashtron import cpu
+from flashtron import checks, cpu
 from flashtron.env import uses_triton
 from flashtron.options import AttnOptions
 
@@ -177,6 +177,17 @@ def kvcache_attention(
     """
     if opts.dropout_p > 0:
         raise NotImplementedError("flash_attn_with_kvcache: dropout_p > 0 is not supported")
+    if checks.reads_values(q, paged=block_table is not None):  # before anything is written into the caches
+        checks.check_kvcache_values(
+            "flash_attn_with_kvcache",
+            q,
+            k_cache,
+            cache_seqlens=cache_seqlens,
+            seqlen_new=0 if k is None else k.shape[1],
+            cache_batch_idx=cache_batch_idx,
+            cache_leftpad=cache_leftpad,
+            block_table=block_table,
+        )
     args = dict(
         k=k,
         v=v,
@@ -272,6 +283,9 @@ def _kvcache_triton(
     layout = dict(
         stride_btb=block_table.stride(0) if cache.paged else 0,
         page_size=max(cache.page_size, 1),
+        # the kernels' Bounds guard (kernels/decode.py) skips rows and pages outside these
+        capacity=cache.capacity,
+        cache_rows=k_cache.shape[0],
         PAGED=cache.paged,
         HAS_BATCH_IDX=cache_batch_idx is not None,
     )
@@ -468,14 +482,6 @@ def _kvcache_cpu(
     pads = cache_leftpad.long() if cache_leftpad is not None else torch.zeros(batch, dtype=torch.long)
     cache_rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch)
     pos_new = lens[:, None] + torch.arange(seqlen_new)  # (batch_size, seqlen_new)
-    ends = lens + seqlen_new
-    if batch > 0 and int(ends.max()) > cache.capacity:  # the CPU path reads the lengths anyway: say so
-        b = int(ends.argmax())
-        raise ValueError(
-            f"flash_attn_with_kvcache: cache_seqlens[{b}] + seqlen_new = {int(lens[b])} + {seqlen_new} exceeds "
-            f"the cache capacity of {cache.capacity} positions per row"
-        )
-
     if seqlen_new > 0 and batch > 0:
         k_new = k
         if rotary_cos is not None:

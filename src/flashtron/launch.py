@@ -102,6 +102,13 @@ def _shape_info(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, head_dim_v
 
 
+def _kernel_seqlens(q, k, varlen, seqlen_q, seqlen_k):
+    """The seqlen_q / seqlen_k the kernels get: dense, the lengths; varlen, the row counts of q and k,
+    into which the kernels clamp every sequence read from cu_seqlens (kernels/common.py,
+    sequence_bounds), so metadata the host did not check cannot point outside the tensors."""
+    return (q.shape[0], k.shape[0]) if varlen else (seqlen_q, seqlen_k)
+
+
 def attention_forward(
     q,
     k,
@@ -133,13 +140,14 @@ def attention_forward(
     cfg = fwd_config(
         q.device, q.dtype, max(head_dim, head_dim_v), left_window=opts.window_left >= 0, precision=score["PRECISION"]
     )
+    rows_q, rows_k = _kernel_seqlens(q, k, varlen, seqlen_q, seqlen_k)
 
     def launch(cfg):
         attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
             q, k, v, out, lse, opts.alibi_slopes, opts.learnable_sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
             *_seq_strides(out, varlen), *_lse_strides(lse, varlen), *alibi_strides(opts),
-            seqlen_q, seqlen_k, nheads // nheads_k,
+            rows_q, rows_k, nheads // nheads_k,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
             HAS_SINK=opts.learnable_sink is not None, IS_VARLEN=varlen, HAS_SEQUSED_K=seqused_k is not None,
@@ -187,6 +195,7 @@ def attention_backward(
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     lse_strides = _lse_strides(lse, varlen)
+    rows_q, rows_k = _kernel_seqlens(q, k, varlen, seqlen_q, seqlen_k)
     pre_block = 64 if q.device.type == "cuda" else 16
     attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), nheads, batch)](
         out,
@@ -196,7 +205,7 @@ def attention_backward(
         *_seq_strides(out, varlen),
         *_seq_strides(dout, varlen),
         *lse_strides,
-        seqlen_q,
+        rows_q,
         HEAD_DIM_V=head_dim_v,
         BLOCK_M=pre_block,
         BLOCK_DV=block_dv,
@@ -231,7 +240,7 @@ def attention_backward(
         attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), nheads_k, batch)](
             q, k, v, dout, lse, delta, dk, dv, opts.alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *seq_strides, *_seq_strides(dk, varlen), *_seq_strides(dv, varlen), *alibi_strides(opts),
-            seqlen_q, seqlen_k, nheads // nheads_k, dk_scale=opts.softmax_scale,
+            rows_q, rows_k, nheads // nheads_k, dk_scale=opts.softmax_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )  # fmt: skip
 
@@ -239,7 +248,7 @@ def attention_backward(
         attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
             q, k, v, dout, lse, delta, dq, opts.alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *seq_strides, *_seq_strides(dq, varlen), *alibi_strides(opts),
-            seqlen_q, seqlen_k, nheads // nheads_k, dq_scale=opts.softmax_scale,
+            rows_q, rows_k, nheads // nheads_k, dq_scale=opts.softmax_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAVY_FIRST=opts.window_right >= 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )  # fmt: skip

@@ -16,9 +16,11 @@ __all__ = ["unpad_input", "pad_input"]
 def _check_mask(fn, name, mask, shape, device):
     checks.check_tensor(fn, name, mask, ndim=2, layout="(batch, seqlen)", device=device, unit_stride=False)
     if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
-        raise TypeError(f"{fn}: {name} must be a bool or integer tensor, got {mask.dtype}")
+        raise checks.InputTypeError(f"{fn}: {name} must be a bool or integer tensor, got {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{fn}: {name} must have shape (batch, seqlen) = {tuple(shape)}, got {tuple(mask.shape)}")
+        raise checks.InputValueError(
+            f"{fn}: {name} must have shape (batch, seqlen) = {tuple(shape)}, got {tuple(mask.shape)}"
+        )
     return mask != 0
 
 
@@ -39,7 +41,9 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     fn = "unpad_input"
     checks.check_tensor(fn, "hidden_states", hidden_states, unit_stride=False)
     if hidden_states.dim() < 2:
-        raise ValueError(f"{fn}: hidden_states must be (batch, seqlen, ...), got shape {tuple(hidden_states.shape)}")
+        raise checks.InputValueError(
+            f"{fn}: hidden_states must be (batch, seqlen, ...), got shape {tuple(hidden_states.shape)}"
+        )
     shape = hidden_states.shape[:2]
     used = _check_mask(fn, "attention_mask", attention_mask, shape, hidden_states.device)
     kept = (
@@ -63,14 +67,14 @@ def pad_input(hidden_states, indices, batch, seqlen):
     fn = "pad_input"
     checks.check_tensor(fn, "hidden_states", hidden_states, unit_stride=False)
     if hidden_states.dim() < 1:
-        raise ValueError(f"{fn}: hidden_states must be (total_nnz, ...), got a 0-D tensor")
+        raise checks.InputValueError(f"{fn}: hidden_states must be (total_nnz, ...), got a 0-D tensor")
     checks.check_tensor(
         fn, "indices", indices, ndim=1, layout="(total_nnz,)", device=hidden_states.device, unit_stride=False
     )
     if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{fn}: indices must have dtype int64 or int32, got {indices.dtype}")
+        raise checks.InputTypeError(f"{fn}: indices must have dtype int64 or int32, got {indices.dtype}")
     if indices.shape[0] != hidden_states.shape[0]:
-        raise ValueError(
+        raise checks.InputValueError(
             f"{fn}: indices must have one entry per row of hidden_states ({tuple(hidden_states.shape[:1])}), "
             f"got shape {tuple(indices.shape)}"
         )

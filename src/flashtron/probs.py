@@ -18,6 +18,8 @@ def _dense_probs(q, k, lse, opts: AttnOptions, slopes, drop=None):
     b, sq, h, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
     group = h // hk
+    if b * sq * sk == 0:  # nothing to score (the reshapes below cannot infer a size then)
+        return torch.zeros(b, h, sq, sk, dtype=torch.float32, device=q.device)
     problem = cpu._problem(opts, sq, sk, hk, group, slopes, torch.float32, max(sk, 1))
     logits, _ = cpu._block_logits(
         problem, cpu._heads_first(q, hk, torch.float32), cpu._heads_first(k, hk, torch.float32), 0, sq, 0
@@ -36,7 +38,7 @@ def attention_probs(
     zero-padded."""
     if cu_seqlens_q is None:
         return _dense_probs(q, k, lse, opts, opts.alibi_slopes, cpu._dense_dropout(opts, dropout_seed, q, k))
-    seqs = list(cpu._sequences(cu_seqlens_q, cu_seqlens_k, seqused_k))
+    seqs = list(cpu._sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0]))
     max_q = max((q1 - q0 for _, q0, q1, _, _ in seqs), default=0)
     max_k = max((k1 - k0 for _, _, _, k0, k1 in seqs), default=0)
     out = torch.zeros(len(seqs), q.shape[1], max_q, max_k, dtype=torch.float32, device=q.device)

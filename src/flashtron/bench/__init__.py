@@ -32,8 +32,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BUDGETS = {
     "cuda": (25, 100, 420.0, None),
     "cuda-quick": (25, 100, 240.0, None),
-    "cpu": (0, 0, None, None),
-    "cpu-quick": (0, 0, 100.0, None),
+    "cpu": (0, 200, None, None),
+    "cpu-quick": (0, 200, 100.0, None),
 }
 
 
@@ -50,6 +50,7 @@ class BenchOptions:
     time_budget_s: float | None = None
     warmup_ms: int | None = None
     rep_ms: int | None = None
+    cpu_runs: int | None = None
     flex_headdims: tuple[int, ...] | None = None
     command: str = "flashtron bench"
 
@@ -69,6 +70,7 @@ def run_bench(opts: BenchOptions, stdout=None, stderr=None) -> int:
     budget = Budget(
         warmup_ms=opts.warmup_ms if opts.warmup_ms is not None else warmup,
         rep_ms=opts.rep_ms if opts.rep_ms is not None else rep,
+        cpu_runs=opts.cpu_runs if opts.cpu_runs is not None else Budget.cpu_runs,
         time_budget_s=(opts.time_budget_s or None) if opts.time_budget_s is not None else limit,
         flex_headdims=opts.flex_headdims if opts.flex_headdims is not None else flex_hd,
     )
@@ -93,9 +95,11 @@ def run_bench(opts: BenchOptions, stdout=None, stderr=None) -> int:
     tables = report.build_tables(rows, meta)
     print("\n" + "\n\n".join(t.to_text() for t in tables), file=stdout)
     written = report.write_report(out_dir, meta, tables, rows)
+    where = out_dir.resolve()
+    print(f"\nreport: {where / 'report.md'} (the tables above, in markdown)", file=stdout)
+    print(f"data: {where / 'results.json'} and results.csv beside it (every measurement)", file=stdout)
     for line in written:
         print(line, file=stdout)
-    print(f"wrote {out_dir}/results.json, results.csv, report.md", file=stdout)
     return _verdict(rows, stdout, stderr)
 
 
@@ -139,6 +143,8 @@ def _meta(opts: BenchOptions, device, dtype_name: str, grid, budget: Budget, pee
         notes.append(f"time budget: {budget.time_budget_s:.0f} s; cells past it read 'skipped: time budget'")
     if budget.flex_headdims is not None and "flex" in peers:
         notes.append(f"FlexAttention runs at prefill headdim {budget.flex_headdims} only (time budget)")
+    if device.type == "cpu":
+        notes.append(_cpu_load())
     return {
         "device": _device_name(device),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -150,12 +156,24 @@ def _meta(opts: BenchOptions, device, dtype_name: str, grid, budget: Budget, pee
         "timing": (
             f"triton do_bench(warmup={budget.warmup_ms}, rep={budget.rep_ms}, median)"
             if device.type == "cuda"
-            else f"median of {budget.cpu_runs} time.perf_counter runs after 1 warm-up"
+            else f"fastest of >= {budget.cpu_runs} time.perf_counter runs and >= {budget.rep_ms} ms "
+            "after 1 warm-up (a shared CPU deschedules calls; the fastest is the code's time)"
         ),
         "peers": [p for p in peers if p != "flashtron"],
         "ceilings": {"matmul_tflops": mm, "copy_tbps": cp},
         "notes": notes,
     }
+
+
+def _cpu_load() -> str:
+    """The machine's load when the run starts: CPU numbers from a busy machine are slow, all alike."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "CPU load: unknown"
+    cores = os.cpu_count() or 1
+    busy = " (other work shares the CPU: every number may be slow)" if load > 0.5 * cores else ""
+    return f"CPU load at the start: {load:.2f} over the last minute on {cores} cores{busy}"
 
 
 def _device_name(device: torch.device) -> str:

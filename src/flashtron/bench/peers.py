@@ -388,7 +388,7 @@ DEFAULT_PEERS = {
     "cuda": ("standard", "sdpa_efficient", "sdpa_flash", "flex", "sdpa_cudnn", "fa4"),
     "cpu": ("standard", "sdpa_math"),
 }
-# The peers our targets (PERF.md) are stated against, for the ratio columns: ours / peer.
+# The peers our targets are stated against (report.targets_table), for the ratio columns: ours / peer.
 RATIO_PEERS = (("sdpa_flash", "FA2"), ("flex", "Flex"), ("sdpa_cudnn", "cuDNN"), ("fa4", "FA4"))
 
 

@@ -87,6 +87,13 @@ def _cell(row: Row | None, value: Callable[[Row], str]) -> str:
     return value(row) if row is not None and row.ok else _tag(row)
 
 
+def _ratio_words(ratio_peers) -> str:
+    """A title's mention of the speedup columns, only when the table has some (none on the CPU)."""
+    if not ratio_peers:
+        return ""
+    return "; speedups of ours over " + ", ".join(short for _, short in ratio_peers) + " on the right"
+
+
 def _speedup(ours: Row | None, peer: Row | None) -> str:
     """How many times faster ours is than the peer (peer time / our time) for the same work."""
     if ours is None or peer is None or not (ours.ok and peer.ok) or not ours.ms or not peer.ms:
@@ -175,7 +182,7 @@ def prefill_tables(rows: list[Row]) -> list[Table]:
             sample = next(r for k, r in idx.items() if k[1] == hd)
             t = Table(
                 f"Prefill {word} TFLOP/s, headdim {hd} (batch*seqlen = {sample.batch * sample.seqlen_q}, "
-                f"nheads = {sample.nheads}); ours/peer speedups on the right",
+                f"nheads = {sample.nheads}){_ratio_words(ratio_peers)}",
                 ["seqlen"] + [label(i) for i in impls] + [f"vs {short}" for _, short in ratio_peers],
             )
             notes = Notes()
@@ -204,7 +211,7 @@ def decode_table(rows: list[Row], copy_tbps: float | None) -> Table | None:
     t = Table(
         f"Decode: microseconds (KV TB/s, % of copy ceiling {ceiling}); batch {r0.batch}, "
         f"{r0.nheads}/{r0.nheads_k} heads, headdim {r0.headdim}; on GPUs each step is replayed from a CUDA graph "
-        "unless noted; ours/peer speedups on the right",
+        f"unless noted{_ratio_words(ratio_peers)}",
         ["cache"] + [label(i) for i in impls] + [f"vs {short}" for _, short in ratio_peers],
     )
     notes = Notes()
@@ -307,8 +314,9 @@ def varlen_table(rows: list[Row]) -> Table | None:
 
 
 def targets_table(rows: list[Row], copy_tbps: float | None) -> Table | None:
-    """PERF.md's floors, counted over the cells where ours and the peers named were all measured."""
-    t = Table("Targets (PERF.md), over cells where every implementation named was measured", ["target", "met"])
+    """The project's floors and goals (each row states its own), counted over the cells where ours and
+    the peers named were all measured."""
+    t = Table("Targets, over cells where every implementation named was measured", ["target", "met"])
     pre = _index(rows, "prefill")
     for direction in ("fwd", "bwd"):
         floor = goal = n_floor = n_goal = 0
@@ -418,7 +426,7 @@ def write_report(out_dir: Path, meta: dict, tables: list[Table], rows: list[Row]
         matplotlib.use("Agg")  # no display on benchmark machines
         import matplotlib.pyplot as plt
     except ImportError:
-        return ["matplotlib missing: no plots"]
+        return ["plots: none (matplotlib is not installed)"]
     written = []
     for name, draw in (("prefill.png", _plot_prefill), ("speedup.png", _plot_speedup), ("memory.png", _plot_memory)):
         fig = draw(plt, rows)
@@ -426,7 +434,7 @@ def write_report(out_dir: Path, meta: dict, tables: list[Table], rows: list[Row]
             fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append(name)
-    return [f"plots: {', '.join(written) if written else 'none (no data to plot)'}"]
+    return [f"plots: {', '.join(written)} beside the report" if written else "plots: none (no data to plot)"]
 
 
 def _prefill_configs(rows: list[Row]) -> list[tuple[int, bool]]:

@@ -1,8 +1,8 @@
 """The benchmark suites: correctness check, prefill, decode, memory, window and varlen.
 
-Each suite turns a `Grid` into `Task`s (see runner.py). Sizes live in the grids at the bottom of
-this file; PERF.md states the GPU grid and the formulas. Ours is measured through the public API
-only, in the same run and on the same inputs' shapes as every peer.
+Each suite turns a `Grid` into `Task`s (see runner.py). Sizes live in the grids below (the GPU grid
+is the default `Grid()`); peers.py has the FLOP and byte formulas. Ours is measured through the
+public API only, in the same run and on the same inputs' shapes as every peer.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Grid:
         (1, 1000, 1000, 8, 2, 128, True),
         (2, 129, 700, 4, 4, 64, True),
     )
-    description: str = "PERF.md grid"
+    description: str = "GPU grid"
 
 
 GRIDS = {
@@ -70,7 +70,7 @@ GRIDS = {
         mem_curve=(1024, 4096, 16384),
         description="reduced GPU grid (--quick)",
     ),
-    # On the CPU the PERF grid would take hours: same shapes of problem, smaller sizes.
+    # On the CPU the GPU grid would take hours: same shapes of problem, smaller sizes.
     "cpu": Grid(
         tokens=4096,
         model_dim=512,
@@ -84,7 +84,7 @@ GRIDS = {
         window=(256, 0),
         varlen_lengths=(951, 729, 553, 497, 384, 300, 249, 192, 128, 75, 33, 5),
         varlen_heads=4,
-        description="CPU grid (the PERF grid is for GPUs)",
+        description="CPU grid (the GPU grid's problems at smaller sizes)",
     ),
     "cpu-quick": Grid(
         tokens=1024,

@@ -20,6 +20,7 @@ from flashtron.kernels.common import (
     q_block_bounds,
     scores_log2,
     sequence_bounds,
+    varlen_span,
     visible,
 )
 
@@ -50,9 +51,8 @@ def attention_bwd_preprocess_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     q_start = 0
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+    if IS_VARLEN:  # seqlen_q is then the row count of Out (total_q), which bounds the sequence
+        q_start, seqlen_q = varlen_span(CuSeqlensQ, off_b, seqlen_q)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return

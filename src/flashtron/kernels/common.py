@@ -208,20 +208,32 @@ def fold_sink(acc, l_i, m_i, sink_log2):
 
 
 @triton.jit
+def varlen_span(CuSeqlens, off_b, rows):
+    """(start, length) of sequence off_b of a cu_seqlens, clamped into the tensor's `rows` rows:
+    start into [0, rows], end into [start, rows]. Valid metadata passes unchanged; bad metadata (out
+    of order, past the tensor: values the host could not check, checks.reads_values) can only empty
+    or shorten a sequence, never point outside the tensor."""
+    start = tl.minimum(tl.maximum(tl.load(CuSeqlens + off_b), 0), rows)
+    end = tl.minimum(tl.maximum(tl.load(CuSeqlens + off_b + 1), start), rows)
+    return start, end - start
+
+
+@triton.jit
 def sequence_bounds(
     off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr
 ):
     """Where batch entry off_b lives: (q_start, seqlen_q, k_start, seqlen_k, seqlen_k_used).
-    Dense batches start at 0 with the launch's seqlens; varlen ones read cu_seqlens. Keys at or past
-    seqlen_k_used (seqused_k) take part in nothing but still have rows in K/V (and dK/dV)."""
+    Dense batches start at 0 with the launch's seqlens. Varlen launches pass the row counts of q and
+    k (total_q, total_k) as seqlen_q and seqlen_k, and the sequence is read from cu_seqlens clamped
+    into them (varlen_span), seqused_k into [0, seqlen_k]: whatever the metadata holds, every row a
+    program touches exists. Keys at or past seqlen_k_used (seqused_k) take part in nothing but still
+    have rows in K/V (and dK/dV)."""
     q_start = 0
     k_start = 0
     if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + off_b)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+        q_start, seqlen_q = varlen_span(CuSeqlensQ, off_b, seqlen_q)
+        k_start, seqlen_k = varlen_span(CuSeqlensK, off_b, seqlen_k)
     seqlen_k_used = seqlen_k
     if HAS_SEQUSED_K:
-        seqlen_k_used = tl.load(SequsedK + off_b)
+        seqlen_k_used = tl.minimum(tl.maximum(tl.load(SequsedK + off_b), 0), seqlen_k)
     return q_start, seqlen_q, k_start, seqlen_k, seqlen_k_used

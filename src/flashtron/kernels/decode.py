@@ -14,6 +14,14 @@ the program adds the sink and writes the final output and lse itself.
 append_kv_kernel, grid (cdiv(seqlen_new, BLOCK_T), nheads_k, batch): writes the new k (rotated) and v
 at cache positions cache_seqlens[b] + t.
 
+Bounds (the guard for metadata the host did not check, checks.reads_values): a batch row whose
+cache_seqlens is negative or leaves no room for seqlen_new within `capacity`, or whose
+cache_batch_idx is not a row of the cache (`cache_rows`), is skipped: nothing is written, its output
+is 0 and its lse -inf. A cache_leftpad outside [0, cache_seqlens + seqlen_new] leaves the row with
+no keys. A block_table entry outside [0, cache_rows) is never dereferenced: the append does not
+write through it and the attention reads page 0 in its place, so that row's output is meaningless
+but every access stays inside the caches.
+
 Rotary: feature i < rotary_dim pairs with feature i ^ 1 (interleaved, GPT-J) or i +- rotary_dim / 2
 (GPT-NeoX) and turns by the angle in column i // 2 or i % (rotary_dim / 2) of cos/sin: the first of
 a pair becomes x cos - x_pair sin, the second x cos + x_pair sin. Computed in fp32, rounded once.
@@ -51,13 +59,16 @@ def rotate(
 
 
 @triton.jit
-def _cache_slots(BlockTable, pos, valid, page_size, PAGED: tl.constexpr):
-    """(page, slot), int64, of cache positions pos [N] of one cache row: the page through the row's
-    block table and the slot within it, or (0, pos) in a dense row. K and V share one lookup."""
+def _cache_slots(BlockTable, pos, valid, page_size, num_pages, PAGED: tl.constexpr):
+    """(page, slot, exists) of cache positions pos [N] of one cache row: the page through the row's
+    block table (int64) and the slot within it, or (0, pos) in a dense row; `exists` is valid where
+    the entry is a page of the cache, [0, num_pages). Any other entry reads as page 0 (the Bounds
+    guard in the module docstring). K and V share one lookup."""
     if PAGED:
-        page = tl.load(BlockTable + pos // page_size, mask=valid, other=0).to(tl.int64)
-        return page, (pos % page_size).to(tl.int64)
-    return pos.to(tl.int64) * 0, pos.to(tl.int64)
+        page = tl.load(BlockTable + pos // page_size, mask=valid, other=0)
+        exists = valid & (page >= 0) & (page < num_pages)
+        return tl.where(exists, page, 0).to(tl.int64), (pos % page_size).to(tl.int64), exists
+    return pos.to(tl.int64) * 0, pos.to(tl.int64), valid
 
 
 @triton.jit
@@ -68,7 +79,7 @@ def _kv_offsets(page, slot, stride_b, stride_n, PAGED: tl.constexpr):
     return slot * stride_n
 
 
-@triton.jit(do_not_specialize=["seqlen_new", "page_size", "rotary_dim", "seqlen_ro"])
+@triton.jit(do_not_specialize=["seqlen_new", "page_size", "rotary_dim", "seqlen_ro", "capacity", "cache_rows"])
 def append_kv_kernel(
     KNew, VNew, KCache, VCache, CacheSeqlens, CacheBatchIdx, BlockTable, Cos, Sin,
     stride_knb, stride_knn, stride_knh,
@@ -76,21 +87,22 @@ def append_kv_kernel(
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_btb, stride_cos, stride_sin,
-    seqlen_new, page_size, rotary_dim, seqlen_ro,
+    seqlen_new, page_size, rotary_dim, seqlen_ro, capacity, cache_rows,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_ROTARY: tl.constexpr,
     ROTARY_INTERLEAVED: tl.constexpr,
 ):  # fmt: skip
     """KNew, VNew: (batch_size, seqlen_new, nheads_k, headdim[_v]); KCache, VCache: (batch_size_cache,
-    seqlen_cache, nheads_k, headdim[_v]) or paged (num_blocks, page_block_size, nheads_k, headdim[_v])."""
+    seqlen_cache, nheads_k, headdim[_v]) or paged (num_blocks, page_block_size, nheads_k, headdim[_v]).
+    capacity: positions per cache row; cache_rows: KCache.shape[0] (the Bounds guard)."""
     pid_t = tl.program_id(0)
     off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    t_mask = offs_t < seqlen_new
-    pos = tl.load(CacheSeqlens + off_b) + offs_t  # [BLOCK_T] cache positions
+    seqlen_cache = tl.load(CacheSeqlens + off_b)
+    row_ok = (seqlen_cache >= 0) & (seqlen_cache <= capacity - seqlen_new)  # Bounds: the new keys fit
 
     if PAGED:
         KCache += off_hk * stride_kh
@@ -100,9 +112,13 @@ def append_kv_kernel(
         row = off_b
         if HAS_BATCH_IDX:
             row = tl.load(CacheBatchIdx + off_b).to(tl.int64)
+            row_ok = row_ok & (row >= 0) & (row < cache_rows)
+            row = tl.where(row_ok, row, 0)
         KCache += row * stride_kb + off_hk * stride_kh
         VCache += row * stride_vb + off_hk * stride_vh
-    page, slot = _cache_slots(BlockTable, pos, t_mask, page_size, PAGED)
+    t_mask = (offs_t < seqlen_new) & row_ok
+    pos = tl.where(row_ok, seqlen_cache, 0) + offs_t  # [BLOCK_T] cache positions
+    page, slot, exists = _cache_slots(BlockTable, pos, t_mask, page_size, cache_rows, PAGED)
     k_dst = _kv_offsets(page, slot, stride_kb, stride_kn, PAGED)
     v_dst = _kv_offsets(page, slot, stride_vb, stride_vn, PAGED)
 
@@ -112,18 +128,18 @@ def append_kv_kernel(
     if HAS_ROTARY:
         k = rotate(k, k_rows, t_mask, pos, Cos, Sin, stride_cos, stride_sin, offs_d, rotary_dim, seqlen_ro,
                    ROTARY_INTERLEAVED)  # fmt: skip
-    tl.store(KCache + k_dst[:, None] + offs_d[None, :], k.to(KCache.dtype.element_ty), mask=k_mask)
+    tl.store(KCache + k_dst[:, None] + offs_d[None, :], k.to(KCache.dtype.element_ty), mask=k_mask & exists[:, None])
 
     v_rows = VNew + off_b * stride_vnb + offs_t.to(tl.int64)[:, None] * stride_vnn + off_hk * stride_vnh
     v_mask = t_mask[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     v = tl.load(v_rows + offs_dv[None, :], mask=v_mask, other=0.0)  # [BLOCK_T, BLOCK_DV]
-    tl.store(VCache + v_dst[:, None] + offs_dv[None, :], v.to(VCache.dtype.element_ty), mask=v_mask)
+    tl.store(VCache + v_dst[:, None] + offs_dv[None, :], v.to(VCache.dtype.element_ty), mask=v_mask & exists[:, None])
 
 
 @triton.jit
 def _attend_cache_blocks(
     acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size,
-    start, end, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+    num_pages, start, end, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
     softcap_log2, alibi_slope_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -140,7 +156,7 @@ def _attend_cache_blocks(
         if MASK:
             k_mask = k_mask & in_range[:, None]
             v_mask = v_mask & in_range[:, None]
-        page, slot = _cache_slots(BlockTable, offs_n + k_start, in_range, page_size, PAGED)
+        page, slot, _ = _cache_slots(BlockTable, offs_n + k_start, in_range, page_size, num_pages, PAGED)
         k_off = _kv_offsets(page, slot, stride_kb, stride_kn, PAGED)
         k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=k_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         if DOT_FP32:
@@ -180,6 +196,7 @@ def _attend_cache_blocks(
     do_not_specialize=[
         "seqlen_q", "seqlen_new", "page_size", "rotary_dim", "seqlen_ro", "num_splits", "window_left", "window_right",
         "stride_ls", "stride_lb", "stride_lh",  # follow batch and seqlen_q: no recompile per shape
+        "capacity", "cache_rows",
     ]
 )  # fmt: skip
 def decode_kernel(
@@ -191,7 +208,7 @@ def decode_kernel(
     stride_os, stride_ob, stride_om, stride_oh,
     stride_ls, stride_lb, stride_lh, stride_lm,
     stride_btb, stride_cos, stride_sin, stride_ab, stride_ah,
-    seqlen_q, seqlen_new, group_size, page_size, rotary_dim, seqlen_ro, num_splits,
+    seqlen_q, seqlen_new, group_size, page_size, rotary_dim, seqlen_ro, num_splits, capacity, cache_rows,
     window_left, window_right, qk_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -204,7 +221,8 @@ def decode_kernel(
     seqlen_cache, nheads_k, headdim[_v]) or paged (num_blocks, page_block_size, nheads_k, headdim[_v]).
     Out, LSE: partials (num_splits, batch_size, nheads, seqlen_q, headdim_v) and (num_splits,
     batch_size, nheads, seqlen_q), fp32; with WRITE_FINAL the output (batch_size, seqlen_q, nheads,
-    headdim_v) and lse (batch_size, nheads, seqlen_q), stride_os = stride_ls = 0."""
+    headdim_v) and lse (batch_size, nheads, seqlen_q), stride_os = stride_ls = 0. capacity: positions
+    per cache row; cache_rows: KCache.shape[0] (the Bounds guard)."""
     pid = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
@@ -212,10 +230,20 @@ def decode_kernel(
     start_r = (pid // num_splits) * BLOCK_M
 
     seqlen_cache = tl.load(CacheSeqlens + off_b)
+    row_ok = (seqlen_cache >= 0) & (seqlen_cache <= capacity - seqlen_new)  # Bounds (module docstring)
+    row = off_b
+    if HAS_BATCH_IDX:
+        row = tl.load(CacheBatchIdx + off_b).to(tl.int64)
+        row_ok = row_ok & (row >= 0) & (row < cache_rows)
+        row = tl.where(row_ok, row, 0)
+    seqlen_cache = tl.where(row_ok, seqlen_cache, 0)
     k_start = 0
     if HAS_LEFTPAD:
         k_start = tl.load(CacheLeftpad + off_b)
     seqlen_k = seqlen_cache + seqlen_new - k_start
+    keys_ok = row_ok & (k_start >= 0) & (seqlen_k >= 0)
+    seqlen_k = tl.where(keys_ok, seqlen_k, 0)
+    k_start = tl.where(keys_ok, k_start, 0)
 
     offs_r = start_r + tl.arange(0, BLOCK_M)  # packed row
     offs_m = offs_r // group_size  # query token of each row
@@ -247,9 +275,6 @@ def decode_kernel(
         V = VCache + off_hk.to(tl.int64) * stride_vh
         BlockTable += off_b * stride_btb
     else:
-        row = off_b
-        if HAS_BATCH_IDX:
-            row = tl.load(CacheBatchIdx + off_b).to(tl.int64)
         K = KCache + row * stride_kb + off_hk.to(tl.int64) * stride_kh
         V = VCache + row * stride_vb + off_hk.to(tl.int64) * stride_vh
 
@@ -269,19 +294,19 @@ def decode_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # unmasked middle first (the bulk), then the masked edges of this split
     acc, l_i, m_i = _attend_cache_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size,
+        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size, cache_rows,
         mid_lo, mid_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
         softcap_log2, alibi_slope_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, PAGED, HAS_LEFT, HAS_RIGHT,
         HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attend_cache_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size,
+        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size, cache_rows,
         split_lo, mid_lo, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
         softcap_log2, alibi_slope_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, PAGED, HAS_LEFT, HAS_RIGHT,
         HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attend_cache_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size,
+        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size, cache_rows,
         mid_hi, split_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
         softcap_log2, alibi_slope_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, PAGED, HAS_LEFT, HAS_RIGHT,
         HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, PRECISION,

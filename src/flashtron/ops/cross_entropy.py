@@ -65,15 +65,15 @@ def cross_entropy_loss(
     )
     checks.check_tensor(_FN, "labels", labels, device=logits.device, like="logits")
     if logits.shape[1] < 1:
-        raise ValueError(f"{_FN}: logits must have vocab_size >= 1, got shape {tuple(logits.shape)}")
+        raise checks.InputValueError(f"{_FN}: logits must have vocab_size >= 1, got shape {tuple(logits.shape)}")
     ignore_index = checks.check_int(_FN, "ignore_index", ignore_index)
     label_smoothing = checks.check_real(_FN, "label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{_FN}: label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise checks.InputValueError(f"{_FN}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"{_FN}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise checks.InputValueError(f"{_FN}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(inplace_backward, bool):
-        raise TypeError(f"{_FN}: inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+        raise checks.InputTypeError(f"{_FN}: inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     losses = _CrossEntropyFn.apply(logits, labels, ignore_index, label_smoothing, inplace_backward)
     if reduction == "none":
         return losses

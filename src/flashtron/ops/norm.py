@@ -79,7 +79,9 @@ class LayerNorm(torch.nn.LayerNorm):
 def _norm(fn, x, weight, bias, eps, residual, prenorm, residual_in_fp32, is_rms):
     checks.check_tensor(fn, "x", x, layout="(..., hidden_size)", dtype=_DTYPES)
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{fn}: x must be (..., hidden_size) with hidden_size >= 1, got shape {tuple(x.shape)}")
+        raise checks.InputValueError(
+            f"{fn}: x must be (..., hidden_size) with hidden_size >= 1, got shape {tuple(x.shape)}"
+        )
     n = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
@@ -90,12 +92,12 @@ def _norm(fn, x, weight, bias, eps, residual, prenorm, residual_in_fp32, is_rms)
         checks.check_tensor(fn, "residual", residual, device=x.device, like="x")
     eps = checks.check_real(fn, "eps", eps)
     if not eps >= 0:  # also rejects nan
-        raise ValueError(f"{fn}: eps must be >= 0, got {eps}")
+        raise checks.InputValueError(f"{fn}: eps must be >= 0, got {eps}")
     for name, flag in (("prenorm", prenorm), ("residual_in_fp32", residual_in_fp32)):
         if not isinstance(flag, bool):
-            raise TypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
+            raise checks.InputTypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
     if uses_triton(x) and n * x.element_size() > _MAX_ROW_BYTES:
-        raise ValueError(
+        raise checks.InputValueError(
             f"{fn}: the Triton kernels take rows of at most {_MAX_ROW_BYTES} bytes, i.e. hidden_size <= "
             f"{_MAX_ROW_BYTES // x.element_size()} for {x.dtype}, got {n}"
         )

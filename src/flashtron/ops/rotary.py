@@ -66,21 +66,23 @@ def apply_rotary_emb(
     checks.check_tensor(_FN, "sin", sin, shape=cos.shape, layout=f"like cos {cs_layout}", device=x.device, like="x")
     for name, t in (("cos", cos), ("sin", sin)):
         if not t.is_floating_point():
-            raise TypeError(f"{_FN}: {name} must have a floating dtype, got {t.dtype}")
+            raise checks.InputTypeError(f"{_FN}: {name} must have a floating dtype, got {t.dtype}")
     rotary_dim, headdim = 2 * cos.shape[1], x.shape[-1]
     if not 2 <= rotary_dim <= headdim:
-        raise ValueError(f"{_FN}: rotary_dim = 2 * cos.shape[1] must be in [2, headdim = {headdim}], got {rotary_dim}")
+        raise checks.InputValueError(
+            f"{_FN}: rotary_dim = 2 * cos.shape[1] must be in [2, headdim = {headdim}], got {rotary_dim}"
+        )
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(flag, bool):
-            raise TypeError(f"{_FN}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
+            raise checks.InputTypeError(f"{_FN}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
     if varlen:
         batch = checks.check_cu_seqlens(_FN, cu_seqlens, cu_seqlens, device=x.device, names=("cu_seqlens",) * 2)
         if max_seqlen is None:
-            raise ValueError(f"{_FN}: max_seqlen (int) is required with cu_seqlens, got None")
+            raise checks.InputValueError(f"{_FN}: max_seqlen (int) is required with cu_seqlens, got None")
         seqlen = checks.check_int(_FN, "max_seqlen", max_seqlen, minimum=0)
     else:
         if max_seqlen is not None:
-            raise ValueError(f"{_FN}: max_seqlen must be None without cu_seqlens, got {max_seqlen!r}")
+            raise checks.InputValueError(f"{_FN}: max_seqlen must be None without cu_seqlens, got {max_seqlen!r}")
         batch, seqlen = x.shape[0], x.shape[1]
     if isinstance(seqlen_offsets, torch.Tensor):
         int_dtypes = (torch.int32, torch.int64)
@@ -94,7 +96,7 @@ def apply_rotary_emb(
     # need a device sync, and positions it pushes past the tables are left unrotated).
     first = seqlen_offsets if isinstance(seqlen_offsets, int) else 0
     if first + seqlen > cos.shape[0]:
-        raise ValueError(
+        raise checks.InputValueError(
             f"{_FN}: cos/sin must cover every position: seqlen_ro >= seqlen_offsets + seqlen = "
             f"{first} + {seqlen}, got seqlen_ro = {cos.shape[0]}"
         )
