@@ -11,7 +11,7 @@ import flashtron
 import flashtron.autograd
 import flashtron.ops  # registers the library ops of rotary, norm and cross entropy
 from flashtron.autograd import _op_args, attn_bwd, attn_fwd
-from flashtron.compile import combine_op, kvcache_attn
+from flashtron.inference import combine_op, kvcache_attn
 from flashtron.options import AttnOptions, options_to_args
 
 

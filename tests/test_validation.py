@@ -551,9 +551,9 @@ def backends(monkeypatch):
         calls.append(SimpleNamespace(kw=kw))
         return "out", "lse"
 
-    monkeypatch.setattr(flashtron, "autograd", SimpleNamespace(attention=attention), raising=False)
+    monkeypatch.setattr(flashtron.api, "autograd", SimpleNamespace(attention=attention))
     inference = SimpleNamespace(kvcache_attention=kvcache_attention, combine=combine_)
-    monkeypatch.setattr(flashtron, "inference", inference, raising=False)
+    monkeypatch.setattr(flashtron.api, "inference", inference)
     return calls
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from flashtron import checks
+from flashtron import autograd, checks, inference
 from flashtron.options import AttnOptions
 
 __all__ = [
@@ -67,9 +67,6 @@ def _options(
 
 
 def _run(fn, q, k, v, opts, return_attn_probs, return_lse, **varlen):
-    # Imported here, after validation, so the checks work (and are tested) without the backends.
-    from flashtron import autograd
-
     probs = checks.check_bool(fn, "return_attn_probs", return_attn_probs)
     return_lse = checks.check_bool(fn, "return_lse", return_lse)
     out, lse, s_dmask = autograd.attention(q, k, v, opts, return_probs=probs, **varlen)
@@ -437,15 +434,7 @@ def flash_attn_with_kvcache(
     return_softmax_lse = checks.check_bool(fn, "return_softmax_lse", return_softmax_lse)
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    from flashtron import inference  # at call time, as in _run
-
-    # under torch.compile: one opaque library op (flashtron/compile.py)
-    kvcache_attention = inference.kvcache_attention
-    if torch.compiler.is_compiling():
-        from flashtron import compile as compiled
-
-        kvcache_attention = compiled.kvcache_attention
-    out, lse = kvcache_attention(
+    out, lse = inference.kvcache_attention(
         q,
         k_cache,
         v_cache,
@@ -477,10 +466,4 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     """
     out_partial, lse_partial = checks.contiguous_last(out_partial), checks.contiguous_last(lse_partial)
     checks.check_combine("flash_attn_combine", out_partial, lse_partial, out, out_dtype)
-    from flashtron import inference  # at call time, as in _run
-
-    if torch.compiler.is_compiling():  # one opaque library op (flashtron/compile.py)
-        from flashtron import compile as compiled
-
-        return compiled.combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)
     return inference.combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)

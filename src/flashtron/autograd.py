@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flashtron import cpu
 from flashtron.dropout import draw_seed
 from flashtron.env import uses_triton
 from flashtron.options import OPTION_FIELDS, AttnOptions, options_from_args, options_schema, options_to_args
@@ -43,13 +44,11 @@ def attention_forward(
     (nheads, total_q). With dropout, `dropout_seed` picks the mask (flashtron/dropout.py)."""
     varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
     if uses_triton(q):
-        from flashtron import launch
+        from flashtron import launch  # imports triton: only where the Triton kernels run
 
         return launch.attention_forward(
             q, k, v, opts, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_seed=dropout_seed, **varlen
         )
-    from flashtron import cpu
-
     return cpu.attention_forward(q, k, v, opts, dropout_seed=dropout_seed, **varlen)
 
 
@@ -76,7 +75,7 @@ def attention_backward(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if uses_triton(q):
-        from flashtron import launch
+        from flashtron import launch  # imports triton: only where the Triton kernels run
 
         dq, dk, dv, delta = launch.attention_backward(
             dout,
@@ -96,8 +95,6 @@ def attention_backward(
         if opts.learnable_sink is not None:
             dsink = _sink_grad(opts.learnable_sink, lse, delta, varlen=cu_seqlens_q is not None)
         return dq, dk, dv, dsink
-    from flashtron import cpu
-
     return cpu.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse, dropout_seed=dropout_seed, **varlen)
 
 

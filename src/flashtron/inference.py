@@ -23,8 +23,10 @@ from typing import NamedTuple
 import torch
 
 from flashtron import checks, cpu
+from flashtron.configs import is_hopper
 from flashtron.env import uses_triton
-from flashtron.options import AttnOptions
+from flashtron.options import OPTION_FIELDS, AttnOptions, options_from_args, options_schema, options_to_args
+from flashtron.outputs import new_output
 
 # triton, the kernels and launch.py are imported inside the Triton-path functions, at call time, so
 # that the CPU path works where triton is not installed (it is a Linux-only dependency).
@@ -146,7 +148,21 @@ def _cache_layout(k_cache: torch.Tensor, block_table) -> _Cache:
     return _Cache(False, 0, k_cache.shape[1])
 
 
-def kvcache_attention(
+def kvcache_attention(q, k_cache, v_cache, opts: AttnOptions, *, rotary_interleaved=True, num_splits=0, **cache_args):
+    """flash_attn_with_kvcache below the API (arguments already checked): _kvcache_attention's contract
+    (below), through the flashtron::kvcache_attn library op while torch.compile traces. Eager calls
+    skip the op dispatcher (its host cost, docs/perf-notes.md, 2026-12-02)."""
+    if torch.compiler.is_compiling():
+        return kvcache_attn(
+            q, k_cache, v_cache, *(cache_args.get(name) for name in _CACHE_ARGS), *options_to_args(opts),
+            rotary_interleaved, num_splits,
+        )  # fmt: skip
+    return _kvcache_attention(
+        q, k_cache, v_cache, opts, rotary_interleaved=rotary_interleaved, num_splits=num_splits, **cache_args
+    )
+
+
+def _kvcache_attention(
     q,
     k_cache,
     v_cache,
@@ -206,6 +222,16 @@ def kvcache_attention(
 
 
 def combine(out_partial, lse_partial, out=None, out_dtype=None):
+    """flash_attn_combine below the API: _combine's contract (below), through the flashtron::combine
+    library op while torch.compile traces (a given `out` is copied into)."""
+    if torch.compiler.is_compiling():
+        out_dtype = out_dtype or (out.dtype if out is not None else out_partial.dtype)
+        result, lse = combine_op(out_partial, lse_partial, out_dtype)
+        return (result if out is None else out.copy_(result)), lse
+    return _combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)
+
+
+def _combine(out_partial, lse_partial, out=None, out_dtype=None):
     """Merges split results, FlashAttention-3's flash_attn_combine.
 
     out_partial: (num_splits, batch_size, seqlen, nheads, headdim) fp32; lse_partial: (num_splits,
@@ -215,8 +241,6 @@ def combine(out_partial, lse_partial, out=None, out_dtype=None):
     """
     out_dtype = out_dtype or (out.dtype if out is not None else out_partial.dtype)
     if uses_triton(out_partial):
-        from flashtron.launch import new_output
-
         if out is None:
             out = new_output(out_partial.shape[1:], out_dtype, out_partial.device)
         lse = new_output(lse_partial.shape[1:], torch.float32, out_partial.device)
@@ -258,9 +282,9 @@ def _kvcache_triton(
 ):
     import triton
 
-    from flashtron.configs import is_hopper
+    # these import triton: only where the Triton kernels run
     from flashtron.kernels.decode import append_kv_kernel, decode_kernel
-    from flashtron.launch import alibi_strides, new_output, score_args
+    from flashtron.launch import alibi_strides, score_args
 
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k, head_dim_v = k_cache.shape[2], v_cache.shape[3]
@@ -397,7 +421,7 @@ def _launch_combine(out_partial, lse_partial, out, lse, sink):
     seqlen, nheads), out: (batch, seqlen, nheads, headdim_v), lse: (batch, seqlen, nheads); any strides."""
     import triton
 
-    from flashtron.kernels.combine import combine_kernel
+    from flashtron.kernels.combine import combine_kernel  # imports triton: only where the kernels run
 
     num_splits, batch, seqlen, nheads, head_dim_v = out_partial.shape
     if out.numel() == 0 and lse.numel() == 0:
@@ -553,3 +577,49 @@ def _dense_cache_cpu(q, k_cache, v_cache, opts, rows: list[int], bounds: list[tu
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: each of the two as one opaque library op with a fake implementation, so that Dynamo
+# neither traces the launchers nor the CPU path's host reads (autograd.py does the same for attention).
+# ----------------------------------------------------------------------------------------------------
+_CACHE_ARGS = ("k", "v", "rotary_cos", "rotary_sin", "cache_seqlens", "cache_batch_idx", "cache_leftpad", "block_table")
+
+
+@torch.library.custom_op(
+    "flashtron::kvcache_attn",
+    mutates_args=("k_cache", "v_cache"),  # the in-place append
+    schema="(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    + ", ".join(f"Tensor? {name}" for name in _CACHE_ARGS)
+    + f", {options_schema()}, bool rotary_interleaved, SymInt num_splits) -> (Tensor, Tensor)",
+)
+def kvcache_attn(q, k_cache, v_cache, *rest):
+    """(out, lse) of _kvcache_attention, contiguous; appends k, v into the caches in place."""
+    n = len(_CACHE_ARGS)
+    opts = options_from_args(rest[n:])
+    rotary_interleaved, num_splits = rest[n + len(OPTION_FIELDS) :]
+    out, lse = _kvcache_attention(
+        q, k_cache, v_cache, opts, rotary_interleaved=rotary_interleaved, num_splits=num_splits,
+        **dict(zip(_CACHE_ARGS, rest)),
+    )  # fmt: skip
+    return out.contiguous(), lse.contiguous()
+
+
+@kvcache_attn.register_fake
+def _(q, k_cache, v_cache, *rest):
+    batch, seqlen_q, nheads, _ = q.shape
+    out = q.new_empty((batch, seqlen_q, nheads, v_cache.shape[-1]))
+    return out, q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashtron::combine", mutates_args=())
+def combine_op(
+    out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of _combine into a new output of out_dtype."""
+    return _combine(out_partial, lse_partial, out_dtype=out_dtype)
+
+
+@combine_op.register_fake
+def _(out_partial, lse_partial, out_dtype):
+    return out_partial.new_empty(out_partial.shape[1:], dtype=out_dtype), lse_partial.new_empty(lse_partial.shape[1:])

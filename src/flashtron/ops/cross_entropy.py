@@ -210,7 +210,7 @@ def _ce_bwd_cpu(dlosses, logits, labels, lse, ignore_index, label_smoothing, dlo
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile: each launcher as one opaque torch.library op (flashtron/compile.py says why)
+# torch.compile: each launcher as one opaque torch.library op (flashtron/autograd.py says why)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -275,7 +275,7 @@ def _norm_bwd_cpu(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, resi
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile: each launcher as one opaque torch.library op (flashtron/compile.py says why).
+# torch.compile: each launcher as one opaque torch.library op (flashtron/autograd.py says why).
 # Custom ops cannot return None, so an absent output (no residual, no mean for RMSNorm) travels as an
 # empty tensor and the caller, which knows from its flags which outputs exist, turns it back.
 # ---------------------------------------------------------------------------------------------

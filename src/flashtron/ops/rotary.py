@@ -201,7 +201,7 @@ def _rotary_cpu(x, cos, sin, interleaved, offsets, cu_seqlens, conjugate):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile: the launcher as one opaque torch.library op (flashtron/compile.py says why)
+# torch.compile: the launcher as one opaque torch.library op (flashtron/autograd.py says why)
 # ---------------------------------------------------------------------------------------------
 
 
