@@ -132,7 +132,7 @@ def main_decode() -> None:
     """Shared memory and registers of the decode kernel: each table entry dense at its stages and paged
     at DecodeConfig.stages(paged=True), at 16 packed rows (a decode step) and at the table's BLOCK_M; then
     the d128 tile over stage counts, dense and paged (the buffering rule in DecodeConfig.stages)."""
-    from flashtron.inference import GPU_DECODE, GPU_DECODE_FP32, DecodeConfig
+    from flashtron.configs import GPU_DECODE, GPU_DECODE_FP32, DecodeConfig
 
     def show(label, paged, d, bm, bn, w, st, fp32):
         r = decode_report(paged, d, bm, bn, w, st, fp32)

@@ -56,10 +56,10 @@ STATE = os.path.join(OUT, "tune.json")
 
 
 def install(kind: str, d: int, cfg: tuple) -> None:
-    from flashtron import configs, inference
+    from flashtron import configs
 
     if kind == "decode":
-        inference.GPU_DECODE[d] = inference.DecodeConfig(*cfg)
+        configs.GPU_DECODE[d] = configs.DecodeConfig(*cfg)
         return
     table = {"fwd": configs.HOPPER_FWD, "dkdv": configs.HOPPER_BWD_DKDV, "dq": configs.HOPPER_BWD_DQ}[kind]
     if kind == "dkdv":  # the candidate serves causal calls too, so that both columns time it
@@ -333,9 +333,9 @@ def time_paged() -> None:
     the paged launch given 0, 1, 2 or 3 stages more than the dense one (DecodeConfig.stages gives
     2 s - 1, i.e. +2 at the default s = 3)."""
     import flashtron
-    from flashtron import inference
+    from flashtron import configs
 
-    kernel_stages = inference.DecodeConfig.stages
+    kernel_stages = configs.DecodeConfig.stages
     q, kc, vc, lens, _ = decode_problem(32768)
     dense_us = graph_ms(lambda: flashtron.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)) * 1e3
     print(f"paged sweep: contiguous 32k {dense_us:.1f} us", flush=True)
@@ -345,7 +345,7 @@ def time_paged() -> None:
         gathered = (kc[table].flatten(1, 2), vc[table].flatten(1, 2))  # the same keys as a dense cache
         expected = flashtron.flash_attn_with_kvcache(q, *gathered, cache_seqlens=lens)
         for extra in (0, 1, 2, 3):
-            inference.DecodeConfig.stages = lambda self, paged, e=extra: self.num_stages + (e if paged else 0)
+            configs.DecodeConfig.stages = lambda self, paged, e=extra: self.num_stages + (e if paged else 0)
             label = f"paged{page} +{extra} stages"  # on top of the dense tile's num_stages
             try:
                 same = torch.equal(fn(), expected)
@@ -354,7 +354,7 @@ def time_paged() -> None:
             except Exception as exc:
                 print(f"{label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             finally:
-                inference.DecodeConfig.stages = kernel_stages
+                configs.DecodeConfig.stages = kernel_stages
 
 
 def main() -> None:

@@ -273,14 +273,14 @@ def test_combine_cpu(out_dtype, given_out):
 def test_paged_decode_stages():
     """Paged launches on Hopper get 2s - 1 stages (the dense loop's K/V buffering, see DecodeConfig.stages);
     dense launches and other archs keep the table's s."""
-    from flashtron.inference import GPU_DECODE, DecodeConfig
+    from flashtron.configs import GPU_DECODE, DecodeConfig
 
     assert [DecodeConfig(16, 64, 4, s, 1).stages(paged=True) for s in (1, 2, 3, 4)] == [1, 3, 5, 7]
     assert all(cfg.stages(paged=False) == cfg.num_stages for cfg in GPU_DECODE.values())
 
 
 def test_choose_num_splits():
-    from flashtron.inference import MAX_SPLITS, choose_num_splits
+    from flashtron.configs import MAX_SPLITS, choose_num_splits
 
     assert choose_num_splits(4, tiles=64, kv_blocks=2, num_sms=132, min_blocks_per_split=4) == 4  # forced
     assert choose_num_splits(0, tiles=1024, kv_blocks=1024, num_sms=132, min_blocks_per_split=4) == 1  # full

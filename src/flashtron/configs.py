@@ -9,6 +9,7 @@ range arithmetic on both axes.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -205,3 +206,100 @@ def tune_candidates(kind: str, device: torch.device, dtype: torch.dtype, head_di
     if not _hopper_tiles(device, dtype):
         return []
     return list(HOPPER_CANDIDATES.get((kind, head_dim_bucket(head_dim)), []))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode (flash_attn_with_kvcache): tiles as data, the SM count and the split heuristic
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_m: int  # largest tile of packed rows (seqlen_q * group); smaller problems take a power of 2 >= 16
+    block_n: int
+    num_warps: int
+    num_stages: int
+    min_blocks_per_split: int  # a split shorter than this costs more in combine than it gains
+
+    def stages(self, paged: bool) -> int:
+        """Pipeline stages to launch with; `paged`: a paged call on Hopper. Triton's pipeliner runs a
+        paged loop's block-table load ahead of the K/V loads that depend on it, and gives those loads
+        floor((s - 1) / 2) buffers at s stages where a dense loop gets s - 1: sm_90 compiles of
+        (16, 128, 4 warps) take 74 KB of shared memory paged at 3 and 4 stages, 140 KB at 5 and 6,
+        against 139 KB dense at 3 (scripts/aot_report.py decode, 2026-12-01). Paged calls therefore
+        launch with 2 s - 1 stages: the dense loop's buffering and shared memory, so every tile that
+        fits dense fits paged. Seen on sm_90 only; other archs keep s."""
+        return 2 * self.num_stages - 1 if paged else self.num_stages
+
+
+# Hopper and others, by head-dim bucket, 16-bit inputs. d128 measured on one H200, 2026-12-01
+# (scripts/tune.py: decode b=8, 32/8 heads, bf16, CUDA-graph replays, 5 tiles x 7 split counts):
+# BLOCK_N 128 with 4 warps and 3 stages was best at 1k, 8k and 32k keys: 21.9 us at 1k with one split
+# (2 splits 24.4 us: the combine costs more than the split gains), 82.4 us at 8k and 261.6 us at 32k
+# with 2 splits, against 23.2 / 83.2 / 272.2 us for the old (64, 64, 4, 3). min_blocks_per_split 8
+# keeps 1k (8 blocks) in one split. The other buckets keep the tile's K/V stages near the same
+# shared memory (not yet measured).
+GPU_DECODE = {
+    64: DecodeConfig(64, 64, 4, 3, 4),
+    128: DecodeConfig(64, 128, 4, 3, 8),
+    256: DecodeConfig(32, 32, 4, 3, 8),
+    512: DecodeConfig(16, 16, 4, 2, 16),
+}
+# fp32 K/V tiles take twice the shared memory: (64, 128, 4, 3) would need ~420 KB.
+GPU_DECODE_FP32 = {
+    64: DecodeConfig(64, 64, 4, 2, 4),
+    128: DecodeConfig(64, 64, 4, 2, 4),
+    256: DecodeConfig(32, 32, 4, 2, 8),
+    512: DecodeConfig(16, 16, 4, 2, 16),
+}
+# Interpreter: tiny blocks so that small tests stream several KV blocks and several splits.
+INTERPRET_DECODE = DecodeConfig(16, 16, 1, 1, 1)
+# Split counts whose waves are at least this fraction as full as the best count's are good enough;
+# the smallest of them wins. Measured by a helper on an H100 80GB, 2026-11-22 (docs/perf-notes.md,
+# "Decode"): with 64 (batch, kv head) tiles on 132 SMs, 2 splits (one program per SM) beat 3
+# (unbalanced) by 10% and 8-24 splits by 15-40% (measured before the combine loaded all splits at
+# once; to re-measure).
+WAVE_EFFICIENCY = 0.85
+MAX_SPLITS = 64
+INTERPRET_SMS = 16  # a pretend SM count, so that num_splits=0 splits in interpreter tests too
+
+
+def decode_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> DecodeConfig:
+    if device.type != "cuda":
+        return INTERPRET_DECODE
+    table = GPU_DECODE_FP32 if dtype == torch.float32 else GPU_DECODE
+    for bucket in (64, 128, 256, 512):
+        if head_dim <= bucket:
+            return table[bucket]
+    raise ValueError(f"head dim {head_dim} is above the largest supported (512)")
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRET_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(num_splits: int, tiles: int, kv_blocks: int, num_sms: int, min_blocks_per_split: int) -> int:
+    """The split count: num_splits itself when > 0. For 0, FlashAttention-2's rule: among the counts
+    that leave each split at least min_blocks_per_split KV blocks of the cache capacity (a static
+    bound on the keys, never their actual count), the smallest whose last wave of tiles * splits
+    programs over num_sms is nearly as full (WAVE_EFFICIENCY) as the best count's. No split when the
+    tiles alone nearly fill the machine."""
+    if num_splits > 0:
+        return num_splits
+    if tiles >= 0.8 * num_sms:
+        return 1
+    most = max(1, min(kv_blocks // min_blocks_per_split, MAX_SPLITS))
+
+    def efficiency(splits: int) -> float:
+        waves = tiles * splits / num_sms
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if efficiency(s) >= WAVE_EFFICIENCY * best)

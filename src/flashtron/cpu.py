@@ -14,13 +14,14 @@ batched matmul serves all query heads of a KV head without repeating K and V.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 
 from flashtron.checks import InputValueError
 from flashtron.dropout import block_keep
-from flashtron.options import AttnOptions
+from flashtron.options import AttnOptions, CacheLayout
 
 _NEG_INF = float("-inf")
 
@@ -385,3 +386,125 @@ def attention_backward(
         if dsink is not None:
             dsink += grads[3]
     return dq, dk, dv, dsink
+
+
+# ----------------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache on CPU tensors (plain PyTorch; host syncs are fine here)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _rotate_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, interleaved: bool):
+    """x: (batch_size, seqlen, nheads, headdim) rotated at positions pos (batch_size, seqlen), in fp32,
+    rounded once to x.dtype. Features past rotary_dim = 2 * cos.shape[1] are unchanged."""
+    half = cos.shape[1]
+    c = cos.float()[pos].unsqueeze(2)  # (batch_size, seqlen, 1, rotary_dim / 2)
+    s = sin.float()[pos].unsqueeze(2)
+    xr = x[..., : 2 * half].float()
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
+    o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
+    rotated = torch.stack([o1, o2], dim=-1).flatten(-2) if interleaved else torch.cat([o1, o2], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., 2 * half :]], dim=-1)
+
+
+_PER_ROW_BYTES = 1 << 20  # _dense_cache_cpu: keys and values per row past which rows go one at a time
+
+
+def _slots(cache: CacheLayout, block_table, rows: torch.Tensor, pos: torch.Tensor):
+    """Cache index (first, second axis) of positions pos (any shape) of batch rows rows (same shape)."""
+    if cache.paged:
+        return block_table.long()[rows, pos // cache.page_size], pos % cache.page_size
+    return rows, pos
+
+
+def kvcache_forward(
+    q,
+    k_cache,
+    v_cache,
+    opts: AttnOptions,
+    cache: CacheLayout,
+    *,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    cache_batch_idx,
+    cache_leftpad,
+    block_table,
+    rotary_interleaved,
+):
+    batch, seqlen_q, nheads, _ = q.shape
+    seqlen_new = 0 if k is None else k.shape[1]
+    lens = cache_seqlens.long() if cache_seqlens is not None else torch.full((batch,), cache.capacity)
+    pads = cache_leftpad.long() if cache_leftpad is not None else torch.zeros(batch, dtype=torch.long)
+    cache_rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch)
+    pos_new = lens[:, None] + torch.arange(seqlen_new)  # (batch_size, seqlen_new)
+    if seqlen_new > 0 and batch > 0:
+        k_new = k
+        if rotary_cos is not None:
+            k_new = _rotate_cpu(k, rotary_cos, rotary_sin, pos_new, rotary_interleaved)
+        index = _slots(cache, block_table, cache_rows[:, None].expand_as(pos_new), pos_new)
+        k_cache[index] = k_new.to(k_cache.dtype)
+        v_cache[index] = v.to(v_cache.dtype)
+
+    if rotary_cos is not None:
+        # causal/windowed: token t sits at cache_seqlens + t; otherwise every token at cache_seqlens
+        step = torch.arange(seqlen_q) if opts.has_window else torch.zeros(seqlen_q, dtype=torch.long)
+        q = _rotate_cpu(q, rotary_cos, rotary_sin, lens[:, None] + step, rotary_interleaved)
+
+    if batch * seqlen_q == 0:
+        return q.new_zeros(batch, seqlen_q, nheads, v_cache.shape[3]), torch.empty(batch, nheads, seqlen_q)
+    opts = dataclasses.replace(opts, dropout_p=0.0)
+    bounds = list(zip(pads.tolist(), (lens + seqlen_new).tolist()))
+    if not cache.paged:
+        return _dense_cache_cpu(q, k_cache, v_cache, opts, cache_rows.tolist(), bounds)
+    # paged: gather each row's valid keys [pad, len + seqlen_new) and run the exact varlen CPU attention
+    pos = torch.cat([torch.arange(start, end) for start, end in bounds])
+    counts = torch.tensor([end - start for start, end in bounds])
+    index = _slots(cache, block_table, cache_rows.repeat_interleave(counts), pos)
+    cu_k = torch.zeros(batch + 1, dtype=torch.int32)
+    cu_k[1:] = counts.cumsum(0)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32) * seqlen_q
+    out, lse = attention_forward(
+        q.reshape(batch * seqlen_q, nheads, -1),
+        k_cache[index],
+        v_cache[index],
+        opts,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+    )
+    out = out.view(batch, seqlen_q, nheads, -1)
+    lse = lse.view(nheads, batch, seqlen_q).transpose(0, 1).float().contiguous()
+    return out, lse
+
+
+def _dense_cache_cpu(q, k_cache, v_cache, opts, rows: list[int], bounds: list[tuple[int, int]]):
+    """Attention of each batch row over its cache row's keys [start, end), read in place (copying the
+    keys out first, as the paged path must, cost more than the attention itself on long caches).
+
+    One call covers the batch when the rows are consecutive cache rows with the same bounds and little
+    data; otherwise one call per row. A slice of several cache rows cannot fold its (batch, head) axes
+    into one batch stride, so each matmul copies its block; one row at a time reads in place. An A/B of
+    the two branches on this project's 2-core CPU machine (2026-12-01, an ad-hoc switch, at
+    scripts/cpu_time.py --decode's shapes, one run), fp32, h 32/8, d 128: batch 4 x 1k keys 9.1 ms in
+    one call against 5.6 ms per row; batch 2 x 256 keys at h 8/2, d 64: 0.48 against 0.66 ms. Past
+    about 1 MiB of keys and values per row the per-row calls win."""
+    batch = q.shape[0]
+    (start, end), r0 = bounds[0], rows[0]
+    row_bytes = (end - start) * k_cache.shape[2] * (k_cache.shape[3] + v_cache.shape[3]) * k_cache.element_size()
+    same = len(set(bounds)) == 1 and rows == list(range(r0, r0 + batch))
+    if same and (batch == 1 or row_bytes < _PER_ROW_BYTES):
+        out, lse = attention_forward(q, k_cache[r0 : r0 + batch, start:end], v_cache[r0 : r0 + batch, start:end], opts)
+        return out, lse.float()
+    outs, lses = [], []
+    slopes = opts.alibi_slopes
+    for b, (row, (start, end)) in enumerate(zip(rows, bounds)):
+        row_opts = opts
+        if slopes is not None and slopes.dim() == 2:  # (batch_size, nheads): this row's slopes
+            row_opts = dataclasses.replace(opts, alibi_slopes=slopes[b : b + 1])
+        out, lse = attention_forward(
+            q[b : b + 1], k_cache[row : row + 1, start:end], v_cache[row : row + 1, start:end], row_opts
+        )
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses).float()

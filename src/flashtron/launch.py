@@ -12,15 +12,26 @@ import torch
 import triton
 
 from flashtron import autotune, env, launch_hopper
-from flashtron.configs import TileConfig, bwd_configs, fwd_config, tune_candidates
+from flashtron.configs import (
+    TileConfig,
+    bwd_configs,
+    choose_num_splits,
+    decode_config,
+    fwd_config,
+    is_hopper,
+    num_sms,
+    tune_candidates,
+)
 from flashtron.dropout import keep_threshold
 from flashtron.kernels.bwd import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
     attention_bwd_preprocess_kernel,
 )
+from flashtron.kernels.combine import combine_kernel
+from flashtron.kernels.decode import append_kv_kernel, decode_kernel
 from flashtron.kernels.fwd import attention_fwd_kernel
-from flashtron.options import AttnOptions
+from flashtron.options import AttnOptions, CacheLayout
 from flashtron.outputs import new_output, set_output_poisoning  # noqa: F401 (re-exported)
 
 LOG2E = math.log2(math.e)
@@ -290,3 +301,191 @@ def _tuned(kind: str, table_cfg: TileConfig, launch, q, opts: AttnOptions, head_
     features = ",".join([f"g{group}"] + [name for name, on in flags.items() if on])
     key = autotune.key(kind, q, head_dims, mask, features, seqlens, programs)
     return autotune.tuner().choose(key, table_cfg, candidates, launch, q.device, may_time=not autotune.capturing())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode: flash_attn_with_kvcache and flash_attn_combine on the Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+def kvcache_forward(
+    q,
+    k_cache,
+    v_cache,
+    opts: AttnOptions,
+    cache: CacheLayout,
+    *,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    cache_batch_idx,
+    cache_leftpad,
+    block_table,
+    rotary_interleaved,
+    num_splits,
+):
+    batch, seqlen_q, nheads, head_dim = q.shape
+    nheads_k, head_dim_v = k_cache.shape[2], v_cache.shape[3]
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), cache.capacity, dtype=torch.int32, device=q.device)
+    seqlen_new = 0 if k is None else k.shape[1]
+    has_rotary = rotary_cos is not None
+    # Dummy pointers for absent optional tensors: never read, the constexpr flags say so.
+    cos = rotary_cos if has_rotary else cache_seqlens
+    sin = rotary_sin if has_rotary else cache_seqlens
+    rotary = dict(
+        stride_cos=cos.stride(0) if has_rotary else 0,
+        stride_sin=sin.stride(0) if has_rotary else 0,
+        rotary_dim=2 * rotary_cos.shape[1] if has_rotary else 0,
+        seqlen_ro=rotary_cos.shape[0] if has_rotary else 0,
+        HAS_ROTARY=has_rotary,
+        ROTARY_INTERLEAVED=bool(rotary_interleaved),
+    )
+    table = block_table if cache.paged else cache_seqlens
+    layout = dict(
+        stride_btb=block_table.stride(0) if cache.paged else 0,
+        page_size=max(cache.page_size, 1),
+        # the kernels' Bounds guard (kernels/decode.py) skips rows and pages outside these
+        capacity=cache.capacity,
+        cache_rows=k_cache.shape[0],
+        PAGED=cache.paged,
+        HAS_BATCH_IDX=cache_batch_idx is not None,
+    )
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+
+    if seqlen_new > 0 and batch > 0:
+        block_t = 16 if q.device.type == "cuda" else 4
+        append_kv_kernel[(triton.cdiv(seqlen_new, block_t), nheads_k, batch)](
+            k,
+            v,
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            cache_batch_idx,
+            table,
+            cos,
+            sin,
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *k_cache.stride()[:3],
+            *v_cache.stride()[:3],
+            seqlen_new=seqlen_new,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_V=head_dim_v,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            BLOCK_DV=block_dv,
+            **layout,
+            **rotary,
+        )
+
+    out = new_output((batch, seqlen_q, nheads, head_dim_v), q.dtype, q.device)
+    lse = new_output((batch, nheads, seqlen_q), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    group = nheads // nheads_k
+    cfg = decode_config(q.device, q.dtype, max(head_dim, head_dim_v))
+    rows = seqlen_q * group
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
+    m_blocks = triton.cdiv(rows, block_m)
+    splits = choose_num_splits(
+        num_splits,
+        batch * nheads_k * m_blocks,
+        triton.cdiv(cache.capacity, cfg.block_n),
+        num_sms(q.device),
+        cfg.min_blocks_per_split,
+    )
+    if splits == 1:
+        out_k, lse_k = out, lse
+        out_strides = (0, *out.stride()[:3])
+        lse_strides = (0, *lse.stride())
+    else:
+        out_k = new_output((splits, batch, nheads, seqlen_q, head_dim_v), torch.float32, q.device)
+        lse_k = new_output((splits, batch, nheads, seqlen_q), torch.float32, q.device)
+        s = out_k.stride()
+        out_strides = (s[0], s[1], s[3], s[2])  # (split, batch, token, head)
+        lse_strides = lse_k.stride()  # (split, batch, head, token)
+    score = score_args(q, opts)
+    decode_kernel[(splits * m_blocks, nheads_k, batch)](
+        q,
+        k_cache,
+        v_cache,
+        out_k,
+        lse_k,
+        cache_seqlens,
+        cache_batch_idx,
+        cache_leftpad,
+        table,
+        cos,
+        sin,
+        opts.alibi_slopes,
+        opts.learnable_sink,
+        *q.stride()[:3],
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        *out_strides,
+        *lse_strides,
+        **dict(zip(("stride_ab", "stride_ah"), alibi_strides(opts))),
+        seqlen_q=seqlen_q,
+        seqlen_new=seqlen_new,
+        group_size=group,
+        num_splits=splits,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        HAS_SINK=opts.learnable_sink is not None,
+        HAS_LEFTPAD=cache_leftpad is not None,
+        ROTARY_PER_TOKEN=opts.has_window,
+        WRITE_FINAL=splits == 1,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.stages(cache.paged and is_hopper(q.device)),
+        **layout,
+        **rotary,
+        **score,
+    )
+    if splits > 1:
+        # the kernel's partial layout (split, batch, head, token) seen as combine's (split, batch, token, head)
+        launch_combine(out_k.transpose(2, 3), lse_k.transpose(2, 3), out, lse.transpose(1, 2), opts.learnable_sink)
+    return out, lse
+
+
+def launch_combine(out_partial, lse_partial, out, lse, sink):
+    """out_partial: (num_splits, batch, seqlen, nheads, headdim_v), lse_partial: (num_splits, batch,
+    seqlen, nheads), out: (batch, seqlen, nheads, headdim_v), lse: (batch, seqlen, nheads); any strides."""
+    num_splits, batch, seqlen, nheads, head_dim_v = out_partial.shape
+    if out.numel() == 0 and lse.numel() == 0:
+        return
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    if out.device.type == "cuda":
+        # up to 8 splits of a row per step (more loop); fixed rather than next_power_of_2(num_splits), so a
+        # new split count (it follows batch and cache length) never compiles another combine kernel
+        block_s = max(2, min(8, 2048 // block_dv))
+        block_m = max(2, min(16, 2048 // (block_s * block_dv)))
+    else:
+        block_s, block_m = 2, 4  # interpreter: several split steps and row blocks in small tests
+    combine_kernel[(triton.cdiv(seqlen * nheads, block_m), batch)](
+        out_partial,
+        lse_partial,
+        out,
+        lse,
+        sink,
+        *out_partial.stride()[:4],
+        *lse_partial.stride(),
+        *out.stride()[:3],
+        *lse.stride(),
+        num_splits,
+        seqlen,
+        nheads,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_S=block_s,
+        BLOCK_M=block_m,
+        BLOCK_DV=block_dv,
+        HAS_SINK=sink is not None,
+    )

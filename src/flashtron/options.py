@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -66,3 +67,20 @@ def options_to_args(opts: AttnOptions) -> tuple:
 def options_from_args(args) -> AttnOptions:
     """Inverse of options_to_args (the first len(OPTION_FIELDS) of args)."""
     return AttnOptions(**dict(zip(OPTION_FIELDS, args)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The KV cache's layout (flash_attn_with_kvcache), read off the cache and block table
+# ----------------------------------------------------------------------------------------------------
+
+
+class CacheLayout(NamedTuple):
+    paged: bool
+    page_size: int  # 0 when dense
+    capacity: int  # positions a batch row can hold
+
+
+def cache_layout(k_cache: torch.Tensor, block_table) -> CacheLayout:
+    if block_table is not None:
+        return CacheLayout(True, k_cache.shape[1], block_table.shape[1] * k_cache.shape[1])
+    return CacheLayout(False, 0, k_cache.shape[1])

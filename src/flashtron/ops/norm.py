@@ -15,12 +15,12 @@ from per-program partial sums in a fixed order, so the backward is deterministic
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch import Tensor
 
 from flashtron import checks
+from flashtron.configs import num_sms
 from flashtron.env import uses_triton
 from flashtron.outputs import new_output
 
@@ -162,11 +162,6 @@ def _guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +232,7 @@ def _norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual
     acc = rstd.dtype
     dx = new_output((m, n), x_dtype, h.device)
     dres = None if residual_dtype is None else new_output((m, n), residual_dtype, h.device)
-    programs = _sm_count(h.device.index) if h.is_cuda else _BWD_PROGRAMS_INTERPRET
+    programs = num_sms(h.device) if h.is_cuda else _BWD_PROGRAMS_INTERPRET
     rows_per_program = triton.cdiv(m, max(min(programs, m), 1))
     programs = triton.cdiv(m, rows_per_program)
     dw = None if weight is None else new_output((programs, n), acc, h.device)
