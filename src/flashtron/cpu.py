@@ -393,17 +393,26 @@ def attention_backward(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _rotate_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, interleaved: bool):
-    """x: (batch_size, seqlen, nheads, headdim) rotated at positions pos (batch_size, seqlen), in fp32,
-    rounded once to x.dtype. Features past rotary_dim = 2 * cos.shape[1] are unchanged."""
-    half = cos.shape[1]
-    c = cos.float()[pos].unsqueeze(2)  # (batch_size, seqlen, 1, rotary_dim / 2)
-    s = sin.float()[pos].unsqueeze(2)
-    xr = x[..., : 2 * half].float()
-    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
-    o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
-    rotated = torch.stack([o1, o2], dim=-1).flatten(-2) if interleaved else torch.cat([o1, o2], dim=-1)
-    return torch.cat([rotated.to(x.dtype), x[..., 2 * half :]], dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, interleaved: bool,
+           conjugate: bool = False) -> torch.Tensor:  # fmt: skip
+    """Rotary embedding in PyTorch, the one implementation behind every CPU path (ops.apply_rotary_emb and
+    flash_attn_with_kvcache): x (..., nheads, headdim) rotated at positions pos (x's shape without its
+    last two axes, or broadcastable to it), GPT-J pairs (interleaved) or GPT-NeoX halves. cos, sin:
+    (seqlen_ro, rotary_dim / 2); positions outside [0, seqlen_ro) are left unrotated; features past
+    rotary_dim pass through. Computed in fp32 (fp64 for fp64 x) and rounded once to x.dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    half, seqlen_ro = cos.shape[1], cos.shape[0]
+    inside = ((pos >= 0) & (pos < seqlen_ro))[..., None]
+    idx = pos.clamp(0, max(seqlen_ro - 1, 0))
+    c = torch.where(inside, cos.to(acc)[idx], 1.0).unsqueeze(-2)  # (..., 1, rotary_dim / 2)
+    s = torch.where(inside, sin.to(acc)[idx], 0.0).unsqueeze(-2)
+    if conjugate:
+        s = -s
+    xr = x[..., : 2 * half].to(acc)
+    x0, x1 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
+    o0, o1 = x0 * c - x1 * s, x0 * s + x1 * c
+    rotated = torch.stack((o0, o1), dim=-1).flatten(-2) if interleaved else torch.cat((o0, o1), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half :]), dim=-1)
 
 
 _PER_ROW_BYTES = 1 << 20  # _dense_cache_cpu: keys and values per row past which rows go one at a time
@@ -442,7 +451,7 @@ def kvcache_forward(
     if seqlen_new > 0 and batch > 0:
         k_new = k
         if rotary_cos is not None:
-            k_new = _rotate_cpu(k, rotary_cos, rotary_sin, pos_new, rotary_interleaved)
+            k_new = rotate(k, rotary_cos, rotary_sin, pos_new, rotary_interleaved)
         index = _slots(cache, block_table, cache_rows[:, None].expand_as(pos_new), pos_new)
         k_cache[index] = k_new.to(k_cache.dtype)
         v_cache[index] = v.to(v_cache.dtype)
@@ -450,7 +459,7 @@ def kvcache_forward(
     if rotary_cos is not None:
         # causal/windowed: token t sits at cache_seqlens + t; otherwise every token at cache_seqlens
         step = torch.arange(seqlen_q) if opts.has_window else torch.zeros(seqlen_q, dtype=torch.long)
-        q = _rotate_cpu(q, rotary_cos, rotary_sin, lens[:, None] + step, rotary_interleaved)
+        q = rotate(q, rotary_cos, rotary_sin, lens[:, None] + step, rotary_interleaved)
 
     if batch * seqlen_q == 0:
         return q.new_zeros(batch, seqlen_q, nheads, v_cache.shape[3]), torch.empty(batch, nheads, seqlen_q)

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch import Tensor
 
-from flashtron import checks
+from flashtron import checks, cpu
 from flashtron.env import uses_triton
 from flashtron.outputs import new_output
 
@@ -130,10 +130,6 @@ class _ApplyRotaryEmb(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _rotary(x, cos, sin, interleaved, offsets, cu_seqlens, max_seqlen, conjugate, inplace):
     """The rotation (by -theta when conjugate); into x when inplace, else into a new tensor."""
     if not uses_triton(x):
@@ -176,9 +172,7 @@ def _rotary_triton(out, x, cos, sin, interleaved, offsets, cu_seqlens, max_seqle
 
 
 def _rotary_cpu(x, cos, sin, interleaved, offsets, cu_seqlens, conjugate):
-    """The same rotation in PyTorch: positions per token, gathered tables, rounded once."""
-    acc = _acc_dtype(x.dtype)
-    half, seqlen_ro = cos.shape[1], cos.shape[0]
+    """The same rotation in PyTorch (cpu.rotate), at each token's position."""
     if cu_seqlens is None:
         pos = torch.arange(x.shape[1], device=x.device)[None, :]  # (1, seqlen)
         pos = pos + (offsets[:, None] if isinstance(offsets, torch.Tensor) else offsets)  # (batch or 1, seqlen)
@@ -187,17 +181,7 @@ def _rotary_cpu(x, cos, sin, interleaved, offsets, cu_seqlens, conjugate):
         seq = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).clamp(max=cu_seqlens.shape[0] - 2)
         pos = tokens - cu_seqlens.long()[seq]
         pos = pos + (offsets[seq] if isinstance(offsets, torch.Tensor) else offsets)  # (total,)
-    inside = ((pos >= 0) & (pos < seqlen_ro))[..., None]
-    idx = pos.clamp(0, max(seqlen_ro - 1, 0))
-    c = torch.where(inside, cos.to(acc)[idx], 1.0).unsqueeze(-2)  # (..., 1, rotary_dim / 2)
-    s = torch.where(inside, sin.to(acc)[idx], 0.0).unsqueeze(-2)
-    if conjugate:
-        s = -s
-    xr = x[..., : 2 * half].to(acc)
-    x0, x1 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
-    o0, o1 = x0 * c - x1 * s, x0 * s + x1 * c
-    rotated = torch.stack((o0, o1), dim=-1).flatten(-2) if interleaved else torch.cat((o0, o1), dim=-1)
-    return torch.cat((rotated.to(x.dtype), x[..., 2 * half :]), dim=-1)
+    return cpu.rotate(x, cos, sin, pos, interleaved, conjugate)
 
 
 # ---------------------------------------------------------------------------------------------
