@@ -21,6 +21,7 @@ import torch
 
 from flashtron.checks import InputValueError
 from flashtron.dropout import block_keep
+from flashtron.masks import diagonal_offsets, hidden_by_window
 from flashtron.options import AttnOptions, CacheLayout
 
 _NEG_INF = float("-inf")
@@ -128,16 +129,11 @@ def _block_logits(p: _Problem, q: torch.Tensor, k_blk: torch.Tensor, i0: int, i1
         t = torch.tanh(s.div_(p.softcap))
         s = t * p.softcap
     # rel = j - (i + sk - sq): the key's offset from the query's bottom-right-aligned diagonal.
-    rows = torch.arange(i0, i1, device=q.device) + (p.seqlen_k - p.seqlen_q)
-    rel = torch.arange(j0, j0 + n, device=q.device)[None, :] - rows[:, None]  # [i1 - i0, n]
+    rows, cols = torch.arange(i0, i1, device=q.device), torch.arange(j0, j0 + n, device=q.device)
+    rel = diagonal_offsets(p.seqlen_q, p.seqlen_k, rows, cols)  # [i1 - i0, n]
     if p.slopes is not None:
         s.addcmul_(p.slopes, rel.abs().to(s.dtype), value=-1.0)
-    masked = None
-    if p.window_left >= 0:
-        masked = rel < -p.window_left
-    if p.window_right >= 0:
-        right = rel > p.window_right
-        masked = right if masked is None else masked | right
+    masked = hidden_by_window(rel, p.window_left, p.window_right)
     if masked is not None:
         s.masked_fill_(masked, _NEG_INF)
     return s, t

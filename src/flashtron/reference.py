@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from flashtron.masks import window_mask
+
 __all__ = ["attention_ref", "attention_varlen_ref", "apply_rotary_ref", "kvcache_ref"]
 
 
@@ -45,19 +47,6 @@ def _normalise_window(causal: bool, window_size) -> tuple[int, int]:
     if causal:
         right = 0
     return left, right
-
-
-def _visible_mask(seqlen_q: int, seqlen_k: int, left: int, right: int, device) -> torch.Tensor:
-    """(seqlen_q, seqlen_k) bool, True where query i may attend key j (bottom-right aligned)."""
-    i = torch.arange(seqlen_q, device=device).unsqueeze(1)
-    j = torch.arange(seqlen_k, device=device).unsqueeze(0)
-    diag = i + (seqlen_k - seqlen_q)  # the key aligned with query i
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if left >= 0:
-        visible = visible & (j >= diag - left)
-    if right >= 0:
-        visible = visible & (j <= diag + right)
-    return visible
 
 
 def _alibi_bias(slopes: torch.Tensor, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, dtype):
@@ -172,7 +161,7 @@ def attention_ref(
     if alibi_slopes is not None:
         scores = scores + _alibi_bias(alibi_slopes, batch, nheads, seqlen_q, seqlen_k, cdtype)
 
-    visible = _visible_mask(seqlen_q, seqlen_k, left, right, q.device)
+    visible = window_mask(seqlen_q, seqlen_k, left, right, q.device)
     # masked_fill (not where) so masked positions get exactly zero gradient and exp(-inf) = 0.
     scores = scores.masked_fill(~visible, float("-inf"))
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from flashtron.masks import diagonal_offsets, hidden_by_window
+
 from .runner import Unsupported
 
 Fn = Callable[[], torch.Tensor]
@@ -47,17 +49,7 @@ def hidden_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int], device: t
 
     Query i sees key j iff i + sk - sq - left <= j <= i + sk - sq + right (-1 = unbounded).
     """
-    left, right = window
-    if left < 0 and right < 0:
-        return None
-    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
-    j = torch.arange(seqlen_k, device=device)[None, :]
-    hidden = torch.zeros(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if right >= 0:
-        hidden |= j > i + right
-    if left >= 0:
-        hidden |= j < i - left
-    return hidden
+    return hidden_by_window(diagonal_offsets(seqlen_q, seqlen_k, device=device), *window)
 
 
 def standard_attention(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from flashtron import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, pad_input, unpad_input
+from flashtron.masks import window_mask
 from flashtron.nn.rotary import RotaryEmbedding
 
 ATTENTION_BACKENDS = ("flashtron", "sdpa", "standard")
@@ -99,14 +100,7 @@ def _window_mask(seqlen_q, seqlen_k, causal, window_size, device):
         right = 0
     if left < 0 and right < 0:
         return None
-    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
-    j = torch.arange(seqlen_k, device=device)[None, :]
-    keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
+    return window_mask(seqlen_q, seqlen_k, left, right, device)
 
 
 def attention(q, k, v, backend="flashtron", dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)):
