@@ -140,6 +140,39 @@ HOPPER_CANDIDATES = {
 }  # fmt: skip
 
 
+def interpreting(device: torch.device) -> bool:
+    """A Triton launch on a CPU tensor runs in Triton's interpreter (env.uses_triton sent it there): the one
+    test every launcher uses to pick its interpreter sizes."""
+    return device.type != "cuda"
+
+
+def dot_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Upcast bf16 dot operands to fp32: only in the interpreter, which computes bf16 dots wrongly
+    (../shared/NOTES.md); the GPU keeps bf16 tensor-core dots."""
+    return interpreting(device) and dtype == torch.bfloat16
+
+
+def preprocess_block(device: torch.device) -> int:
+    """Rows per program of the backward's delta = rowsum(dO * O) preprocess."""
+    return 16 if interpreting(device) else 64
+
+
+def append_block(device: torch.device) -> int:
+    """New tokens per program of the KV-cache append."""
+    return 4 if interpreting(device) else 16
+
+
+def combine_blocks(device: torch.device, block_dv: int) -> tuple[int, int]:
+    """(splits per step, rows per program) of the split combine. On the GPU up to 8 splits of a row per
+    step (more loop), fixed rather than next_power_of_2(num_splits), so that a new split count (it
+    follows batch and cache length) never compiles another combine kernel; ~2k fp32 values per program.
+    The interpreter's are small so that small tests take several split steps and row blocks."""
+    if interpreting(device):
+        return 2, 4
+    block_s = max(2, min(8, 2048 // block_dv))
+    return block_s, max(2, min(16, 2048 // (block_s * block_dv)))
+
+
 def head_dim_bucket(head_dim: int) -> int:
     for bucket in (64, 128, 256, 512):
         if head_dim <= bucket:
@@ -170,7 +203,7 @@ def _pick(
 ) -> TileConfig:  # fmt: skip
     """The tile for head_dim: the interpreter's on CPU, else the IEEE fp32 table (fp32 without TF32),
     Hopper's (a bucket of hopper_override first) or the SAFE table's."""
-    if device.type != "cuda":
+    if interpreting(device):
         return interpret
     bucket = head_dim_bucket(head_dim)
     if dtype == torch.float32 and precision == "ieee":
@@ -265,7 +298,7 @@ INTERPRET_SMS = 16  # a pretend SM count, so that num_splits=0 splits in interpr
 
 
 def decode_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> DecodeConfig:
-    if device.type != "cuda":
+    if interpreting(device):
         return INTERPRET_DECODE
     table = GPU_DECODE_FP32 if dtype == torch.float32 else GPU_DECODE
     for bucket in (64, 128, 256, 512):
@@ -280,7 +313,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
+    if interpreting(device):
         return INTERPRET_SMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -14,12 +14,16 @@ import triton
 from flashtron import autotune, env, launch_hopper
 from flashtron.configs import (
     TileConfig,
+    append_block,
     bwd_configs,
     choose_num_splits,
+    combine_blocks,
     decode_config,
+    dot_fp32,
     fwd_config,
     is_hopper,
     num_sms,
+    preprocess_block,
     tune_candidates,
 )
 from flashtron.dropout import keep_threshold
@@ -62,8 +66,7 @@ def score_args(q: torch.Tensor, opts: AttnOptions) -> dict:
         HAS_RIGHT=opts.window_right >= 0,
         HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=opts.alibi_slopes is not None,
-        # Triton's interpreter computes bf16 dots wrongly (../shared/NOTES.md): upcast there only.
-        DOT_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        DOT_FP32=dot_fp32(q.device, q.dtype),
         PRECISION="tf32" if q.dtype == torch.float32 and cuda_matmul_uses_tf32() else "ieee",
     )
 
@@ -207,7 +210,7 @@ def attention_backward(
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     lse_strides = _lse_strides(lse, varlen)
     rows_q, rows_k = _kernel_seqlens(q, k, varlen, seqlen_q, seqlen_k)
-    pre_block = 64 if q.device.type == "cuda" else 16
+    pre_block = preprocess_block(q.device)
     attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), nheads, batch)](
         out,
         dout,
@@ -357,7 +360,7 @@ def kvcache_forward(
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
 
     if seqlen_new > 0 and batch > 0:
-        block_t = 16 if q.device.type == "cuda" else 4
+        block_t = append_block(q.device)
         append_kv_kernel[(triton.cdiv(seqlen_new, block_t), nheads_k, batch)](
             k,
             v,
@@ -463,13 +466,7 @@ def launch_combine(out_partial, lse_partial, out, lse, sink):
     if out.numel() == 0 and lse.numel() == 0:
         return
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
-    if out.device.type == "cuda":
-        # up to 8 splits of a row per step (more loop); fixed rather than next_power_of_2(num_splits), so a
-        # new split count (it follows batch and cache length) never compiles another combine kernel
-        block_s = max(2, min(8, 2048 // block_dv))
-        block_m = max(2, min(16, 2048 // (block_s * block_dv)))
-    else:
-        block_s, block_m = 2, 4  # interpreter: several split steps and row blocks in small tests
+    block_s, block_m = combine_blocks(out.device, block_dv)
     combine_kernel[(triton.cdiv(seqlen * nheads, block_m), batch)](
         out_partial,
         lse_partial,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from flashtron import checks
+from flashtron.configs import interpreting
 from flashtron.env import uses_triton
 from flashtron.outputs import new_output
 
@@ -112,7 +113,7 @@ def _launch_args(logits: torch.Tensor) -> dict:
     import triton  # triton only on the Triton path
     import triton.language as tl
 
-    if logits.is_cuda:
+    if not interpreting(logits.device):
         block_v = min(_BLOCK_V_GPU, triton.next_power_of_2(logits.shape[1]))
         extra = dict(num_warps=_NUM_WARPS_GPU)
     else:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flashtron import checks
-from flashtron.configs import num_sms
+from flashtron.configs import interpreting, num_sms
 from flashtron.env import uses_triton
 from flashtron.outputs import new_output
 
@@ -232,7 +232,7 @@ def _norm_bwd(dy, dh_out, h, weight, bias, mean, rstd, is_rms, x_dtype, residual
     acc = rstd.dtype
     dx = new_output((m, n), x_dtype, h.device)
     dres = None if residual_dtype is None else new_output((m, n), residual_dtype, h.device)
-    programs = num_sms(h.device) if h.is_cuda else _BWD_PROGRAMS_INTERPRET
+    programs = _BWD_PROGRAMS_INTERPRET if interpreting(h.device) else num_sms(h.device)
     rows_per_program = triton.cdiv(m, max(min(programs, m), 1))
     programs = triton.cdiv(m, rows_per_program)
     dw = None if weight is None else new_output((programs, n), acc, h.device)

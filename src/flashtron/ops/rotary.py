@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from flashtron import checks, cpu
+from flashtron.configs import interpreting
 from flashtron.env import uses_triton
 from flashtron.outputs import new_output
 
@@ -155,7 +156,7 @@ def _rotary_triton(out, x, cos, sin, interleaved, offsets, cu_seqlens, max_seqle
     batch = cu_seqlens.shape[0] - 1 if varlen else x.shape[0]
     nheads = x.shape[-2]
     offsets_tensor = isinstance(offsets, torch.Tensor)
-    block_m = _BLOCK_M_GPU if x.is_cuda else _BLOCK_M_INTERPRET
+    block_m = _BLOCK_M_INTERPRET if interpreting(x.device) else _BLOCK_M_GPU
     grid = (triton.cdiv(max_seqlen, block_m), nheads, batch)
     x_strides = (0,) + x.stride()[:2] if varlen else x.stride()[:3]
     out_strides = (0,) + out.stride()[:2] if varlen else out.stride()[:3]
