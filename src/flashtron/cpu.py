@@ -48,7 +48,7 @@ class _Dropout(NamedTuple):
     """Where one sequence sits in the Philox offset space (flashtron/dropout.py)."""
 
     seed: int
-    p: float
+    rate: float  # dropout_p
     bh: torch.Tensor  # (batch_size, nheads_k, group): batch * nheads + head (dense) or head (varlen)
     rows_total: int
     row0: int
@@ -58,11 +58,11 @@ class _Dropout(NamedTuple):
     def keep(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """(batch_size, nheads_k, group, i1 - i0, j1 - j0) bool: rows i0..i1-1, keys j0..j1-1."""
         return block_keep(
-            self.seed, self.p, self.bh, self.rows_total, self.row0 + i0, i1 - i0, self.cols_total, self.col0, j0, j1
+            self.seed, self.rate, self.bh, self.rows_total, self.row0 + i0, i1 - i0, self.cols_total, self.col0, j0, j1
         )
 
 
-def _dense_dropout(opts, seed, q, k):
+def dense_dropout(opts, seed, q, k):
     if opts.dropout_p == 0:
         return None
     b, sq, h, _ = q.shape
@@ -71,7 +71,7 @@ def _dense_dropout(opts, seed, q, k):
     return _Dropout(seed, opts.dropout_p, bh, sq, 0, k.shape[1], 0)
 
 
-def _varlen_dropout(opts, seed, q, k, q0, k0):
+def varlen_dropout(opts, seed, q, k, q0, k0):
     if opts.dropout_p == 0:
         return None
     h, hk = q.shape[1], k.shape[1]
@@ -85,35 +85,35 @@ def _check(opts: AttnOptions, block_n: int, dropout_seed) -> None:
         raise InputValueError(f"block_n must be a positive int, got {block_n!r}")
 
 
-def _problem(opts, sq, sk, nheads_k, group, slopes, dtype, block_n) -> _Problem:
+def make_problem(opts, sq, sk, nheads_k, group, slopes, dtype, block_n) -> _Problem:
     if slopes is not None:
         # (nheads,) or (batch, nheads) -> (batch or 1, nheads_k, group, 1, 1)
         slopes = slopes.to(dtype).reshape(-1, nheads_k, group, 1, 1)
     return _Problem(sq, sk, opts.softmax_scale, opts.softcap, opts.window_left, opts.window_right, slopes, block_n)
 
 
-def _query_blocks(p: _Problem) -> list[tuple[int, int]]:
+def _query_blocks(problem: _Problem) -> list[tuple[int, int]]:
     """Query rows in blocks of block_n when a window bounds what they see, else all rows at once."""
-    if p.window_left < 0 and p.window_right < 0:
-        return [(0, p.seqlen_q)] if p.seqlen_q > 0 else []
-    return [(i0, min(i0 + p.block_n, p.seqlen_q)) for i0 in range(0, p.seqlen_q, p.block_n)]
+    if problem.window_left < 0 and problem.window_right < 0:
+        return [(0, problem.seqlen_q)] if problem.seqlen_q > 0 else []
+    return [(i0, min(i0 + problem.block_n, problem.seqlen_q)) for i0 in range(0, problem.seqlen_q, problem.block_n)]
 
 
-def _key_blocks(p: _Problem, i0: int, i1: int) -> list[tuple[int, int]]:
+def _key_blocks(problem: _Problem, i0: int, i1: int) -> list[tuple[int, int]]:
     """KV blocks (j0, j1) that some row of [i0, i1) can see; fully masked blocks are skipped.
 
     Row i sees [i + sk - sq - left, i + sk - sq + right]; over the rows that is one contiguous range.
     """
-    lo, hi = 0, p.seqlen_k
-    shift = p.seqlen_k - p.seqlen_q
-    if p.window_left >= 0:
-        lo = max(lo, i0 + shift - p.window_left)
-    if p.window_right >= 0:
-        hi = min(hi, i1 - 1 + shift + p.window_right + 1)
-    return [(j0, min(j0 + p.block_n, hi)) for j0 in range(lo, hi, p.block_n)]
+    lo, hi = 0, problem.seqlen_k
+    shift = problem.seqlen_k - problem.seqlen_q
+    if problem.window_left >= 0:
+        lo = max(lo, i0 + shift - problem.window_left)
+    if problem.window_right >= 0:
+        hi = min(hi, i1 - 1 + shift + problem.window_right + 1)
+    return [(j0, min(j0 + problem.block_n, hi)) for j0 in range(lo, hi, problem.block_n)]
 
 
-def _block_logits(p: _Problem, q: torch.Tensor, k_blk: torch.Tensor, i0: int, i1: int, j0: int):
+def block_logits(problem: _Problem, q: torch.Tensor, k_blk: torch.Tensor, i0: int, i1: int, j0: int):
     """Scores of query rows i0 .. i1 - 1 against the keys j0 .. j0 + n - 1, shared by forward and
     backward.
 
@@ -123,23 +123,23 @@ def _block_logits(p: _Problem, q: torch.Tensor, k_blk: torch.Tensor, i0: int, i1
     """
     b, hk, _, _ = q.shape
     n = k_blk.shape[2]
-    s = torch.matmul(q, k_blk.transpose(-1, -2)).view(b, hk, -1, i1 - i0, n).mul_(p.scale)
+    s = torch.matmul(q, k_blk.transpose(-1, -2)).view(b, hk, -1, i1 - i0, n).mul_(problem.scale)
     t = None
-    if p.softcap > 0:
-        t = torch.tanh(s.div_(p.softcap))
-        s = t * p.softcap
+    if problem.softcap > 0:
+        t = torch.tanh(s.div_(problem.softcap))
+        s = t * problem.softcap
     # rel = j - (i + sk - sq): the key's offset from the query's bottom-right-aligned diagonal.
     rows, cols = torch.arange(i0, i1, device=q.device), torch.arange(j0, j0 + n, device=q.device)
-    rel = diagonal_offsets(p.seqlen_q, p.seqlen_k, rows, cols)  # [i1 - i0, n]
-    if p.slopes is not None:
-        s.addcmul_(p.slopes, rel.abs().to(s.dtype), value=-1.0)
-    masked = hidden_by_window(rel, p.window_left, p.window_right)
+    rel = diagonal_offsets(problem.seqlen_q, problem.seqlen_k, rows, cols)  # [i1 - i0, n]
+    if problem.slopes is not None:
+        s.addcmul_(problem.slopes, rel.abs().to(s.dtype), value=-1.0)
+    masked = hidden_by_window(rel, problem.window_left, problem.window_right)
     if masked is not None:
         s.masked_fill_(masked, _NEG_INF)
     return s, t
 
 
-def _heads_first(x: torch.Tensor, nheads_k: int, dtype: torch.dtype) -> torch.Tensor:
+def heads_first(x: torch.Tensor, nheads_k: int, dtype: torch.dtype) -> torch.Tensor:
     """(batch_size, seqlen, nheads, d) -> (batch_size, nheads_k, group * seqlen, d) in dtype."""
     b, s, h, d = x.shape
     x = x.to(dtype).reshape(b, s, nheads_k, h // nheads_k, d).permute(0, 2, 3, 1, 4)
@@ -171,21 +171,21 @@ def _forward_dense(q, k, v, opts, slopes, block_n, drop=None):
     g = h // hk
     if b * sq == 0:  # no query rows: nothing to attend (the reshapes below cannot infer a size then)
         return torch.zeros((b, sq, h, dv), dtype=q.dtype), torch.full((b, h, sq), _NEG_INF, dtype=dt)
-    p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
-    qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
+    problem = make_problem(opts, sq, sk, hk, g, slopes, dt, block_n)
+    qh, kh, vh = heads_first(q, hk, dt), heads_first(k, hk, dt), heads_first(v, hk, dt)
     qh5 = qh.view(b, hk, g, sq, -1)
 
     out = torch.zeros((b, hk, g, sq, dv), dtype=dt)
     lse = torch.full((b, hk, g, sq), _NEG_INF, dtype=dt)
     sink = _sink(opts, hk, dt)
-    for i0, i1 in _query_blocks(p):
+    for i0, i1 in _query_blocks(problem):
         nr = i1 - i0
         q_blk = qh5[:, :, :, i0:i1].reshape(b, hk, g * nr, -1)
         m_i = torch.full((b, hk, g, nr), _NEG_INF, dtype=dt)
         l_i = torch.zeros((b, hk, g, nr), dtype=dt)
         acc = torch.zeros((b, hk, g * nr, dv), dtype=dt)
-        for j0, j1 in _key_blocks(p, i0, i1):
-            s, _ = _block_logits(p, q_blk, kh[:, :, j0:j1], i0, i1, j0)  # [b, hk, g, nr, n]
+        for j0, j1 in _key_blocks(problem, i0, i1):
+            s, _ = block_logits(problem, q_blk, kh[:, :, j0:j1], i0, i1, j0)  # [b, hk, g, nr, n]
             m_new = torch.maximum(m_i, s.amax(dim=-1))
             # Rows that have seen no visible key yet keep m = -inf; subtract 0 there, never -inf - -inf.
             m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
@@ -205,7 +205,7 @@ def _forward_dense(q, k, v, opts, slopes, block_n, drop=None):
             # The sink only enlarges the denominator: scale by sum_keys / (sum_keys + e^sink).
             inv_l = inv_l * torch.exp(lse_keys - lse_blk)
         if drop is not None:
-            inv_l = inv_l / (1.0 - drop.p)
+            inv_l = inv_l / (1.0 - drop.rate)
         out[:, :, :, i0:i1] = (acc * inv_l.view(b, hk, g * nr, 1)).view(b, hk, g, nr, dv)
         lse[..., i0:i1] = lse_blk
     return _heads_last(out.view(b, hk, g * sq, dv), q), lse.reshape(b, h, sq)
@@ -220,10 +220,10 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=N
     if b * sq == 0:  # no query rows: every gradient is zero
         dsink = None if opts.learnable_sink is None else torch.zeros_like(opts.learnable_sink)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsink
-    p = _problem(opts, sq, sk, hk, g, slopes, dt, block_n)
-    qh, kh, vh = _heads_first(q, hk, dt), _heads_first(k, hk, dt), _heads_first(v, hk, dt)
-    doh = _heads_first(dout, hk, dt)
-    delta = _heads_first((dout.to(dt) * out.to(dt)).sum(-1, keepdim=True), hk, dt).view(b, hk, g, sq)
+    problem = make_problem(opts, sq, sk, hk, g, slopes, dt, block_n)
+    qh, kh, vh = heads_first(q, hk, dt), heads_first(k, hk, dt), heads_first(v, hk, dt)
+    doh = heads_first(dout, hk, dt)
+    delta = heads_first((dout.to(dt) * out.to(dt)).sum(-1, keepdim=True), hk, dt).view(b, hk, g, sq)
     lse = lse.to(dt).reshape(b, hk, g, sq)
     if dlse is not None:
         # d lse / d s = P, so a gradient on lse enters exactly like -dlse added to delta.
@@ -233,20 +233,20 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=N
 
     qh5, doh5 = qh.view(b, hk, g, sq, -1), doh.view(b, hk, g, sq, -1)
     dq, dk, dv = torch.zeros_like(qh5), torch.zeros_like(kh), torch.zeros_like(vh)
-    for i0, i1 in _query_blocks(p):
+    for i0, i1 in _query_blocks(problem):
         nr = i1 - i0
         q_blk = qh5[:, :, :, i0:i1].reshape(b, hk, g * nr, -1)
         do_blk = doh5[:, :, :, i0:i1].reshape(b, hk, g * nr, -1)
         lse_blk, delta_blk = lse_safe[..., i0:i1, None], delta[..., i0:i1, None]
         dq_blk = torch.zeros_like(q_blk)
-        for j0, j1 in _key_blocks(p, i0, i1):
+        for j0, j1 in _key_blocks(problem, i0, i1):
             k_blk, v_blk = kh[:, :, j0:j1], vh[:, :, j0:j1]
-            s, t = _block_logits(p, q_blk, k_blk, i0, i1, j0)  # [b, hk, g, nr, n]
+            s, t = block_logits(problem, q_blk, k_blk, i0, i1, j0)  # [b, hk, g, nr, n]
             pr = s.sub_(lse_blk).exp_()
             dp = (do_blk @ v_blk.transpose(-1, -2)).view_as(pr)
             if drop is not None:
                 # out used the kept probabilities scaled by 1/(1-p): so do dV and the flow into P
-                kept = drop.keep(i0, i1, j0, j1).to(dt) / (1.0 - drop.p)
+                kept = drop.keep(i0, i1, j0, j1).to(dt) / (1.0 - drop.rate)
                 dv[:, :, j0:j1] += (pr * kept).view(b, hk, g * nr, -1).transpose(-1, -2) @ do_blk
                 dp.mul_(kept)
             else:
@@ -254,7 +254,7 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=N
             ds = dp.sub_(delta_blk).mul_(pr)  # gradient of the logits (alibi's bias has slope 1)
             if t is not None:
                 ds.mul_(t.square_().neg_().add_(1.0))  # d/ds of c * tanh(s / c) = 1 - tanh^2
-            ds = ds.view(b, hk, g * nr, -1).mul_(p.scale)
+            ds = ds.view(b, hk, g * nr, -1).mul_(problem.scale)
             dq_blk += ds @ k_blk
             dk[:, :, j0:j1] += ds.transpose(-1, -2) @ q_blk
         dq[:, :, :, i0:i1] = dq_blk.view(b, hk, g, nr, -1)
@@ -269,7 +269,7 @@ def _backward_dense(dout, q, k, v, out, lse, dlse, opts, slopes, block_n, drop=N
     return _heads_last(dq, q), _heads_last(dk, k), _heads_last(dv, v), dsink
 
 
-def _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, total_q, total_k):
+def sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, total_q, total_k):
     """Yield (index, q_start, q_end, k_start, k_end) per sequence of a varlen batch.
 
     The API has checked the values wherever it reads them (checks.reads_values); when it has not (a
@@ -288,7 +288,7 @@ def _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, total_q, total_k):
         yield i, q0, q1, k0, k1
 
 
-def _slopes_of(opts: AttnOptions, i: int):
+def slopes_of(opts: AttnOptions, i: int):
     s = opts.alibi_slopes
     return s[i : i + 1] if s is not None and s.dim() == 2 else s
 
@@ -318,15 +318,15 @@ def attention_forward(
     """
     _check(opts, block_n, dropout_seed)
     if cu_seqlens_q is None:
-        return _forward_dense(q, k, v, opts, opts.alibi_slopes, block_n, _dense_dropout(opts, dropout_seed, q, k))
+        return _forward_dense(q, k, v, opts, opts.alibi_slopes, block_n, dense_dropout(opts, dropout_seed, q, k))
     total_q, h, _ = q.shape
     out = torch.zeros((total_q, h, v.shape[-1]), dtype=q.dtype)
     lse = torch.full((h, total_q), _NEG_INF, dtype=_compute_dtype(q))
-    for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0]):
+    for i, q0, q1, k0, k1 in sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0]):
         if q1 == q0:
             continue
-        drop = _varlen_dropout(opts, dropout_seed, q, k, q0, k0)
-        o, l_ = _forward_dense(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], opts, _slopes_of(opts, i), block_n, drop)
+        drop = varlen_dropout(opts, dropout_seed, q, k, q0, k0)
+        o, l_ = _forward_dense(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], opts, slopes_of(opts, i), block_n, drop)
         out[q0:q1], lse[:, q0:q1] = o[0], l_[0]
     return out, lse
 
@@ -356,13 +356,13 @@ def attention_backward(
     """
     _check(opts, block_n, dropout_seed)
     if cu_seqlens_q is None:
-        drop = _dense_dropout(opts, dropout_seed, q, k)
+        drop = dense_dropout(opts, dropout_seed, q, k)
         return _backward_dense(dout, q, k, v, out, lse, dlse, opts, opts.alibi_slopes, block_n, drop)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dsink = None
     if opts.learnable_sink is not None:
         dsink = torch.zeros(q.shape[1], dtype=opts.learnable_sink.dtype)
-    for i, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0]):
+    for i, q0, q1, k0, k1 in sequences(cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0]):
         if q1 == q0:
             continue
         grads = _backward_dense(
@@ -374,9 +374,9 @@ def attention_backward(
             lse[None, :, q0:q1],
             None if dlse is None else dlse[None, :, q0:q1],
             opts,
-            _slopes_of(opts, i),
+            slopes_of(opts, i),
             block_n,
-            _varlen_dropout(opts, dropout_seed, q, k, q0, k0),
+            varlen_dropout(opts, dropout_seed, q, k, q0, k0),
         )
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = grads[0][0], grads[1][0], grads[2][0]
         if dsink is not None:
