@@ -7,7 +7,6 @@ across ranks raise NotImplementedError naming the argument.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -15,52 +14,33 @@ import torch.distributed as dist
 
 from flashtron import checks
 from flashtron.api import flash_attn_func
+from flashtron.checks import InputTypeError, InputValueError
 from flashtron.distributed import comm, ring, varlen
 from flashtron.distributed.plan import LAYOUTS, chunks_per_rank, segments
 from flashtron.options import AttnOptions
 
 
-# Local stand-ins until flashtron.checks has its own RuntimeError-deriving classes: swap them then.
-class CPValueError(ValueError, RuntimeError):
-    """A bad argument value or shape (also a RuntimeError, as flash_attn raises)."""
-
-
-class CPTypeError(TypeError, RuntimeError):
-    """A bad argument type or dtype (also a RuntimeError, as flash_attn raises)."""
-
-
-@contextlib.contextmanager
-def _as_runtime_errors():
-    """flashtron.checks raises plain ValueError/TypeError; here they are RuntimeErrors as well."""
-    try:
-        yield
-    except RuntimeError:
-        raise
-    except TypeError as e:
-        raise CPTypeError(str(e)) from None
-    except ValueError as e:
-        raise CPValueError(str(e)) from None
-
-
 def _group(fn, group):
     """(group, rank, world) of an initialised process group that this process belongs to."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise CPValueError(f"{fn}: torch.distributed is not initialised; call torch.distributed.init_process_group")
+        raise InputValueError(f"{fn}: torch.distributed is not initialised; call torch.distributed.init_process_group")
     if group is None:
         group = dist.group.WORLD
     # new_group hands the ranks it leaves out a sentinel int, not a group
     left_out = isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER
     if not left_out and not isinstance(group, dist.ProcessGroup):
-        raise CPTypeError(f"{fn}: group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+        raise InputTypeError(
+            f"{fn}: group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
+        )
     if left_out or dist.get_rank(group) < 0:
-        raise CPValueError(f"{fn}: group must contain this process (global rank {dist.get_rank()}), it does not")
+        raise InputValueError(f"{fn}: group must contain this process (global rank {dist.get_rank()}), it does not")
     rank = dist.get_rank(group)
     return group, rank, dist.get_world_size(group)
 
 
 def _layout(fn, layout):
     if layout not in LAYOUTS:
-        raise CPValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
+        raise InputValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
     return layout
 
 
@@ -95,7 +75,7 @@ def _options(fn, q, *, dropout_p, softmax_scale, causal, window_size, softcap, a
 
 def _divides(fn, what, size, parts, hint):
     if size % parts:
-        raise CPValueError(f"{fn}: {what} must be a multiple of {parts} ({hint}), got {size}")
+        raise InputValueError(f"{fn}: {what} must be a multiple of {parts} ({hint}), got {size}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +91,7 @@ def shard_sequence(x, group=None, layout="zigzag", dim=1):
     must be a multiple of 2 * world (zigzag) or world. Differentiable; every rank passes the same x.
     """
     fn = "shard_sequence"
-    with _as_runtime_errors():
-        checks.check_tensor(fn, "x", x, unit_stride=False)
+    checks.check_tensor(fn, "x", x, unit_stride=False)
     group, rank, world = _group(fn, group)
     layout = _layout(fn, layout)
     dim = _dim(fn, x, dim)
@@ -129,8 +108,7 @@ def gather_sequence(x_local, group=None, layout="zigzag", dim=1):
     reduce-scatter), so a loss computed identically on every rank counts once per rank.
     """
     fn = "gather_sequence"
-    with _as_runtime_errors():
-        checks.check_tensor(fn, "x_local", x_local, unit_stride=False)
+    checks.check_tensor(fn, "x_local", x_local, unit_stride=False)
     group, _, world = _group(fn, group)
     layout = _layout(fn, layout)
     dim = _dim(fn, x_local, dim)
@@ -149,8 +127,7 @@ def shard_positions(seqlen, group=None, layout="zigzag", device=None):
     """The global positions (int64, (seqlen / world,)) of this rank's tokens of a sequence of
     `seqlen` tokens: what rotary or learned position embeddings need under context parallelism."""
     fn = "shard_positions"
-    with _as_runtime_errors():
-        seqlen = checks.check_int(fn, "seqlen", seqlen, minimum=0)
+    seqlen = checks.check_int(fn, "seqlen", seqlen, minimum=0)
     group, rank, world = _group(fn, group)
     layout = _layout(fn, layout)
     _divides(fn, "seqlen", seqlen, world * chunks_per_rank(layout), f"{chunks_per_rank(layout)} * world, {layout}")
@@ -159,10 +136,9 @@ def shard_positions(seqlen, group=None, layout="zigzag", device=None):
 
 
 def _dim(fn, x, dim):
-    with _as_runtime_errors():
-        dim = checks.check_int(fn, "dim", dim)
+    dim = checks.check_int(fn, "dim", dim)
     if not -x.dim() <= dim < x.dim():
-        raise CPValueError(f"{fn}: dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D tensor, got {dim}")
+        raise InputValueError(f"{fn}: dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D tensor, got {dim}")
     return dim % x.dim()
 
 
@@ -202,12 +178,11 @@ def ring_flash_attn_func(
     raise NotImplementedError.
     """
     fn = "ring_flash_attn_func"
-    with _as_runtime_errors():
-        checks.check_qkv(fn, q, k, v)
-        opts = _options(
-            fn, q, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-            softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        )  # fmt: skip
+    checks.check_qkv(fn, q, k, v)
+    opts = _options(
+        fn, q, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+    )  # fmt: skip
     _unsupported(fn, opts.dropout_p, alibi_slopes, return_attn_probs)
     group, _, world = _group(fn, group)
     layout = _layout(fn, layout)
@@ -245,13 +220,12 @@ def ulysses_flash_attn_func(
     ring_flash_attn_func; dropout_p > 0 and return_attn_probs raise NotImplementedError.
     """
     fn = "ulysses_flash_attn_func"
-    with _as_runtime_errors():
-        nheads, nheads_k, _, _ = checks.check_qkv(fn, q, k, v)
-        checks.check_alibi(fn, alibi_slopes, nheads=nheads, batch=q.shape[0], device=q.device)
-        opts = _options(
-            fn, q, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-            softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        )  # fmt: skip
+    nheads, nheads_k, _, _ = checks.check_qkv(fn, q, k, v)
+    checks.check_alibi(fn, alibi_slopes, nheads=nheads, batch=q.shape[0], device=q.device)
+    opts = _options(
+        fn, q, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+    )  # fmt: skip
     _unsupported(fn, opts.dropout_p, alibi_slopes, return_attn_probs, alibi_ok=True)
     group, rank, world = _group(fn, group)
     _divides(fn, "nheads of q", nheads, world, "world: each rank takes nheads / world heads")
@@ -320,21 +294,20 @@ def ring_flash_attn_varlen_func(
     total_q / world). dropout_p > 0, alibi_slopes and return_attn_probs raise NotImplementedError.
     """
     fn = "ring_flash_attn_varlen_func"
-    with _as_runtime_errors():
-        checks.check_qkv(fn, q, k, v, varlen=True)
-        checks.check_cu_seqlens(fn, cu_seqlens_q, cu_seqlens_k, device=q.device)
-        checks.check_int(fn, "max_seqlen_q", max_seqlen_q, minimum=0)
-        checks.check_int(fn, "max_seqlen_k", max_seqlen_k, minimum=0)
-        opts = _options(
-            fn, q, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-            softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        )  # fmt: skip
+    checks.check_qkv(fn, q, k, v, varlen=True)
+    checks.check_cu_seqlens(fn, cu_seqlens_q, cu_seqlens_k, device=q.device)
+    checks.check_int(fn, "max_seqlen_q", max_seqlen_q, minimum=0)
+    checks.check_int(fn, "max_seqlen_k", max_seqlen_k, minimum=0)
+    opts = _options(
+        fn, q, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+    )  # fmt: skip
     _unsupported(fn, opts.dropout_p, alibi_slopes, return_attn_probs)
     group, rank, world = _group(fn, group)
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for name, t, total in (("q", q, cu_q[-1]), ("k", k, cu_k[-1])):
         if t.shape[0] * world != total:
-            raise CPValueError(
+            raise InputValueError(
                 f"{fn}: {name} must hold total / world = {total} / {world} tokens (world must divide the "
                 f"packed total), got {t.shape[0]}"
             )
