@@ -346,5 +346,5 @@ def test_readme_torchrun_example(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     result = subprocess.run(["bash", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    errors = [float(e) for e in re.findall(r"max \|ring - single process\| = (\S+)", result.stdout)]
-    assert len(errors) == 2 and max(errors) < 1e-5, result.stdout
+    errors = [float(e) for e in re.findall(r"max \|ring - single process\| over the ranks = (\S+)", result.stdout)]
+    assert len(errors) == 1 and errors[0] < 1e-5, result.stdout
