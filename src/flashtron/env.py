@@ -29,8 +29,8 @@ def backend() -> str:
     """FLASHTRON_BACKEND: "triton" keeps every call on the portable Triton kernels; "gluon" sends the calls
     the Gluon Hopper forward covers (launch_hopper.covers) to it, and the dK/dV part of covered backwards to
     the Gluon dK/dV kernel (launch_hopper.covers_backward); unset or "auto" is the default choice
-    (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 128 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: no
-    backward yet). Other values raise, so that a typo does not silently change nothing."""
+    (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 128 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: the
+    dK/dV of head dim 128 backwards). Other values raise, so that a typo does not silently change nothing."""
     value = os.environ.get("FLASHTRON_BACKEND", "auto").strip().lower() or "auto"
     if value not in ("auto", "triton", "gluon"):
         raise ValueError(f"FLASHTRON_BACKEND must be auto, triton or gluon, got {value!r}")

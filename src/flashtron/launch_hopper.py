@@ -5,8 +5,8 @@ launch.attention_forward sends a call here when `covers` says the kernel handles
 choice (env.backend) allows it; everything else stays on the Triton kernel. Outputs are the Triton
 forward's: out like q, lse (batch, nheads, seqlen_q) fp32 in natural log, so the Triton backward
 consumes them unchanged. launch.attention_backward likewise sends the dK/dV part of a covered backward
-to the Gluon dK/dV kernel (`chosen_backward`: only under FLASHTRON_BACKEND=gluon until a GPU run measures
-it); delta's preprocess and dQ stay on the Triton kernels.
+to the Gluon dK/dV kernel (`chosen_backward`: head dim 128 by default, where an H200 measured it faster);
+delta's preprocess and dQ stay on the Triton kernels.
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ CANDIDATE_TILES = {
 }
 
 
-# Head dims whose covered backwards take the Gluon dK/dV kernel by default: none until scripts/gluon_check.py
-# --backward has measured it correct and faster than the Triton dK/dV kernel on an H200.
-GLUON_DEFAULT_BACKWARD_HEAD_DIMS: frozenset[int] = frozenset()
+# Head dims whose covered backwards take the Gluon dK/dV kernel by default. scripts/gluon_check.py --backward
+# (H200, 2026-12-02): whole backward 1.01-1.14x the all-Triton one at d128 (1k-16k, full and causal); at d64
+# 0.96-1.07x, with the loss at causal 1k, so d64 stays on Triton.
+GLUON_DEFAULT_BACKWARD_HEAD_DIMS = frozenset({128})
 
 
 def chosen_backward(backend: str, head_dim: int) -> bool:
