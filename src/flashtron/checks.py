@@ -96,6 +96,8 @@ def check_tensor(
 def _int_like(value):
     """value as an int, or None when it is not int-like: ints and numpy ints (never bools), and
     one-element integer tensors (read on the host, as flash_attn's int parameters read them)."""
+    if type(value) is int:  # the common case first: these checks run on every eager call
+        return value
     if isinstance(value, torch.SymInt):
         return value
     if isinstance(value, bool) or (_is_numpy(value) and type(value).__name__.startswith("bool")):
@@ -121,6 +123,8 @@ def check_int(fn, name, value, *, minimum=None) -> int:
 
 def check_real(fn, name, value) -> float:
     """A real number (int, float, numpy scalar, or a one-element int or float tensor), as a float."""
+    if type(value) is float or type(value) is int:  # the common case first
+        return float(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() <= 1:
         if not (value.is_complex() or value.dtype == torch.bool):
             return float(value.item())
@@ -218,6 +222,10 @@ def check_options(fn, *, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)
 def check_window(fn, window_size) -> tuple[int, int]:
     """window_size (left, right): a tuple, a list, a numpy array or a 2-element integer tensor (flash_attn's
     tests pass torch.randint(0, seqlen, (2,))), of int-like sides. A negative side is unbounded: -1."""
+    if type(window_size) in (tuple, list) and len(window_size) == 2:  # the common case, without ABC checks
+        left, right = window_size
+        if type(left) is int and type(right) is int:
+            return (-1 if left < 0 else left), (-1 if right < 0 else right)
     want = "window_size must be a (left, right) pair of ints (negative = unbounded)"
     given = window_size
     if isinstance(window_size, torch.Tensor) or _is_numpy(window_size):

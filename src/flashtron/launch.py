@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from flashtron import autotune, env, launch_hopper
 from flashtron.configs import (
@@ -39,6 +38,16 @@ from flashtron.options import AttnOptions, CacheLayout
 from flashtron.outputs import new_output, set_output_poisoning  # noqa: F401 (re-exported)
 
 LOG2E = math.log2(math.e)
+
+
+def _cdiv(a: int, b: int) -> int:
+    # plain ints: triton.cdiv and triton.next_power_of_2 are constexpr functions in triton 3.6, and their
+    # argument unwrapping costs microseconds per eager call on this host path
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -157,13 +166,13 @@ def attention_forward(
     rows_q, rows_k = _kernel_seqlens(q, k, varlen, seqlen_q, seqlen_k)
 
     def launch(cfg):
-        attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+        attention_fwd_kernel[(_cdiv(seqlen_q, cfg.block_m), nheads, batch)](
             q, k, v, out, lse, opts.alibi_slopes, opts.learnable_sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
             *_seq_strides(out, varlen), *_lse_strides(lse, varlen), *alibi_strides(opts),
             rows_q, rows_k, nheads // nheads_k,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+            BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_DV=max(16, _next_power_of_2(head_dim_v)),
             HAS_SINK=opts.learnable_sink is not None, IS_VARLEN=varlen, HAS_SEQUSED_K=seqused_k is not None,
             HEAVY_FIRST=opts.window_right >= 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **score, **_dropout_args(q, k, opts, dropout_seed, varlen),
@@ -206,12 +215,12 @@ def attention_backward(
         for t in (dq, dk, dv, delta):
             t.zero_()
         return dq, dk, dv, delta
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    block_d = max(16, _next_power_of_2(head_dim))
+    block_dv = max(16, _next_power_of_2(head_dim_v))
     lse_strides = _lse_strides(lse, varlen)
     rows_q, rows_k = _kernel_seqlens(q, k, varlen, seqlen_q, seqlen_k)
     pre_block = preprocess_block(q.device)
-    attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), nheads, batch)](
+    attention_bwd_preprocess_kernel[(_cdiv(seqlen_q, pre_block), nheads, batch)](
         out,
         dout,
         delta,
@@ -251,7 +260,7 @@ def attention_backward(
     )
 
     def launch_dkdv(cfg):
-        attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), nheads_k, batch)](
+        attention_bwd_dkdv_kernel[(_cdiv(seqlen_k, cfg.block_n), nheads_k, batch)](
             q, k, v, dout, lse, delta, dk, dv, opts.alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *seq_strides, *_seq_strides(dk, varlen), *_seq_strides(dv, varlen), *alibi_strides(opts),
             rows_q, rows_k, nheads // nheads_k, dk_scale=opts.softmax_scale,
@@ -259,7 +268,7 @@ def attention_backward(
         )  # fmt: skip
 
     def launch_dq(cfg):
-        attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+        attention_bwd_dq_kernel[(_cdiv(seqlen_q, cfg.block_m), nheads, batch)](
             q, k, v, dout, lse, delta, dq, opts.alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *seq_strides, *_seq_strides(dq, varlen), *alibi_strides(opts),
             rows_q, rows_k, nheads // nheads_k, dq_scale=opts.softmax_scale,
@@ -356,12 +365,12 @@ def kvcache_forward(
         PAGED=cache.paged,
         HAS_BATCH_IDX=cache_batch_idx is not None,
     )
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    block_d = max(16, _next_power_of_2(head_dim))
+    block_dv = max(16, _next_power_of_2(head_dim_v))
 
     if seqlen_new > 0 and batch > 0:
         block_t = append_block(q.device)
-        append_kv_kernel[(triton.cdiv(seqlen_new, block_t), nheads_k, batch)](
+        append_kv_kernel[(_cdiv(seqlen_new, block_t), nheads_k, batch)](
             k,
             v,
             k_cache,
@@ -393,12 +402,12 @@ def kvcache_forward(
     group = nheads // nheads_k
     cfg = decode_config(q.device, q.dtype, max(head_dim, head_dim_v))
     rows = seqlen_q * group
-    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
-    m_blocks = triton.cdiv(rows, block_m)
+    block_m = min(cfg.block_m, max(16, _next_power_of_2(rows)))
+    m_blocks = _cdiv(rows, block_m)
     splits = choose_num_splits(
         num_splits,
         batch * nheads_k * m_blocks,
-        triton.cdiv(cache.capacity, cfg.block_n),
+        _cdiv(cache.capacity, cfg.block_n),
         num_sms(q.device),
         cfg.min_blocks_per_split,
     )
@@ -465,9 +474,9 @@ def launch_combine(out_partial, lse_partial, out, lse, sink):
     num_splits, batch, seqlen, nheads, head_dim_v = out_partial.shape
     if out.numel() == 0 and lse.numel() == 0:
         return
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    block_dv = max(16, _next_power_of_2(head_dim_v))
     block_s, block_m = combine_blocks(out.device, block_dv)
-    combine_kernel[(triton.cdiv(seqlen * nheads, block_m), batch)](
+    combine_kernel[(_cdiv(seqlen * nheads, block_m), batch)](
         out_partial,
         lse_partial,
         out,
