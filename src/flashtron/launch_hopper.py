@@ -127,12 +127,20 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def _descriptor(t: torch.Tensor, block_rows: int):
     """A 4-D TMA descriptor over (batch, seqlen, nheads, headdim) with a [1, block_rows, 1, headdim] box."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     block = [1, block_rows, 1, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, str(t.dtype).removeprefix("torch.")))
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _box_layout(block_rows, t.shape[-1], t.dtype))
+
+
+@functools.cache
+def _box_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
+    # the shared-memory layout depends on the box and dtype only; computing it costs ~10 us a descriptor,
+    # three descriptors per forward, which short-sequence calls (launch-bound) pay in full
+    from triton.experimental.gluon import language as gl
+
+    block = [1, block_rows, 1, head_dim]
+    return gl.NVMMASharedLayout.get_default_for(block, getattr(gl, str(dtype).removeprefix("torch.")))
 
 
 def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None = None):
