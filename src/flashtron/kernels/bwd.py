@@ -15,6 +15,7 @@ import triton.language as tl
 
 from flashtron.kernels.common import (
     LOG2E,
+    RUNTIME_SCALARS,
     dropout_keep,
     kv_block_bounds,
     q_block_bounds,
@@ -164,20 +165,7 @@ def _dkdv_over_q_blocks(
     return dk, dv
 
 
-@triton.jit(
-    do_not_specialize=[
-        "seqlen_q",
-        "seqlen_k",
-        "stride_lb",
-        "stride_lh",
-        "window_left",
-        "window_right",
-        "dropout_seed",
-        "dropout_threshold",
-        "philox_rows",
-        "philox_cols",
-    ]
-)
+@triton.jit(do_not_specialize=RUNTIME_SCALARS)
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV, AlibiSlopes, CuSeqlensQ, CuSeqlensK, SequsedK,
     stride_qb, stride_qm, stride_qh,
@@ -357,20 +345,7 @@ def _dq_over_kv_blocks(
     return dq
 
 
-@triton.jit(
-    do_not_specialize=[
-        "seqlen_q",
-        "seqlen_k",
-        "stride_lb",
-        "stride_lh",
-        "window_left",
-        "window_right",
-        "dropout_seed",
-        "dropout_threshold",
-        "philox_rows",
-        "philox_cols",
-    ]
-)
+@triton.jit(do_not_specialize=RUNTIME_SCALARS)
 def attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, AlibiSlopes, CuSeqlensQ, CuSeqlensK, SequsedK, stride_qb, stride_qm,
     stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob, stride_dom,

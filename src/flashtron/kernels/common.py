@@ -12,6 +12,14 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
+# The forward's and backward's scalar arguments that change from call to call. Seqlens, and the LSE strides
+# that follow them ((b, h, sq) or (h, total_q)), would compile again for every new sequence length if
+# specialized (== 1, % 16); windows and dropout seeds likewise for every new value.
+RUNTIME_SCALARS = [
+    "seqlen_q", "seqlen_k", "stride_lb", "stride_lh", "window_left", "window_right",
+    "dropout_seed", "dropout_threshold", "philox_rows", "philox_cols",
+]  # fmt: skip
+
 
 @triton.jit
 def kv_block_bounds(

@@ -11,6 +11,7 @@ import triton.language as tl
 from flashtron.kernels.common import (
     LN2,
     LOG2E,
+    RUNTIME_SCALARS,
     dropout_keep,
     fold_sink,
     kv_block_bounds,
@@ -105,22 +106,7 @@ def _attend_kv_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit(
-    # seqlens, and the LSE strides that follow them ((b, h, sq) or (h, total_q)), are runtime values:
-    # specializing on them (== 1, % 16) would compile again for every new sequence length
-    do_not_specialize=[
-        "seqlen_q",
-        "seqlen_k",
-        "stride_lb",
-        "stride_lh",
-        "window_left",
-        "window_right",
-        "dropout_seed",
-        "dropout_threshold",
-        "philox_rows",
-        "philox_cols",
-    ]
-)
+@triton.jit(do_not_specialize=RUNTIME_SCALARS)
 def attention_fwd_kernel(
     Q, K, V, Out, LSE, AlibiSlopes, Sink, CuSeqlensQ, CuSeqlensK, SequsedK, stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
