@@ -292,25 +292,16 @@ def decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # unmasked middle first (the bulk), then the masked edges of this split
-    acc, l_i, m_i = _attend_cache_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size, cache_rows,
-        mid_lo, mid_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
-        softcap_log2, alibi_slope_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, PAGED, HAS_LEFT, HAS_RIGHT,
-        HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, PRECISION,
-    )  # fmt: skip
-    acc, l_i, m_i = _attend_cache_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size, cache_rows,
-        split_lo, mid_lo, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
-        softcap_log2, alibi_slope_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, PAGED, HAS_LEFT, HAS_RIGHT,
-        HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, PRECISION,
-    )  # fmt: skip
-    acc, l_i, m_i = _attend_cache_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size, cache_rows,
-        mid_hi, split_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
-        softcap_log2, alibi_slope_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, PAGED, HAS_LEFT, HAS_RIGHT,
-        HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, PRECISION,
-    )  # fmt: skip
+    # unmasked middle first (the bulk), then the two masked edges of this split: one helper, three ranges
+    for part in tl.static_range(3):
+        start = mid_lo if part == 0 else (split_lo if part == 1 else mid_hi)
+        end = mid_hi if part == 0 else (mid_lo if part == 1 else split_hi)
+        acc, l_i, m_i = _attend_cache_blocks(
+            acc, l_i, m_i, q, K, V, BlockTable, stride_kb, stride_kn, stride_vb, stride_vn, k_start, page_size,
+            cache_rows, start, end, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+            softcap_log2, alibi_slope_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_N, part != 0, PAGED, HAS_LEFT, HAS_RIGHT,
+            HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, PRECISION,
+        )  # fmt: skip
 
     if WRITE_FINAL and HAS_SINK:
         # the sink is one more logit in the denominator, with no value row (split results get it in combine)
