@@ -1,10 +1,14 @@
 """Eager (no CUDA graph) latency of small calls, where Python overhead dominates: decode through
 flash_attn_with_kvcache and a short forward+backward. Run it once per source tree and compare:
-    PYTHONPATH=<tree>/src python3 scripts/eager_latency.py --label <name>
+    PYTHONPATH=<tree>/src python3 scripts/eager_latency.py --label <name> [--profile "fwd+bwd 256x8x64"]
 Prints microseconds per call: the least of 15 repeats of 200 back-to-back calls (launch-bound), and
-of 200 calls each followed by a synchronize (end-to-end latency)."""
+of 200 calls each followed by a synchronize (end-to-end latency). --profile NAME then prints cProfile's
+top host functions over 500 calls of that case (where the host time goes: our Python, Triton's launcher,
+torch's allocator or autograd engine)."""
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -31,7 +35,9 @@ def per_call_us(fn, sync_each: bool, calls: int = 200, repeats: int = 15) -> flo
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--label", default=flashtron.__file__)
-    label = parser.parse_args().label
+    parser.add_argument("--profile", default=None, help="a case name, as printed")
+    parsed = parser.parse_args()
+    label = parsed.label
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     cases = {}
@@ -56,6 +62,15 @@ def main():
     cases["fwd+bwd 256x8x64"] = fwd_bwd
     for name, fn in cases.items():
         print(f"{label:>8}  {name:<24} {per_call_us(fn, False):8.1f} us/call  {per_call_us(fn, True):8.1f} us synced")
+    if parsed.profile:
+        fn = cases[parsed.profile]
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(500):
+            fn()
+        torch.cuda.synchronize()
+        profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
