@@ -57,14 +57,6 @@ def keep_mask(seed: int, p: float, offsets: torch.Tensor) -> torch.Tensor:
     return philox_randint(seed, offsets) >= keep_threshold(p)
 
 
-def dense_offsets(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, device, rows=None, cols=None):
-    """Offsets (batch, nheads, len(rows), len(cols)) of the dense layout; rows/cols default to all."""
-    rows = torch.arange(seqlen_q, device=device) if rows is None else rows
-    cols = torch.arange(seqlen_k, device=device) if cols is None else cols
-    bh = torch.arange(batch * nheads, device=device, dtype=torch.int64).view(batch, nheads, 1, 1)
-    return (bh * seqlen_q + rows.view(1, 1, -1, 1)) * seqlen_k + cols.view(1, 1, 1, -1)
-
-
 def block_keep(
     seed: int,
     p: float,

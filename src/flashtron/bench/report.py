@@ -390,10 +390,6 @@ def header_lines(meta: dict) -> list[str]:
     return lines
 
 
-def render_text(meta: dict, tables: list[Table]) -> str:
-    return "\n\n".join(["\n".join(header_lines(meta))] + [t.to_text() for t in tables])
-
-
 def render_markdown(meta: dict, tables: list[Table]) -> str:
     head = ["# flashtron benchmark", ""] + [f"- {line}" for line in header_lines(meta)]
     return "\n\n".join(["\n".join(head)] + [t.to_markdown() for t in tables]) + "\n"
