@@ -112,7 +112,8 @@ def test_launcher_grid_and_sections():
         per_section = args[-1]
         group = nheads // nheads_k
         kv = 2 * seqlen * 128 * 2
-        assert per_section >= 1 and (per_section == 1 or per_section * kv <= launch_hopper.L2_SECTION_BYTES * group)
+        assert 1 <= per_section <= batch * nheads
+        assert per_section == 1 or per_section * kv <= launch_hopper.L2_SECTION_BYTES * group
     # the dispatched tiles keep the 3-D grid
     _, grid, _, kwargs = launch_hopper.kernel_launch(q, k, k, q, torch.empty(1, 1, 64), opts)
     assert grid == (1, 1, 1) and not kwargs["PERSISTENT"]

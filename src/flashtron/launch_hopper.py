@@ -174,7 +174,9 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
     grid = (math.ceil(seqlen_q / tile.block_m), nheads, batch)
     heads_per_section = nheads
     if tile.persistent:
-        heads_per_section = _heads_per_section(k, nheads // nheads_k)
+        # at most every pair in one section: the kernel's section_tiles = heads_per_section * query blocks is
+        # then at most the tile count (i32)
+        heads_per_section = min(_heads_per_section(k, nheads // nheads_k), nheads * batch)
         grid = (min(grid[0] * nheads * batch, _num_sms(q.device)),)
     args = (
         # one Q box per consumer
