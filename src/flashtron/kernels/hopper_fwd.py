@@ -20,6 +20,12 @@ and softmax state. All of them visit the same KV blocks from the one ring (each 
 CONSUMERS have arrived). They take turns issuing their matmuls: consumer c waits on its turn barrier,
 issues the step's wgmmas, and passes the turn to consumer c + 1 (round robin), so one warpgroup's
 softmax runs while the next one's matmuls occupy the tensor cores.
+
+PERSISTENT (a candidate, compiled for sm_90 but never run; needs WARP_SPECIALIZE, CONSUMERS <= 2): a 1-D
+grid of min(work tiles, SMs) programs, each looping over its (query block, head, batch) tiles in the
+static order of _tile_coords (heaviest first under a right bound). The loader also loads each tile's Q,
+into one of two Q buffers, so the next tile's Q and K/V are in flight while the consumers finish the
+current one; ring positions and ping-pong turns count over all of a program's tiles.
 """
 
 from triton.experimental import gluon
