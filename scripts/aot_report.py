@@ -153,7 +153,8 @@ def main_decode() -> None:
 
 def main_gluon() -> None:
     """The Gluon Hopper forward for sm_90, bf16: each (warp specialization, overlap, stages) variant of the
-    dispatched tiles at d64 and d128, then the candidate tiles (ping-pong, d64 tiles), full and causal.
+    dispatched tiles at d64 and d128, then the candidate tiles (ping-pong, d64 tiles, the persistent grid
+    "persist"), full and causal.
     Registers are the launch's (with warp specialization the partitions get theirs by setmaxnreg); stack
     > 0 means spills; bar.sync lists the named barriers (id, threads): 256 is both consumer warpgroups in
     lock step, 128 one warpgroup."""

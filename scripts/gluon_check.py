@@ -5,12 +5,14 @@
 
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
 mbarrier, an illegal address) costs only that part:
-  1. check <variant>, one child per variant, in the order given (default: pp, ws-ov, pp-256x64, ov-128x64):
+  1. check <variant>, one child per variant, in the order given (default: pp, ws-ov, pp-256x64, ov-128x64;
+     `persist`, the dispatched tiles on the persistent grid, only when asked for):
      `pp` is the dispatched ping-pong tile (launch_hopper.HOPPER_TILES: two one-warpgroup consumers taking
      turns on the tensor cores) and gets the full matrix; `ws-ov` is the first tile (8 warps in lock step,
      launch_hopper.CANDIDATE_TILES["ws-ov"]), the same-run baseline, checked on the bf16 configurations that
      the timing compiles (it passed the full matrix on 2026-12-02); `pp-256x64` and `ov-128x64` are d64-only tiles
-     (launch_hopper.CANDIDATE_TILES), checked on three d64 configurations. The checks share the budget
+     (launch_hopper.CANDIDATE_TILES), checked on three d64 configurations; `persist` gets the full matrix, each
+     case also on a 3-program grid (bitwise equal to the full grid). The checks share the budget
      less TIME_RESERVE seconds, which the timing always keeps; a variant cut off by its time limit counts
      as failed and is not timed.
   2. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim,
@@ -73,6 +75,9 @@ VARIANTS = {
     "ws-ov": (lambda lh, d: lh.CANDIDATE_TILES["ws-ov"][d], TIMED, 40),  # the first tile (lock step), baseline
     "pp-256x64": (lambda lh, d: lh.CANDIDATE_TILES["pp-256x64"].get(d), D64, 35),
     "ov-128x64": (lambda lh, d: lh.CANDIDATE_TILES["ov-128x64"].get(d), D64, 35),
+    # the dispatched tiles on the persistent grid, never run before: the full matrix, each case a second time on
+    # a 3-program grid with 3-pair L2 sections (many tiles per program), bitwise equal; time limit a guess
+    "persist": (lambda lh, d: lh.CANDIDATE_TILES["persist"][d], FULL, 120),
     # the first run's other variants (2026-12-02), for --variants
     "plain": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], warp_specialize=False, overlap=False), OLD, 45),
     "ws": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], overlap=False), OLD, 45),
@@ -130,6 +135,27 @@ def _check_case(dtype, d, mask, variant, sq, sk):
     finite = torch.isfinite(lse_ref)
     assert_fa_close(lse[finite], lse_ref[finite], lse_pt.float()[finite], name="lse")
     assert torch.equal(out, out2) and torch.equal(lse, lse2), "two runs differ"
+    if tile.persistent:
+        out3, lse3 = _few_programs_forward(q, k, v, opts, tile)
+        torch.cuda.synchronize()
+        assert torch.equal(out, out3) and torch.equal(lse, lse3), "3 programs, 3-pair sections: differs"
+
+
+def _few_programs_forward(q, k, v, opts, tile, programs=3, heads_per_section=3):
+    """The persistent kernel on a grid of `programs` (each program loops over many tiles, so the ring phases,
+    Q buffers and ping-pong turns carry across tiles at every seqlen) with L2 sections of heads_per_section
+    (batch, head) pairs, a short last one. Outputs NaN-poisoned like the launcher's."""
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.outputs import new_output
+
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((q.shape[0], q.shape[2], q.shape[1]), torch.float32, q.device)
+    kernel, grid, args, kwargs = launch_hopper.kernel_launch(q, k, v, out, lse, opts, tile)
+    assert kernel.arg_names[len(args) - 1] == "heads_per_section"
+    kernel[(min(programs, grid[0]),)](*args[:-1], heads_per_section, **kwargs)
+    return out, lse
 
 
 def child_check(variants: list[str], state: str) -> None:

@@ -122,6 +122,29 @@ def test_hopper_candidate_tiles_compile(name, d, dtype, window):
     _check_barriers(tile, d, dtype, window, ptx)
 
 
+# The persistent-grid candidate ("persist": the dispatched ping-pong tiles with PERSISTENT), every head dim and
+# mask kind, bf16; never run on a GPU. Beyond the candidates' checks: the loader issues Q by TMA too, the
+# K/V ring and Q buffers sit within the shared memory (Q double-buffered), and no spill, as the one-tile
+# variant (stack 0).
+PERSIST_VARIANTS = [(d, window) for d in (64, 128) for window in ((-1, -1), (-1, 0), (64, 32))]
+
+
+@pytest.mark.parametrize("d, window", PERSIST_VARIANTS)
+def test_hopper_persistent_forward_compiles_for_sm90(d, window):
+    tile = launch_hopper.CANDIDATE_TILES["persist"][d]
+    assert tile.persistent and dataclasses.replace(tile, persistent=False) == launch_hopper.HOPPER_TILES[d]
+    compiled = _compile(d, torch.bfloat16, window, tile=tile)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx
+    assert "cp.async.bulk.tensor" in ptx
+    assert "setmaxnreg" in ptx
+    q_box = (tile.block_m // tile.consumers) * d * 2
+    kv = 2 * tile.stages * tile.block_n * d * 2
+    assert 2 * tile.consumers * q_box + kv <= compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
+    _check_barriers(tile, d, torch.bfloat16, window, ptx)
+
+
 def test_covers_only_cuda_dense_supported_calls():
     q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     opts = AttnOptions(softmax_scale=0.125)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashtron import configs
 from flashtron.options import AttnOptions
 
 LOG2E = math.log2(math.e)
@@ -46,6 +47,9 @@ class HopperTile:
     # > 1: ping-pong, that many one-warpgroup consumer partitions of block_m / consumers rows each, taking
     # turns on the tensor cores (needs warp_specialize and overlap, and num_warps 4)
     consumers: int = 1
+    # a persistent grid of min(work tiles, SMs) programs looping over (query block, head, batch) tiles, the
+    # heaviest first under a causal mask (hopper_fwd._tile_coords); needs warp_specialize, consumers <= 2
+    persistent: bool = False
 
 
 # The dispatched tiles: ping-pong, two one-warpgroup consumers of 64 rows taking turns on the tensor cores
@@ -67,7 +71,22 @@ CANDIDATE_TILES = {
     "ws-ov": {64: HopperTile(128, 128, 3), 128: HopperTile(128, 128, 2)},
     "pp-256x64": {64: HopperTile(256, 64, 4, num_warps=4, consumers=2)},
     "ov-128x64": {64: HopperTile(128, 64, 4)},
+    # the dispatched ping-pong tiles on the persistent grid, Q double-buffered (one Q box more per consumer:
+    # d64 128K, d128 192K of shared memory); compiled for sm_90 only, never run (docs/perf-notes.md,
+    # 2026-12-02, "a persistent, longest-first Gluon forward")
+    "persist": {
+        64: HopperTile(128, 128, 3, num_warps=4, consumers=2, persistent=True),
+        128: HopperTile(128, 128, 2, num_warps=4, consumers=2, persistent=True),
+    },
 }
+
+# The persistent grid's program count where kernel_launch gets no GPU to ask (CPU tensors, for compile_sm90):
+# an H100 SXM's or H200's 132 SMs. The grid is not part of the compiled kernel, so this changes no code.
+SM90_SMS = 132
+# The K and V bytes one L2 section of the persistent grid's schedule may read (hopper_fwd._tile_coords): about
+# half of an H100 SXM's / H200's 50 MB L2, the rest left to Q, O and the other section in flight. A guess,
+# not measured; a runtime argument, so trying other sizes compiles nothing new.
+L2_SECTION_BYTES = 24 << 20
 
 
 # Head dims whose covered backwards take the Gluon dK/dV kernel by default. scripts/gluon_check.py --backward
@@ -145,20 +164,27 @@ def _box_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
 
 def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None = None):
     """(kernel, grid, args, kwargs) of one launch: the arguments as kernel[grid](*args, **kwargs) takes them.
-    Works on CPU tensors too (compile_sm90 builds the same specialization from them)."""
+    Works on CPU tensors too (compile_sm90 builds the same specialization from them); a persistent tile's
+    grid then assumes SM90_SMS SMs, while on a GPU it is min(work tiles, that device's SM count)."""
     from flashtron.kernels.hopper_fwd import attention_fwd_hopper_kernel
 
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     tile = tile or HOPPER_TILES[d]
     grid = (math.ceil(seqlen_q / tile.block_m), nheads, batch)
+    heads_per_section = nheads
+    if tile.persistent:
+        # at most every pair in one section: the kernel's section_tiles = heads_per_section * query blocks is
+        # then at most the tile count (i32)
+        heads_per_section = min(_heads_per_section(k, nheads // nheads_k), nheads * batch)
+        grid = (min(grid[0] * nheads * batch, _num_sms(q.device)),)
     args = (
         # one Q box per consumer
         _descriptor(q, tile.block_m // tile.consumers), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
         out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
-        opts.softmax_scale * LOG2E,
+        opts.softmax_scale * LOG2E, nheads, batch, heads_per_section,
     )  # fmt: skip
     kwargs = dict(
         BLOCK_M=tile.block_m,
@@ -169,6 +195,7 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         WARP_SPECIALIZE=tile.warp_specialize,
         OVERLAP=tile.overlap,
         CONSUMERS=tile.consumers,
+        PERSISTENT=tile.persistent,
         num_warps=tile.num_warps,
         # with the 1-warp loader the CTA has one warpgroup more than the consumers': 3 (8 consumer warps, or
         # 2 ping-pong consumers) x 128 threads x 168 fits the 64K registers, 4 x 128 x 128 too; setmaxnreg
@@ -176,6 +203,18 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         maxnreg=(128 if tile.consumers == 3 else 168) if tile.warp_specialize else None,
     )
     return attention_fwd_hopper_kernel, grid, args, kwargs
+
+
+def _num_sms(device: torch.device) -> int:
+    """The persistent grid's program count: the device's SM count, or SM90_SMS for CPU tensors (compile only)."""
+    return configs.num_sms(device) if device.type == "cuda" else SM90_SMS
+
+
+def _heads_per_section(k: torch.Tensor, group_size: int) -> int:
+    """Query heads per L2 section of the persistent schedule: as many as share L2_SECTION_BYTES of K and V
+    (a KV head's K and V serve group_size query heads), at least one."""
+    kv_bytes = 2 * k.shape[1] * k.shape[-1] * k.element_size()  # one KV head of one batch entry
+    return max(1, L2_SECTION_BYTES * group_size // max(kv_bytes, 1))
 
 
 def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None):

@@ -20,6 +20,12 @@ and softmax state. All of them visit the same KV blocks from the one ring (each 
 CONSUMERS have arrived). They take turns issuing their matmuls: consumer c waits on its turn barrier,
 issues the step's wgmmas, and passes the turn to consumer c + 1 (round robin), so one warpgroup's
 softmax runs while the next one's matmuls occupy the tensor cores.
+
+PERSISTENT (a candidate, compiled for sm_90 but never run; needs WARP_SPECIALIZE, CONSUMERS <= 2): a 1-D
+grid of min(work tiles, SMs) programs, each looping over its (query block, head, batch) tiles in the
+static order of _tile_coords (heaviest first under a right bound). The loader also loads each tile's Q,
+into one of two Q buffers, so the next tile's Q and K/V are in flight while the consumers finish the
+current one; ring positions and ping-pong turns count over all of a program's tiles.
 """
 
 from triton.experimental import gluon
@@ -57,34 +63,44 @@ def _kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: g
 # turn (4 STAGES + 1 + c). Ready barriers complete when TMA has written the bytes; free barriers when every
 # consumer is done reading the slot (warp-specialized only: count CONSUMERS, one arrive per consumer).
 @gluon.jit
-def _load_k(k_desc, k_bufs, bars, t, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, pred=True):
-    """Start the TMA load of the t-th K block the program visits into slot t % STAGES."""
+def _load_k(k_desc, k_bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, pred=True):
+    """Start the TMA load of the K block at key row `row` into ring position t (slot t % STAGES)."""
     s = t % STAGES
     bar = bars.index(s)
     mbarrier.expect(bar, k_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, [off_b, lo + t * BLOCK_N, off_hk, 0], bar, k_bufs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [off_b, row, off_hk, 0], bar, k_bufs.index(s), pred=pred)
 
 
 @gluon.jit
-def _load_v(v_desc, v_bufs, bars, t, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, pred=True):
+def _load_v(v_desc, v_bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, pred=True):
     s = t % STAGES
     bar = bars.index(STAGES + s)
     mbarrier.expect(bar, v_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(v_desc, [off_b, lo + t * BLOCK_N, off_hk, 0], bar, v_bufs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [off_b, row, off_hk, 0], bar, v_bufs.index(s), pred=pred)
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, t0, n_blocks, lo, off_b, off_hk,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Load one work tile's n_blocks K and V blocks from key row lo into ring positions t0, t0 + 1, ...,
+    each as soon as the consumers release its slot. t0 counts the blocks of the program's earlier tiles
+    (persistent kernel), so the phases carry on from one tile to the next."""
+    for j in range(n_blocks):
+        t = t0 + j
+        s = t % STAGES
+        # a fresh mbarrier counts as having completed the phase before 0, so the first lap passes
+        phase = ((t // STAGES) & 1) ^ 1
+        mbarrier.wait(bars.index(2 * STAGES + s), phase)
+        _load_k(k_desc, k_bufs, bars, t, lo + j * BLOCK_N, off_b, off_hk, STAGES)
+        mbarrier.wait(bars.index(3 * STAGES + s), phase)
+        _load_v(v_desc, v_bufs, bars, t, lo + j * BLOCK_N, off_b, off_hk, STAGES)
 
 
 @gluon.jit
 def _loader(k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     """The load partition: refill each K and V slot as soon as the consumers release it."""
-    for t in range(n_blocks):
-        s = t % STAGES
-        # a fresh mbarrier counts as having completed the phase before 0, so the first lap passes
-        phase = ((t // STAGES) & 1) ^ 1
-        mbarrier.wait(bars.index(2 * STAGES + s), phase)
-        _load_k(k_desc, k_bufs, bars, t, lo, off_b, off_hk, BLOCK_N, STAGES)
-        mbarrier.wait(bars.index(3 * STAGES + s), phase)
-        _load_v(v_desc, v_bufs, bars, t, lo, off_b, off_hk, BLOCK_N, STAGES)
+    _load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, 0, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -95,7 +111,8 @@ def _k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.co
     if WARP_SPECIALIZE:
         mbarrier.arrive(bars.index(2 * STAGES + t % STAGES), count=1)
     else:
-        _load_k(k_desc, k_bufs, bars, t + STAGES, lo, off_b, off_hk, BLOCK_N, STAGES, pred=t + STAGES < n_blocks)
+        row = lo + (t + STAGES) * BLOCK_N
+        _load_k(k_desc, k_bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, pred=t + STAGES < n_blocks)
 
 
 @gluon.jit
@@ -104,7 +121,8 @@ def _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.co
     if WARP_SPECIALIZE:
         mbarrier.arrive(bars.index(3 * STAGES + t % STAGES), count=1)
     else:
-        _load_v(v_desc, v_bufs, bars, t + STAGES, lo, off_b, off_hk, BLOCK_N, STAGES, pred=t + STAGES < n_blocks)
+        row = lo + (t + STAGES) * BLOCK_N
+        _load_v(v_desc, v_bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, pred=t + STAGES < n_blocks)
 
 
 @gluon.jit
@@ -159,13 +177,15 @@ def _softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left
 
 
 @gluon.jit
-def _attend(acc, m_i, l_i, p_op, t, q_smem, k_desc, v_desc, k_bufs, v_bufs, bars,
+def _attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, bars,
             start, end, n_blocks, lo, off_b, off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
             STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
             WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
             CONSUMERS: gl.constexpr):  # fmt: skip
-    """Fold KV blocks [start, end) into (acc, m_i, l_i); t is the ring position of the first of them.
+    """Fold KV blocks [start, end) into (acc, m_i, l_i); t is the ring position of the first of them, and
+    t + tb a ping-pong turn count (tb: the tiles this program finished before, each one turn more than
+    blocks; 0 without the persistent grid).
 
     Plain order, per block: S = Q K^T, wait, softmax, O += P V, wait. With OVERLAP (FA3's intra-warpgroup
     overlap) block t's P V is not issued yet on entry (p_op holds its P): each step issues S(t+1) = Q K^T
@@ -182,7 +202,7 @@ def _attend(acc, m_i, l_i, p_op, t, q_smem, k_desc, v_desc, k_bufs, v_bufs, bars
         mbarrier.wait(bars.index(s), (t // STAGES) & 1)
         k_tile = k_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         if OVERLAP:
-            _turn_wait(bars, t, STAGES, CID, CONSUMERS)
+            _turn_wait(bars, t + tb, STAGES, CID, CONSUMERS)
             qk = warpgroup_mma(q_smem, k_tile, zero_s, use_acc=False, is_async=True)
             sp = (t - 1) % STAGES
             mbarrier.wait(bars.index(STAGES + sp), ((t - 1) // STAGES) & 1)
@@ -217,12 +237,41 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
               OVERLAP: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr):  # fmt: skip
-    """A math partition: both matmuls, the online softmax, the epilogue, for rows [CID * ROWS, (CID + 1)
-    * ROWS) of the block (ROWS = BLOCK_M / CONSUMERS). Visits n_blocks >= 1 KV blocks from lo (the same
-    for every consumer: the range is the whole block's): the first is peeled off (masked), then the
-    masked left edge, the unmasked middle and the masked right edge, in ascending order as the loads were
-    issued."""
+    """A math partition of the one-tile-per-program kernel: rows [CID * ROWS, (CID + 1) * ROWS) of the
+    block (ROWS = BLOCK_M / CONSUMERS), see _consume_tile. Without the loader partition it also issues
+    the first STAGES K/V loads."""
     gl.static_assert(CONSUMERS == 1 or (WARP_SPECIALIZE and OVERLAP), "ping-pong needs the loader and overlap")
+    if not WARP_SPECIALIZE:
+        for i in gl.static_range(STAGES):
+            _load_k(k_desc, k_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, pred=i < n_blocks)
+            _load_v(v_desc, v_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, pred=i < n_blocks)
+    q_tile = q_smem.index(CID).reshape([BLOCK_M // CONSUMERS, HEAD_DIM])
+    t = 0  # assigned, so a value (a constexpr argument could not be carried through _attend's loop)
+    tb = 0
+    _consume_tile(
+        q_tile, bars.index(4 * STAGES), 0, bars.index(4 * STAGES), k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE,
+        stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k,
+        window_left, window_right, qk_scale, lo, full_lo, full_hi, hi, n_blocks, t, tb,
+        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, CID, CONSUMERS, False,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE,
+                  stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q,
+                  seqlen_k, window_left, window_right, qk_scale, lo, full_lo, full_hi, hi, n_blocks, t, tb,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
+                  OVERLAP: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr,
+                  RELEASE_Q: gl.constexpr):  # fmt: skip
+    """Both matmuls, the online softmax and the epilogue of one work tile, for this consumer's rows
+    [CID * ROWS, (CID + 1) * ROWS) of the block (ROWS = BLOCK_M / CONSUMERS), its Q in q_tile once q_ready
+    completes phase q_phase. Visits n_blocks >= 1 KV blocks from lo (the same for every consumer: the
+    range is the whole block's): the first is peeled off (masked), then the masked left edge, the unmasked
+    middle and the masked right edge, in ascending order as the loads were issued. t is the ring position
+    of the tile's first KV block and tb the tiles this program finished before (both 0 without the
+    persistent grid; ring phases and ping-pong turns count on across tiles). With RELEASE_Q, arrives on
+    q_free once the tile's last S = Q K^T is done. Returns the ring position after the tile."""
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     num_warps: gl.constexpr = gl.num_warps()
     dtype: gl.constexpr = k_desc.dtype
@@ -232,36 +281,30 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
     )
-    if not WARP_SPECIALIZE:
-        for i in gl.static_range(STAGES):
-            _load_k(k_desc, k_bufs, bars, i, lo, off_b, off_hk, BLOCK_N, STAGES, pred=i < n_blocks)
-            _load_v(v_desc, v_bufs, bars, i, lo, off_b, off_hk, BLOCK_N, STAGES, pred=i < n_blocks)
-
     offs_m = start_m + CID * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    q_tile = q_smem.index(CID).reshape([ROWS, HEAD_DIM])
-    mbarrier.wait(bars.index(4 * STAGES), 0)
+    mbarrier.wait(q_ready, q_phase)
 
-    # block 0: scores and softmax (with the mask: it may be an edge block, or see nothing at all)
-    mbarrier.wait(bars.index(0), 0)
-    k_tile = k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-    _turn_wait(bars, 0, STAGES, CID, CONSUMERS)
+    # the tile's first block: scores and softmax (with the mask: it may be an edge block, or see nothing at all)
+    s0 = t % STAGES
+    mbarrier.wait(bars.index(s0), (t // STAGES) & 1)
+    k_tile = k_bufs.index(s0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    _turn_wait(bars, t + tb, STAGES, CID, CONSUMERS)
     qk = warpgroup_mma(q_tile, k_tile, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
     _turn_pass(bars, STAGES, CID, CONSUMERS)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-    _k_done(k_desc, k_bufs, bars, 0, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+    _k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
     p, _, m_i, l_i = _softmax_step(qk, m_i, l_i, offs_m, lo, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
                                    s_layout, BLOCK_N, True, HAS_LEFT, HAS_RIGHT)  # fmt: skip
     p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
-    t = 0
     if not OVERLAP:
-        mbarrier.wait(bars.index(STAGES), 0)
-        acc = warpgroup_mma(p_op, v_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        mbarrier.wait(bars.index(STAGES + s0), (t // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(s0).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        _v_done(v_desc, v_bufs, bars, 0, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
-        t = 1
+        _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+        t = t + 1
 
     first = lo + BLOCK_N
     for seg in gl.static_range(3):
@@ -273,19 +316,23 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
         else:
             start, end = gl.maximum(full_hi, first), gl.maximum(hi, first)
         acc, m_i, l_i, p_op, t = _attend(
-            acc, m_i, l_i, p_op, t, q_tile, k_desc, v_desc, k_bufs, v_bufs, bars, start, end, n_blocks, lo, off_b,
-            off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, s_layout, o_layout, BLOCK_N,
-            HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, CID, CONSUMERS,
+            acc, m_i, l_i, p_op, t, tb, q_tile, k_desc, v_desc, k_bufs, v_bufs, bars, start, end, n_blocks, lo,
+            off_b, off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, s_layout, o_layout,
+            BLOCK_N, HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, CID, CONSUMERS,
         )  # fmt: skip
+    if RELEASE_Q:
+        # every S of the tile has been waited for: the loader may put a later tile's Q into this buffer
+        mbarrier.arrive(q_free, count=1)
     if OVERLAP:
-        # the last block's P V (turn n_blocks)
+        # the last block's P V (the tile's turn n_blocks)
         s = t % STAGES
         mbarrier.wait(bars.index(STAGES + s), (t // STAGES) & 1)
-        _turn_wait(bars, t + 1, STAGES, CID, CONSUMERS)
+        _turn_wait(bars, t + 1 + tb, STAGES, CID, CONSUMERS)
         acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         _turn_pass(bars, STAGES, CID, CONSUMERS)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+        t = t + 1
 
     # rows that saw nothing have l_i == 0: out 0, lse -inf
     empty = l_i == 0.0
@@ -300,46 +347,155 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
     Out += off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
     o_ptrs = Out + gl.expand_dims(offs_om.to(gl.int64) * stride_om, 1) + gl.expand_dims(offs_d, 0)
     gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims(offs_om < seqlen_q, 1))
+    return t
+
+
+@gluon.jit
+def _load_q(q_desc, q_smem, bar, first, start_m, off_b, off_h, seqlen_q, BLOCK_M: gl.constexpr,
+            CONSUMERS: gl.constexpr):  # fmt: skip
+    """TMA the block's Q, one box per consumer, into q_smem[first + c]; bar completes when all have landed."""
+    mbarrier.expect(bar, CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):
+        row = start_m + c * (BLOCK_M // CONSUMERS)
+        if c > 0:
+            # a consumer whose rows all lie past seqlen_q reads the last row's box instead of one wholly out
+            # of bounds (its results are not stored); the expected byte count stays the full box
+            row = gl.minimum(row, seqlen_q - 1)
+        tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], bar, q_smem.index(first + c))
+
+
+# The persistent grid (PERSISTENT): num_programs = min(work tiles, SMs) programs, program p doing linear work
+# tiles p, p + num_programs, p + 2 num_programs, ... (a static schedule: no atomics, no tile counter). A work
+# tile is (query block, head, batch entry). The linear order: (batch, head) pairs, heads of one batch entry
+# adjacent (a GQA group's heads share their K/V), cut into L2 sections of heads_per_section pairs (the
+# launcher sizes a section so that its K and V fit in part of the L2); within a section the query block is
+# the outer index and the pair the inner one. So the programs running at one time read the K/V of a few
+# heads, as the 3-D grid's launch order gives the one-tile kernel. With a right bound (causal) the last
+# query blocks see the most keys: REVERSE hands them out first (longest processing time first), so within
+# a section the work per tile never grows along the linear order, each program's tiles of a section come
+# heaviest first, and the short tiles fill the tail; with a left bound only, or none, the first blocks
+# see the most (or all the same), and the order stays ascending.
+@gluon.jit
+def _tile_coords(tile, n_m, n_pairs, nheads, heads_per_section, REVERSE: gl.constexpr):
+    """(query block, head, batch entry) of linear work tile `tile` in [0, n_m * n_pairs); n_pairs = batch
+    * nheads. Integer arithmetic on non-negative values only, so it means the same in the kernel (i32) as
+    called on Python ints: tests/test_hopper_schedule.py calls this very function (its .fn) to check that
+    the order visits every tile once and heaviest first."""
+    section_tiles = heads_per_section * n_m
+    section = tile // section_tiles
+    inner = tile % section_tiles
+    first_pair = section * heads_per_section
+    width = heads_per_section  # the last section may hold fewer pairs
+    if n_pairs - first_pair < heads_per_section:
+        width = n_pairs - first_pair
+    pid_m = inner // width
+    if REVERSE:
+        pid_m = n_m - 1 - pid_m
+    pair = first_pair + inner % width
+    return pid_m, pair % nheads, pair // nheads
+
+
+@gluon.jit
+def _tile_work(tile, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch, heads_per_section,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr,
+               HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """Everything a partition needs of linear work tile `tile`: its rows, head, batch entry and KV range."""
+    n_m = gl.cdiv(seqlen_q, BLOCK_M)
+    pid_m, off_h, off_b = _tile_coords(tile, n_m, batch * nheads, nheads, heads_per_section, HAS_RIGHT)
+    start_m = pid_m * BLOCK_M
+    lo, full_lo, full_hi, hi = _kv_range(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)  # at least one, as in the kernel body
+    return start_m, off_h, off_b, off_h // group_size, lo, full_lo, full_hi, hi, n_blocks
+
+
+@gluon.jit
+def _persistent_tiles(seqlen_q, nheads, batch, BLOCK_M: gl.constexpr):
+    """(first tile, stride, tile count) of this program's work tiles in the persistent grid."""
+    pid = gl.program_id(0)
+    n_programs = gl.num_programs(0)
+    n_tiles = gl.cdiv(seqlen_q, BLOCK_M) * nheads * batch
+    return pid, n_programs, gl.cdiv(n_tiles - pid, n_programs)  # the grid has at most n_tiles programs
+
+
+@gluon.jit
+def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k,
+                       group_size, window_left, window_right, nheads, batch, heads_per_section,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr):  # fmt: skip
+    """The load partition of the persistent grid: per work tile, its Q into Q buffer i % 2 (once the
+    consumers have released that buffer, two tiles back), then its K/V blocks into the ring, the ring
+    position counting on across tiles. The next tile's Q and first K/V blocks go out while the consumers
+    still work on the current tile: no drain between tiles."""
+    first, stride, n_work = _persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
+    t = 0
+    for i in range(n_work):
+        start_m, off_h, off_b, off_hk, lo, _, _, hi, n_blocks = _tile_work(
+            first + i * stride, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch,
+            heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+        )  # fmt: skip
+        qb = i % 2
+        mbarrier.wait(q_bars.index(2 + qb), ((i // 2) & 1) ^ 1)  # free: the first lap passes (fresh barrier)
+        _load_q(q_desc, q_smem, q_bars.index(qb), qb * CONSUMERS, start_m, off_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
+        _load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)
+        t += n_blocks
+
+
+@gluon.jit
+def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                         stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                         qk_scale, nheads, batch, heads_per_section,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
+                         CONSUMERS: gl.constexpr):  # fmt: skip
+    """A math partition of the persistent grid: _consume_tile over this program's work tiles, in the
+    loader's order, with the K/V ring position t and the tile count i (ping-pong turns: each tile takes
+    n_blocks + 1 of them) carried from one tile to the next."""
+    first, stride, n_work = _persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
+    t = 0
+    for i in range(n_work):
+        start_m, off_h, off_b, off_hk, lo, full_lo, full_hi, hi, n_blocks = _tile_work(
+            first + i * stride, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch,
+            heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+        )  # fmt: skip
+        qb = i % 2
+        q_tile = q_smem.index(qb * CONSUMERS + CID).reshape([BLOCK_M // CONSUMERS, HEAD_DIM])
+        t = _consume_tile(
+            q_tile, q_bars.index(qb), (i // 2) & 1, q_bars.index(2 + qb), k_desc, v_desc, k_bufs, v_bufs, bars,
+            Out, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m,
+            seqlen_q, seqlen_k, window_left, window_right, qk_scale, lo, full_lo, full_hi, hi, n_blocks, t, i,
+            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, True, OVERLAP, CID, CONSUMERS, True,
+        )  # fmt: skip
 
 
 # seqlens and the LSE strides that follow them are runtime values: no recompile per sequence length; nor
 # per GQA group size (1 would be a specialization of its own, for one integer division per program)
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group_size", "window_left", "window_right", "stride_lb",
-                              "stride_lh"])  # fmt: skip
+# nheads, batch and heads_per_section (read by the persistent grid only) likewise
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group_size", "window_left", "window_right", "nheads",
+                              "batch", "heads_per_section", "stride_lb", "stride_lh"])  # fmt: skip
 def attention_fwd_hopper_kernel(
     q_desc, k_desc, v_desc, Out, LSE,
     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale,
+    seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, nheads, batch, heads_per_section,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr,
-    CONSUMERS: gl.constexpr = 1,
+    CONSUMERS: gl.constexpr = 1, PERSISTENT: gl.constexpr = False,
 ):  # fmt: skip
     """q_desc, k_desc, v_desc: TMA descriptors over (batch, seqlen, nheads, headdim), boxes
     [1, BLOCK_M / CONSUMERS or BLOCK_N, 1, HEAD_DIM]. Out: like q (last stride 1); LSE: (batch, nheads,
     seqlen_q), rows contiguous. qk_scale = softmax_scale * log2(e). group_size = nheads // nheads_k.
     seqlen_k > 0. CONSUMERS 1: one math partition of num_warps warps; 2 or 3: ping-pong, one warpgroup
-    each (launch with num_warps = 4)."""
+    each (launch with num_warps = 4). PERSISTENT (warp-specialized, 1 or 2 consumers): a 1-D grid of at
+    most cdiv(seqlen_q, BLOCK_M) * nheads * batch programs, each looping over its work tiles (_tile_coords);
+    otherwise the grid is (query blocks, nheads, batch) and those three arguments are not read."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     gl.static_assert(q_desc.block_type.shape[1] * CONSUMERS == BLOCK_M)
     gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
     gl.static_assert(CONSUMERS == 1 or gl.num_warps() == 4, "ping-pong: one warpgroup per consumer")
-    pid_m = gl.program_id(0)
-    off_h = gl.program_id(1)
-    off_b = gl.program_id(2)
-    if HAS_RIGHT:
-        # with a right bound the last query blocks see the most keys: launch them first
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    off_hk = off_h // group_size
-    lo, full_lo, full_hi, hi = _kv_range(
-        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-    )
-    # at least one block, also for rows that see no key: block lo is in range (lo < seqlen_k) and fully
-    # masked, so they come out as out 0 / lse -inf without a separate path
-    n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)
-
-    # one Q tile per consumer
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    # one Q tile per consumer; the persistent grid double-buffers them (the next tile's Q lands early)
+    Q_BUFS: gl.constexpr = 2 if PERSISTENT else 1
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_BUFS * CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     N_BARS: gl.constexpr = 4 * STAGES + 1 + (CONSUMERS if CONSUMERS > 1 else 0)
@@ -351,70 +507,121 @@ def attention_fwd_hopper_kernel(
     for i in gl.static_range(4 * STAGES, N_BARS):  # Q ready, turns
         mbarrier.init(bars.index(i), count=1)
 
-    mbarrier.expect(bars.index(4 * STAGES), CONSUMERS * q_desc.block_type.nbytes)
-    for c in gl.static_range(CONSUMERS):
-        row = start_m + c * (BLOCK_M // CONSUMERS)
-        if c > 0:
-            # a consumer whose rows all lie past seqlen_q reads the last row's box instead of one wholly out
-            # of bounds (its results are not stored); the expected byte count stays the full box
-            row = gl.minimum(row, seqlen_q - 1)
-        tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], bars.index(4 * STAGES), q_smem.index(c))
+    if PERSISTENT:
+        gl.static_assert(WARP_SPECIALIZE and CONSUMERS <= 2, "persistent: the loader partition, 1 or 2 consumers")
+        # Q buffer b: ready (b), free (2 + b), completing when every consumer has released it; the Q ready
+        # barrier of `bars` is not used
+        q_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bars.index(i), count=1)
+            mbarrier.init(q_bars.index(2 + i), count=CONSUMERS)
+        if CONSUMERS == 2:
+            gl.warp_specialize([
+                (_persistent_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                    stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                    qk_scale, nheads, batch, heads_per_section,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, OVERLAP, 0, CONSUMERS,
+                )),
+                (_persistent_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                    stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                    qk_scale, nheads, batch, heads_per_section,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, OVERLAP, 1, CONSUMERS,
+                )),
+                (_persistent_loader, (
+                    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
+                    window_left, window_right, nheads, batch, heads_per_section,
+                    BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, CONSUMERS,
+                )),
+            ], [4, 1], [240, 24])  # fmt: skip
+        else:
+            gl.warp_specialize([
+                (_persistent_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                    stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                    qk_scale, nheads, batch, heads_per_section,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, OVERLAP, 0, 1,
+                )),
+                (_persistent_loader, (
+                    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
+                    window_left, window_right, nheads, batch, heads_per_section,
+                    BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1,
+                )),
+            ], [1], [24])  # fmt: skip
+    else:
+        pid_m = gl.program_id(0)
+        off_h = gl.program_id(1)
+        off_b = gl.program_id(2)
+        if HAS_RIGHT:
+            # with a right bound the last query blocks see the most keys: launch them first
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        start_m = pid_m * BLOCK_M
+        off_hk = off_h // group_size
+        lo, full_lo, full_hi, hi = _kv_range(
+            start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+        )
+        # at least one block, also for rows that see no key: block lo is in range (lo < seqlen_k) and fully
+        # masked, so they come out as out 0 / lse -inf without a separate path
+        n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)
 
-    # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
-    if CONSUMERS == 3:
-        # 4 warpgroups at maxnreg 128: the loader's warpgroup gives up 104, the consumers get 160 each
-        gl.warp_specialize([
-            (_consumer, (
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, CONSUMERS,
-            )),
-            (_consumer, (
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
-            )),
-            (_consumer, (
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 2, CONSUMERS,
-            )),
-            (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
-        ], [4, 4, 1], [160, 160, 24])  # fmt: skip
-    elif CONSUMERS == 2:
-        # consumer 0 is the default partition (4 warps), consumer 1 a 4-warp worker
-        gl.warp_specialize([
-            (_consumer, (
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, CONSUMERS,
-            )),
-            (_consumer, (
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
-            )),
-            (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
-        ], [4, 1], [240, 24])  # fmt: skip
-    elif WARP_SPECIALIZE:
-        gl.warp_specialize([
-            (_consumer, (
+        _load_q(q_desc, q_smem, bars.index(4 * STAGES), 0, start_m, off_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
+
+        # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
+        if CONSUMERS == 3:
+            # 4 warpgroups at maxnreg 128: the loader's warpgroup gives up 104, the consumers get 160 each
+            gl.warp_specialize([
+                (_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, CONSUMERS,
+                )),
+                (_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
+                )),
+                (_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 2, CONSUMERS,
+                )),
+                (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+            ], [4, 4, 1], [160, 160, 24])  # fmt: skip
+        elif CONSUMERS == 2:
+            # consumer 0 is the default partition (4 warps), consumer 1 a 4-warp worker
+            gl.warp_specialize([
+                (_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, CONSUMERS,
+                )),
+                (_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
+                )),
+                (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+            ], [4, 1], [240, 24])  # fmt: skip
+        elif WARP_SPECIALIZE:
+            gl.warp_specialize([
+                (_consumer, (
+                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, 1,
+                )),
+                (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+            ], [1], [24])  # fmt: skip
+        else:
+            _consumer(
                 q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
                 stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
                 qk_scale, lo, full_lo, full_hi, hi, n_blocks,
                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, 1,
-            )),
-            (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
-        ], [1], [24])  # fmt: skip
-    else:
-        _consumer(
-            q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-            stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-            qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, 1,
-        )  # fmt: skip
+            )  # fmt: skip

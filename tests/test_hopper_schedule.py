@@ -1,0 +1,119 @@
+"""The persistent Gluon forward's static tile schedule (kernels/hopper_fwd._tile_coords), on the CPU.
+
+The kernel calls `_tile_coords` on i32 scalars; here its Python body (the JITFunction's `.fn`, the same
+source, not a copy) runs on Python ints, which means the same because it only divides and takes remainders
+of non-negative values. Program p of a grid of P does linear tiles p, p + P, p + 2P, ... (hopper_fwd.
+_persistent_tiles), as simulated below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
+
+from flashtron import launch_hopper  # noqa: E402
+from flashtron.kernels.hopper_fwd import _tile_coords  # noqa: E402
+
+tile_coords = _tile_coords.fn  # the undecorated function: plain Python on ints
+
+BLOCK_M = BLOCK_N = 128
+
+
+def _causal_blocks(pid_m: int, seqlen_q: int, seqlen_k: int) -> int:
+    """KV blocks a query block visits under the bottom-right causal mask (the work of the tile), at least one
+    as in the kernel: test-side arithmetic, not the kernel's _kv_range."""
+    hi = min(seqlen_k, max((pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q, 0))
+    return max(math.ceil(hi / BLOCK_N), 1)
+
+
+def _programs(n_tiles: int, grid: int) -> list[list[int]]:
+    """Each program's linear tiles, in the order it does them."""
+    return [list(range(p, n_tiles, grid)) for p in range(grid)]
+
+
+# (batch, nheads, seqlen_q, heads_per_section): sections that divide the (batch, head) pairs, that do not
+# (a short last section), one section of everything, one pair per section, a single query block
+SHAPES = [(2, 8, 1000, 16), (2, 8, 1000, 3), (3, 5, 300, 4), (16, 16, 1024, 50), (1, 1, 4096, 1), (4, 3, 100, 2)]
+GRIDS = [1, 7, 132, 10_000]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("batch, nheads, seqlen_q, per_section", SHAPES)
+def test_every_tile_once(batch, nheads, seqlen_q, per_section, reverse):
+    n_m = math.ceil(seqlen_q / BLOCK_M)
+    n_tiles = n_m * nheads * batch
+    for grid in GRIDS:
+        grid = min(grid, n_tiles)  # kernel_launch's grid
+        seen = [tile_coords(t, n_m, batch * nheads, nheads, per_section, reverse)
+                for tiles in _programs(n_tiles, grid) for t in tiles]  # fmt: skip
+        assert len(seen) == n_tiles
+        assert set(seen) == {(m, h, b) for m in range(n_m) for h in range(nheads) for b in range(batch)}
+
+
+@pytest.mark.parametrize("batch, nheads, seqlen_q, per_section", SHAPES)
+@pytest.mark.parametrize("seqlen_k_delta", [0, 300, -200])
+def test_causal_heaviest_first(batch, nheads, seqlen_q, per_section, seqlen_k_delta):
+    """Within an L2 section the work never grows along the linear order, so each program does its tiles of
+    a section heaviest first; with the whole problem one section, every program's whole sequence never
+    grows and each wave of the grid is at least as heavy, tile for tile, as any later one."""
+    seqlen_k = max(seqlen_q + seqlen_k_delta, 1)
+    n_m = math.ceil(seqlen_q / BLOCK_M)
+    n_pairs = batch * nheads
+    section_tiles = per_section * n_m
+    n_tiles = n_m * n_pairs
+
+    def work(t):
+        return _causal_blocks(tile_coords(t, n_m, n_pairs, nheads, per_section, True)[0], seqlen_q, seqlen_k)
+
+    for start in range(0, n_tiles, section_tiles):
+        works = [work(t) for t in range(start, min(start + section_tiles, n_tiles))]
+        assert works == sorted(works, reverse=True)
+        assert works[0] == _causal_blocks(n_m - 1, seqlen_q, seqlen_k)  # a section opens with a last block
+    one = n_pairs  # one section of every pair
+    for grid in GRIDS:
+        grid = min(grid, n_tiles)
+        waves = [[_causal_blocks(tile_coords(t, n_m, n_pairs, nheads, one, True)[0], seqlen_q, seqlen_k)
+                  for t in range(w, min(w + grid, n_tiles))] for w in range(0, n_tiles, grid)]  # fmt: skip
+        for earlier, later in zip(waves, waves[1:]):
+            assert min(earlier) >= max(later)
+
+
+def test_sections_keep_heads_together():
+    """No mask: the tiles running at one time (a window of the linear order as long as the section) belong
+    to at most two sections' worth of (batch, head) pairs, heads of one batch entry adjacent."""
+    batch, nheads, n_m, per_section = 4, 6, 9, 4
+    coords = [tile_coords(t, n_m, batch * nheads, nheads, per_section, False) for t in range(batch * nheads * n_m)]
+    pairs = [b * nheads + h for _, h, b in coords]
+    window = per_section * n_m
+    for start in range(0, len(coords) - window + 1):
+        assert len(set(pairs[start : start + window])) <= 2 * per_section
+    # the first section: query blocks ascending (no mask), its pairs the first per_section ones
+    assert [m for m, _, _ in coords[:window:per_section]] == list(range(n_m))
+    assert set(pairs[:window]) == set(range(per_section))
+
+
+def test_launcher_grid_and_sections():
+    """kernel_launch's persistent grid: min(tiles, SMs), SM90_SMS for CPU tensors; the section size fits
+    L2_SECTION_BYTES of K and V (a GQA group's heads share theirs), at least one head."""
+    import torch
+
+    from flashtron.options import AttnOptions
+
+    tile = launch_hopper.CANDIDATE_TILES["persist"][128]
+    opts = AttnOptions(softmax_scale=0.1, window_right=0)
+    for batch, seqlen, nheads, nheads_k, programs in ((2, 300, 4, 2, 24), (16, 1024, 16, 16, 132), (1, 64, 1, 1, 1)):
+        q = torch.empty(batch, seqlen, nheads, 128, dtype=torch.bfloat16)
+        k = torch.empty(batch, seqlen, nheads_k, 128, dtype=torch.bfloat16)
+        _, grid, args, kwargs = launch_hopper.kernel_launch(q, k, k, q, torch.empty(batch, nheads, seqlen), opts, tile)
+        assert grid == (programs,) and kwargs["PERSISTENT"]
+        per_section = args[-1]
+        group = nheads // nheads_k
+        kv = 2 * seqlen * 128 * 2
+        assert 1 <= per_section <= batch * nheads
+        assert per_section == 1 or per_section * kv <= launch_hopper.L2_SECTION_BYTES * group
+    # the dispatched tiles keep the 3-D grid
+    _, grid, _, kwargs = launch_hopper.kernel_launch(q, k, k, q, torch.empty(1, 1, 64), opts)
+    assert grid == (1, 1, 1) and not kwargs["PERSISTENT"]
