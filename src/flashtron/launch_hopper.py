@@ -285,6 +285,67 @@ def attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions
     kernel[grid](*args, **kwargs)
 
 
+# The Gluon dQ kernel (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel), opt-in: launch.attention_backward
+# runs it in place of the Triton dQ only with FLASHTRON_GLUON_DQ=1 (env.gluon_dq) and only for calls whose
+# dK/dV takes the Gluon kernel. It has been compiled for sm_90 but has never run on a GPU (docs/perf-notes.md,
+# 2026-12-02, "a Gluon dQ kernel").
+@dataclass(frozen=True)
+class HopperDqTile:
+    block_m: int  # query rows per program (resident Q and dO)
+    block_n: int  # keys per step of the loop (K, V ring slots)
+    stages: int  # (K, V) ring slots
+    num_warps: int = 8  # two consumer warpgroups of block_m / 2 rows each
+
+
+# 128 query rows in two warpgroups, as the forward. Registers a consumer thread holds through a step (fp32
+# unless said): dQ 128 x d / 256, S and dP 2 x 128 x BLOCK_N / 256, the 16-bit dS operand of the in-flight
+# dQ wgmma 128 x BLOCK_N / 512: d64 with 128 keys 32 + 128 + 32 = 192; d128 with 64 keys 64 + 64 + 16 = 144
+# (128 keys would be 256, past setmaxnreg's 240). Shared memory, 16-bit: Q + dO 2 x 128 x d plus STAGES x
+# (K + V) of BLOCK_N x d: d64 32K + 2 x 32K = 96K; d128 64K + 3 x 32K = 160K. Not measured.
+HOPPER_DQ_TILES = {
+    64: HopperDqTile(128, 128, 2),
+    128: HopperDqTile(128, 64, 3),
+}
+
+
+def backward_dq_launch(q, k, v, dout, lse, delta, dq, opts: AttnOptions, tile: HopperDqTile | None = None):
+    """(kernel, grid, args, kwargs) of one dQ launch, as kernel_launch. lse and delta: (batch, nheads,
+    seqlen_q) fp32 with the same strides, rows contiguous; dq like q (last stride 1)."""
+    from flashtron.kernels.hopper_bwd import attention_bwd_dq_hopper_kernel
+
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    tile = tile or HOPPER_DQ_TILES[d]
+    assert lse.stride() == delta.stride() and lse.stride(2) == 1
+    grid = (math.ceil(seqlen_q / tile.block_m), nheads, batch)
+    args = (
+        _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+        _descriptor(dout, tile.block_m), lse, delta, dq,
+        lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
+        seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
+        opts.softmax_scale * LOG2E, opts.softmax_scale,
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        STAGES=tile.stages,
+        HAS_LEFT=opts.window_left >= 0,
+        HAS_RIGHT=opts.window_right >= 0,
+        num_warps=tile.num_warps,
+        maxnreg=168,  # as backward_dkdv_launch: setmaxnreg gives the consumers 240, the loader 24
+    )
+    return attention_bwd_dq_hopper_kernel, grid, args, kwargs
+
+
+def attention_backward_dq(q, k, v, dout, lse, delta, dq, opts: AttnOptions, tile: HopperDqTile | None = None):
+    """Writes dq (allocated by the caller, like q) of a covered backward; the arguments as
+    attention_backward_dkdv's. Callers check `covers_backward` first."""
+    if not _tma_ok(dout) or 0 in dout.stride():  # e.g. an expanded gradient
+        dout = dout.contiguous()
+    kernel, grid, args, kwargs = backward_dq_launch(q, k, v, dout, lse, delta, dq, opts, tile)
+    kernel[grid](*args, **kwargs)
+
+
 def compile_sm90(kernel, args, kwargs):
     """Compile kernel for sm_90 exactly as kernel[grid](*args, **kwargs) would specialize it, without a GPU.
     Returns triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata.shared)."""

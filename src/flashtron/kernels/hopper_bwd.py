@@ -25,11 +25,29 @@ Ring: STAGES slots of (Q, dO), a ready barrier each (TMA arrives with the byte c
 per slot that the consumers arrive on once both matmuls reading it (dV's and dK's) are done. The query
 blocks a key block visits come as kernels/common.py's q_block_bounds gives them: the masked left edge,
 the unmasked middle, the masked right edge; loader and consumers walk the same sequence of steps.
+
+The dQ kernel (attention_bwd_dq_hopper_kernel, opt-in: launch_hopper.gluon_dq) is the forward's shape turned
+to the gradient: grid (query blocks, nheads, batch); the program's Q and dO tiles, its LSE and delta rows
+stay resident, K and V stream through a STAGES-slot ring filled by the forward's 1-warp loader
+(hopper_fwd._loader, same barrier array). Per key block, 8 consumer warps (two warpgroups of 64 rows):
+
+    S  = Q K^T            [BLOCK_M, BLOCK_N]   (A: Q tile, B: K tile permuted; both in shared memory)
+    dP = dO V^T           [BLOCK_M, BLOCK_N]   (A: dO tile, B: V tile permuted)
+    P  = exp2(S * qk_scale - lse * log2 e)
+    dS = P (dP - delta)
+    dQ += dS K            [BLOCK_M, HEAD_DIM]  (A: dS from registers, B: K tile)
+
+V's slot is freed once dP is in, K's once the dQ wgmma reading it is done: that wait is deferred to the
+next block, after its S and dP are issued, so dQ(j) runs on the tensor cores behind S(j+1), dP(j+1).
+No atomics: each program owns its dQ rows, so two runs agree bit for bit.
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from flashtron.kernels.hopper_fwd import _kv_range
+from flashtron.kernels.hopper_fwd import _loader as _kv_loader
 
 LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -264,4 +282,187 @@ def attention_bwd_dkdv_hopper_kernel(
             q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, off_b, off_h0, group_size,
             BLOCK_M, STAGES,
         )),
+    ], [1], [24])  # fmt: skip
+
+
+# The dQ kernel. Barriers as the forward's (hopper_fwd, one consumer): [4 * STAGES + 1, 1], per slot s K ready
+# (s), V ready (STAGES + s), K free (2 STAGES + s), V free (3 STAGES + s); then Q and dO ready (4 STAGES).
+@gluon.jit
+def _dq_step(dq, ds_op, t, start_n, q_tile, do_tile, k_bufs, v_bufs, bars, lse_log2, delta, offs_m, seqlen_q,
+             seqlen_k, window_left, window_right, qk_scale,
+             s_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+             STAGES: gl.constexpr, FIRST: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr,
+             HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """Key block t (keys [start_n, start_n + BLOCK_N), ring slot t % STAGES): issue the previous block's
+    dQ += dS K (unless FIRST), then S and dP of this one; returns dQ and this block's dS as the next dQ
+    wgmma's A operand. The tensor cores run dQ(t - 1), S(t), dP(t) back to back; P's math runs while dP
+    is in flight. K(t - 1)'s slot is freed as soon as dQ(t - 1) is done, V(t)'s once dP(t) is."""
+    s = t % STAGES
+    phase = (t // STAGES) & 1
+    k_tile = k_bufs.index(s).reshape([BLOCK_N, HEAD_DIM])
+    if not FIRST:
+        k_prev = k_bufs.index((t + STAGES - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM])
+        dq = warpgroup_mma(ds_op, k_prev, dq, is_async=True)  # [BLOCK_M, HEAD_DIM]
+    zero_s = gl.zeros([offs_m.shape[0], BLOCK_N], gl.float32, s_layout)
+    mbarrier.wait(bars.index(s), phase)
+    qk = warpgroup_mma(q_tile, k_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    mbarrier.wait(bars.index(STAGES + s), phase)
+    dp = warpgroup_mma(do_tile, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero_s,
+                       use_acc=False, is_async=True)  # fmt: skip
+    if not FIRST:
+        # wgmma groups complete in order: dQ(t - 1) is done, S and dP may still run
+        dq, ds_op = warpgroup_mma_wait(num_outstanding=2, deps=(dq, ds_op))
+        mbarrier.arrive(bars.index(2 * STAGES + (t + STAGES - 1) % STAGES), count=1)
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))  # S done; dP may still run
+    p = gl.exp2(qk * qk_scale - gl.expand_dims(lse_log2, 1))  # [BLOCK_M, BLOCK_N]
+    if MASK:
+        cols = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
+        keep = cols < seqlen_k
+        diag = gl.expand_dims(offs_m, 1) + (seqlen_k - seqlen_q)
+        if HAS_RIGHT:
+            keep = keep & (cols <= diag + window_right)
+        if HAS_LEFT:
+            keep = keep & (cols >= diag - window_left)
+        p = gl.where(keep, p, 0.0)
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))  # [BLOCK_M, BLOCK_N]
+    mbarrier.arrive(bars.index(3 * STAGES + s), count=1)  # V's last use is done
+    ds = p * (dp - gl.expand_dims(delta, 1))  # [BLOCK_M, BLOCK_N]
+    return dq, gl.convert_layout(ds.to(k_bufs.dtype), op_layout)
+
+
+@gluon.jit
+def _dq_steps(dq, ds_op, t, q_tile, do_tile, k_bufs, v_bufs, bars, lse_log2, delta, start, end, offs_m,
+              seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+              s_layout: gl.constexpr, op_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """The key blocks [start, end), t the ring position of the first; each step issues the dQ of the block
+    before it, so on return the last block's dQ is still to be issued (from ds_op)."""
+    for start_n in range(start, end, BLOCK_N):
+        dq, ds_op = _dq_step(
+            dq, ds_op, t, start_n, q_tile, do_tile, k_bufs, v_bufs, bars, lse_log2, delta, offs_m, seqlen_q,
+            seqlen_k, window_left, window_right, qk_scale, s_layout, op_layout, BLOCK_N, HEAD_DIM, STAGES, False,
+            MASK, HAS_LEFT, HAS_RIGHT,
+        )  # fmt: skip
+        t += 1
+    return dq, ds_op, t
+
+
+@gluon.jit
+def _dq_consumer(q_smem, do_smem, k_bufs, v_bufs, bars, LSE, Delta, DQ, stride_lb, stride_lh, stride_dqb,
+                 stride_dqm, stride_dqh, start_m, lo, full_lo, full_hi, hi, seqlen_q, seqlen_k, window_left,
+                 window_right, qk_scale, dq_scale,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
+    """The math partition (num_warps warps; each warpgroup owns 64 query rows): the three matmuls, P and dS,
+    and the epilogue, over the key blocks [lo, hi) in ascending order (masked left edge, unmasked middle,
+    masked right edge), as the loader issued them. The batch and head offsets come from the program ids
+    where used, so that no register carries them through the loop."""
+    num_warps: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    row_ok = offs_m < seqlen_q
+    rows = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + offs_m
+    lse = gl.load(LSE + rows, mask=row_ok, other=float("-inf"))
+    delta = gl.load(Delta + rows, mask=row_ok, other=0.0)
+    # rows past seqlen_q and rows that see no key (lse -inf) get lse +inf: P = exp2(s - inf) = 0 in every
+    # block, the unmasked ones included, so their dq is 0 and never NaN
+    lse_log2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
+    q_tile = q_smem.index(0).reshape([BLOCK_M, HEAD_DIM])
+    do_tile = do_smem.index(0).reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(bars.index(4 * STAGES), 0)
+
+    # block 0, peeled (masked: it may be an edge block, or see nothing at all), so that every step of the
+    # loop has a previous block whose dQ it issues
+    dq, ds_op = _dq_step(
+        dq, dq, 0, lo, q_tile, do_tile, k_bufs, v_bufs, bars, lse_log2, delta, offs_m, seqlen_q, seqlen_k,
+        window_left, window_right, qk_scale, s_layout, op_layout, BLOCK_N, HEAD_DIM, STAGES, True, True, HAS_LEFT,
+        HAS_RIGHT,
+    )  # fmt: skip
+    t = 1
+    first = lo + BLOCK_N
+    for seg in gl.static_range(3):
+        # (masked left edge, unmasked middle, masked right edge), each clipped to start after block 0
+        start, end = _segment(seg, lo, full_lo, full_hi, hi)
+        dq, ds_op, t = _dq_steps(
+            dq, ds_op, t, q_tile, do_tile, k_bufs, v_bufs, bars, lse_log2, delta, gl.maximum(start, first),
+            gl.maximum(end, first), offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, s_layout,
+            op_layout, BLOCK_N, HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT,
+        )  # fmt: skip
+    # the last block's dQ (its K slot needs no freeing: the loader has issued every load)
+    k_last = k_bufs.index((t + STAGES - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM])
+    dq = warpgroup_mma(ds_op, k_last, dq, is_async=True)
+    dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds_op))
+
+    dq = dq * dq_scale
+    DQ += off_b.to(gl.int64) * stride_dqb + off_h.to(gl.int64) * stride_dqh
+    offs_am = gl.convert_layout(offs_m, gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    dq_ptrs = DQ + gl.expand_dims(offs_am.to(gl.int64) * stride_dqm, 1) + gl.expand_dims(offs_d, 0)
+    gl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=gl.expand_dims(offs_am < seqlen_q, 1))
+
+
+# runtime values as in attention_bwd_dkdv_hopper_kernel: no recompile per sequence length, group or window
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group_size", "window_left", "window_right", "stride_lb",
+                              "stride_lh"])  # fmt: skip
+def attention_bwd_dq_hopper_kernel(
+    q_desc, k_desc, v_desc, do_desc, LSE, Delta, DQ,
+    stride_lb, stride_lh, stride_dqb, stride_dqm, stride_dqh,
+    seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, dq_scale,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+):  # fmt: skip
+    """q_desc, do_desc: TMA descriptors over (batch, seqlen_q, nheads, headdim), boxes [1, BLOCK_M, 1, d];
+    k_desc, v_desc over (batch, seqlen_k, nheads_k, headdim), boxes [1, BLOCK_N, 1, d]. LSE (natural log)
+    and Delta: (batch, nheads, seqlen_q) fp32, same strides, rows contiguous. DQ like q (last stride 1).
+    qk_scale = softmax_scale * log2(e), dq_scale = softmax_scale. group_size = nheads // nheads_k.
+    Launch with num_warps 8 (two consumer warpgroups of BLOCK_M / 2 rows each)."""
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    gl.static_assert(q_desc.block_type.shape[1] == BLOCK_M)
+    gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
+    gl.static_assert(do_desc.block_type.shape[3] == HEAD_DIM)
+    pid_m = gl.program_id(0)
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+    if HAS_RIGHT:
+        # with a right bound the last query blocks see the most keys: launch them first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_hk = off_h // group_size
+    lo, full_lo, full_hi, hi = _kv_range(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    # at least one block, also for rows that see no key: block lo is in range (lo < seqlen_k) and fully
+    # masked for them (and their lse is -inf, read as +inf), so they come out as dq 0 without a separate path
+    n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [1] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [1] + do_desc.block_type.shape, do_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [4 * STAGES + 1, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(4 * STAGES + 1):  # one consumer partition: one arrive (or expect) per phase
+        mbarrier.init(bars.index(i), count=1)
+
+    qdo_bar = bars.index(4 * STAGES)
+    mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [off_b, start_m, off_h, 0], qdo_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(do_desc, [off_b, start_m, off_h, 0], qdo_bar, do_smem.index(0))
+
+    # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
+    gl.warp_specialize([
+        (_dq_consumer, (
+            q_smem, do_smem, k_bufs, v_bufs, bars, LSE, Delta, DQ, stride_lb, stride_lh, stride_dqb, stride_dqm,
+            stride_dqh, start_m, lo, full_lo, full_hi, hi, seqlen_q, seqlen_k, window_left, window_right,
+            qk_scale, dq_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT,
+        )),
+        (_kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
     ], [1], [24])  # fmt: skip
