@@ -37,6 +37,13 @@ def backend() -> str:
     return value
 
 
+def gluon_dq() -> bool:
+    """FLASHTRON_GLUON_DQ=1: a backward whose dK/dV takes the Gluon kernel (see backend()) runs its dQ on the
+    Gluon dQ kernel too (launch_hopper.attention_backward_dq) instead of the Triton one. Opt-in: that kernel
+    has been compiled for sm_90 but not yet verified on a GPU. Without the Gluon dK/dV it changes nothing."""
+    return _flag("FLASHTRON_GLUON_DQ")
+
+
 def cache_dir() -> Path:
     """FLASHTRON_CACHE_DIR, else $XDG_CACHE_HOME/flashtron, else ~/.cache/flashtron."""
     given = os.environ.get("FLASHTRON_CACHE_DIR")
@@ -60,6 +67,10 @@ VARIABLES = {
     "FLASHTRON_BACKEND": (
         "triton forces the Triton kernels; gluon sends every covered sm_90 forward, and the dK/dV part of "
         "every covered backward, to the Gluon kernels (default: head dim 128 forwards only, no backward)."
+    ),
+    "FLASHTRON_GLUON_DQ": (
+        "1 runs the dQ of backwards whose dK/dV takes the Gluon kernel on the Gluon dQ kernel too (opt-in, "
+        "not yet verified on a GPU)."
     ),
     "FLASHTRON_CACHE_DIR": "where the autotune cache lives (default $XDG_CACHE_HOME/flashtron or ~/.cache/flashtron).",
 }

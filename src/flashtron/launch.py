@@ -277,14 +277,19 @@ def attention_backward(
         )  # fmt: skip
 
     shape = ((head_dim, head_dim_v), (seqlen_q, seqlen_k), batch * nheads, nheads // nheads_k, varlen, seqused_k)
-    if launch_hopper.chosen_backward(env.backend(), head_dim) and launch_hopper.covers_backward(
+    gluon_dkdv = launch_hopper.chosen_backward(env.backend(), head_dim) and launch_hopper.covers_backward(
         q, k, v, dout, opts, varlen=varlen, seqused_k=seqused_k
-    ):
+    )
+    if gluon_dkdv:
         # dK/dV on the Gluon Hopper kernel, dQ on the Triton one below: both without atomics
         launch_hopper.attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts)
     else:
         launch_dkdv(_tuned("dkdv", cfg_kv, launch_dkdv, q, opts, *shape))
-    launch_dq(_tuned("dq", cfg_q, launch_dq, q, opts, *shape))
+    if gluon_dkdv and env.gluon_dq():
+        # opt-in (never run on a GPU yet): dQ on the Gluon Hopper kernel, also without atomics
+        launch_hopper.attention_backward_dq(q, k, v, dout, lse, delta, dq, opts)
+    else:
+        launch_dq(_tuned("dq", cfg_q, launch_dq, q, opts, *shape))
     return dq, dk, dv, delta
 
 
