@@ -1,0 +1,137 @@
+"""The Gluon dQ kernel's block walk (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel), emulated in float64
+on the CPU with the kernel's own range helpers, against autograd of the reference.
+
+Gluon kernels do not run in Triton's interpreter, and the kernel has only been compiled (test_hopper_compile).
+What can be checked without a GPU is its index arithmetic: `hopper_fwd._kv_range` and `hopper_bwd._segment`
+run here from their source (the `gl` module swapped for plain-int max/min), and the rest of the walk repeats
+the kernel's lines: at least one block, block lo peeled and masked, the three segments clipped to start after
+it, the keys of step t at lo + t * BLOCK_N (what the loader loads), zero-filled Q/dO/K/V rows past the
+sequence ends, lse -inf (rows that see no key) and rows past seqlen_q read as +inf, the mask only in the
+edge segments, GQA head h reading KV head h // group. If the walk skipped or repeated a block, masked too
+little in the middle or let a row that sees nothing produce NaN, dq would differ from the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
+
+from flashtron import launch_hopper  # noqa: E402
+from flashtron.kernels import hopper_bwd, hopper_fwd  # noqa: E402
+from flashtron.reference import attention_ref  # noqa: E402
+
+LOG2E = math.log2(math.e)
+
+
+def _on_ints(jitted):
+    """The @gluon.jit helper's Python function, run on plain ints (gl.maximum / gl.minimum as max / min)."""
+    shim = types.SimpleNamespace(maximum=max, minimum=min, constexpr=int)
+    fn = jitted.fn
+    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": shim}, fn.__name__, fn.__defaults__)
+
+
+KV_RANGE = _on_ints(hopper_fwd._kv_range)
+SEGMENT = _on_ints(hopper_bwd._segment)
+
+
+def _rows(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Rows [start, start + n) of t (seqlen, d), zero-filled past its end, as a TMA box reads them."""
+    box = torch.zeros(n, t.shape[-1], dtype=t.dtype)
+    part = t[start : start + n]
+    box[: part.shape[0]] = part
+    return box
+
+
+def emulate_dq(q, k, v, dout, lse, delta, scale, window, block_m, block_n):
+    """dq as the kernel computes it, in q's dtype (float64 here): q, dout (batch, seqlen_q, nheads, d),
+    k, v (batch, seqlen_k, nheads_k, d), lse and delta (batch, nheads, seqlen_q)."""
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    has_left, has_right = window[0] >= 0, window[1] >= 0
+    wl, wr = max(window[0], 0), max(window[1], 0)
+    dq = torch.full_like(q, float("nan"))  # poisoned: every row below seqlen_q must be written
+    for b in range(batch):
+        for h in range(nheads):
+            hk = h // (nheads // nheads_k)
+            for start_m in range(0, seqlen_q, block_m):
+                lo, full_lo, full_hi, hi = KV_RANGE(
+                    start_m, seqlen_q, seqlen_k, wl, wr, block_m, block_n, has_left, has_right
+                )
+                n_blocks = max(-(-(hi - lo) // block_n), 1)
+                assert lo < seqlen_k  # block lo, peeled, is in range
+                steps = [(lo, True)]  # (start_n, MASK): block 0 peeled and masked
+                first = lo + block_n
+                for seg in range(3):
+                    start, end = SEGMENT(seg, lo, full_lo, full_hi, hi)
+                    steps += [(n, seg != 1) for n in range(max(start, first), max(end, first), block_n)]
+                # the consumers' t-th step reads the slot the loader filled with block lo + t * BLOCK_N
+                assert [n for n, _ in steps] == [lo + t * block_n for t in range(n_blocks)]
+                qt = _rows(q[b, :, h], start_m, block_m)
+                dot = _rows(dout[b, :, h], start_m, block_m)
+                offs_m = start_m + torch.arange(block_m)
+                row_ok = offs_m < seqlen_q
+                lse_rows = torch.where(row_ok, _rows(lse[b, h, :, None], start_m, block_m)[:, 0], float("-inf"))
+                delta_rows = _rows(delta[b, h, :, None], start_m, block_m)[:, 0]
+                lse_log2 = torch.where(lse_rows == float("-inf"), float("inf"), lse_rows * LOG2E)
+                acc = torch.zeros(block_m, d, dtype=q.dtype)
+                for start_n, mask in steps:
+                    kt = _rows(k[b, :, hk], start_n, block_n)
+                    vt = _rows(v[b, :, hk], start_n, block_n)
+                    cols = (start_n + torch.arange(block_n))[None, :]
+                    diag = offs_m[:, None] + (seqlen_k - seqlen_q)
+                    keep = (cols < seqlen_k).expand(block_m, block_n)
+                    if has_right:
+                        keep = keep & (cols <= diag + wr)
+                    if has_left:
+                        keep = keep & (cols >= diag - wl)
+                    p = torch.exp2(qt @ kt.T * (scale * LOG2E) - lse_log2[:, None])
+                    if mask:
+                        p = torch.where(keep, p, 0.0)
+                    else:  # the unmasked middle: every valid row sees every key of the block
+                        assert keep[row_ok & torch.isfinite(lse_rows)].all()
+                    ds = p * (dot @ vt.T - delta_rows[:, None])
+                    acc = acc + ds @ kt
+                n = min(block_m, seqlen_q - start_m)
+                dq[b, start_m : start_m + n, h] = (acc * scale)[:n]
+    return dq
+
+
+# (seqlen_q, seqlen_k, nheads, nheads_k, window): causal is (-1, 0)
+SHAPES = [
+    (300, 300, 4, 2, (-1, 0)),
+    (1, 1, 2, 1, (-1, -1)),
+    (300, 70, 4, 1, (-1, 0)),  # sq > sk: the first 230 rows see no key
+    (17, 129, 2, 2, (-1, 0)),
+    (129, 17, 4, 2, (5, 3)),
+    (257, 257, 2, 1, (64, 32)),
+    (200, 513, 4, 4, (100, 0)),
+    (513, 200, 2, 1, (0, 100)),
+    (130, 1, 2, 2, (-1, 0)),  # one key, most rows empty
+    (64, 300, 4, 2, (-1, -1)),
+    (255, 383, 2, 1, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("d", sorted(launch_hopper.HOPPER_DQ_TILES))
+@pytest.mark.parametrize("sq, sk, h, hk, window", SHAPES)
+def test_dq_block_walk_matches_reference(sq, sk, h, hk, window, d):
+    tile = launch_hopper.HOPPER_DQ_TILES[d]  # the dispatched tile's blocks; 8 columns stand in for d
+    g = torch.Generator().manual_seed(sq * 131 + sk)
+    q = torch.randn(2, sq, h, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = d**-0.5
+    out, lse, _ = attention_ref(q, k, v, softmax_scale=scale, window_size=window)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dlse = torch.where(torch.isfinite(lse), torch.randn(lse.shape, generator=g, dtype=torch.float64), 0.0)
+    dq_ref = torch.autograd.grad((out, lse), q, (dout, dlse))[0]
+    delta = (dout * out).sum(-1).transpose(1, 2) - dlse  # launch.attention_backward's delta
+    dq = emulate_dq(q.detach(), k.detach(), v.detach(), dout, lse.detach(), delta.detach(), scale, window,
+                    tile.block_m, tile.block_n)  # fmt: skip
+    assert not dq.isnan().any()
+    torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
