@@ -7,6 +7,7 @@ device time.
     python scripts/aot_report.py decode   # every decode table entry, dense and paged, and a stage sweep
     python scripts/aot_report.py gluon    # the Gluon Hopper forward's variants (launch_hopper)
     python scripts/aot_report.py gluon-bwd    # the Gluon dK/dV kernel's tiles, each mask kind
+    python scripts/aot_report.py gluon-dq     # the Gluon dQ kernel's tiles, each mask kind and dtype
 
 Needs only triton (its bundled ptxas). Pointer and stride arguments are marked 16-aligned as the JIT
 marks them for contiguous bf16 tensors, so the code matches what a launch would build.
@@ -94,6 +95,19 @@ def cubin_resources(cubin: bytes) -> tuple[int, int]:
     regs = int(re.search(r"REG:(\d+)", text).group(1))
     stack = int(re.search(r"STACK:(\d+)", text).group(1))
     return regs, stack
+
+
+def wgmma_serialized(ptx: str) -> bool:
+    """Whether the ptxas Triton ships serializes the wgmma instructions of this PTX for sm_90a (advisory
+    C7512: too few registers to keep the asynchronous ones in flight), read off `ptxas -v`."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([tool, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    return "C7512" in run.stdout + run.stderr
 
 
 def constexprs_for(kind: str, d: int, block_m: int, block_n: int, causal: bool) -> tuple:
@@ -237,6 +251,54 @@ def main_gluon_bwd() -> None:
                       flush=True)  # fmt: skip
 
 
+def main_gluon_dq() -> None:
+    """The Gluon dQ kernel (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel) for sm_90: the dispatched tile
+    per head dim with no mask, causal and a window, bf16 and fp16; then one stage more and fewer or more keys
+    per step (bf16). Stack > 0 means spills; "serialized" that ptxas found too few registers to keep the
+    wgmmas asynchronous (advisory C7512) and made each wait for the one before."""
+    from dataclasses import replace
+
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.options import AttnOptions
+
+    runs = []
+    for d, base in launch_hopper.HOPPER_DQ_TILES.items():
+        runs += [(d, base, dtype) for dtype in (torch.bfloat16, torch.float16)]
+        other_n = 64 if base.block_n == 128 else 128
+        runs += [
+            (d, tile, torch.bfloat16)
+            for tile in (replace(base, stages=base.stages + 1), replace(base, block_n=other_n, stages=2))
+        ]
+    for d, tile, dtype in runs:
+        for mask, window in (("full", (-1, -1)), ("causal", (-1, 0)), ("window", (256, 32))):
+            q = torch.empty(2, 1000, 4, d, dtype=dtype)
+            k = torch.empty(2, 1000, 2, d, dtype=dtype)
+            lse = torch.empty(2, 4, 1000)
+            opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+            t0 = time.time()
+            try:
+                kernel, _, args, kwargs = launch_hopper.backward_dq_launch(
+                    q, k, k, q, lse, lse, torch.empty_like(q), opts, tile
+                )
+                compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
+            except Exception as exc:
+                print(f"gluon-dq d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+                continue
+            regs, stack = cubin_resources(compiled.asm["cubin"])
+            ptx = compiled.asm["ptx"]
+            nreg = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*\.u32\s+(\d+)", ptx)})
+            atomics = bool(re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, flags=re.M))
+            serial = wgmma_serialized(ptx)
+            smem = compiled.metadata.shared / 1024
+            print(f"gluon-dq d{d:<3} {str(dtype)[6:]:8} ({tile.block_m},{tile.block_n}) stages {tile.stages} "
+                  f"warps {tile.num_warps} {mask:6} regs {regs} stack {stack} smem {smem:6.1f}K "
+                  f"wgmma {ptx.count('wgmma.mma_async')} serialized {serial} setmaxnreg {nreg} atomics {atomics} "
+                  f"{time.time() - t0:4.1f}s",
+                  flush=True)  # fmt: skip
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tune import TILES
@@ -249,6 +311,9 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["gluon-bwd"]:
         main_gluon_bwd()
+        return
+    if sys.argv[1:2] == ["gluon-dq"]:
+        main_gluon_dq()
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("kinds", nargs="*", default=["fwd", "dkdv", "dq"])

@@ -201,3 +201,57 @@ def test_backward_dispatch_follows_the_backend_setting():
     assert not any(launch_hopper.chosen_backward("triton", d) for d in (64, 128))
     q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     assert not launch_hopper.covers_backward(q, q, q, q, AttnOptions(softmax_scale=0.125), varlen=False)
+
+
+# The Gluon dQ kernel (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel, opt-in with FLASHTRON_GLUON_DQ=1):
+# every head dim and mask kind covers_backward takes, both dtypes, with a bound on the stack bytes. Every
+# variant compiled with stack 0 at this commit (triton 3.6.0; docs/perf-notes.md, 2026-12-02, dQ entry), so
+# the bound is 0: a spill is a regression.
+DQ_VARIANTS = [
+    (d, dtype, window)
+    for d in (64, 128)
+    for dtype in (torch.bfloat16, torch.float16)
+    for window in ((-1, -1), (-1, 0), (64, 32))
+]
+
+
+def _compile_dq(d, dtype, window, seqlen_q=300, seqlen_k=257):
+    q = torch.empty(2, seqlen_q, 4, d, dtype=dtype)
+    k = torch.empty(2, seqlen_k, 2, d, dtype=dtype)  # GQA 2:1
+    lse = torch.empty(2, 4, seqlen_q)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    kernel, _, args, kwargs = launch_hopper.backward_dq_launch(
+        q, k, torch.empty_like(k), torch.empty_like(q), lse, torch.empty_like(lse), torch.empty_like(q), opts
+    )
+    return launch_hopper.compile_sm90(kernel, args, kwargs)
+
+
+@pytest.mark.parametrize("d, dtype, window", DQ_VARIANTS)
+def test_hopper_backward_dq_compiles_for_sm90(d, dtype, window):
+    compiled = _compile_dq(d, dtype, window)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads of Q, dO, K and V
+    assert "setmaxnreg" in ptx  # the 1-warp loader partition
+    # dQ(t - 1) waited for while S(t) and dP(t) run; P's math while dP(t) runs
+    assert "wgmma.wait_group.sync.aligned 2;" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx
+    assert not re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, flags=re.M)  # deterministic: no atomics
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
+    try:
+        from aot_report import wgmma_serialized  # _spill_bytes put scripts/ on the path
+
+        serialized = wgmma_serialized(ptx)
+    except (ImportError, FileNotFoundError, OSError):
+        serialized = False  # no ptxas here
+    assert not serialized, "ptxas serializes the wgmmas (C7512: too few registers)"
+
+
+def test_gluon_dq_is_opt_in(monkeypatch):
+    from flashtron import env
+
+    monkeypatch.delenv("FLASHTRON_GLUON_DQ", raising=False)
+    assert not env.gluon_dq()
+    monkeypatch.setenv("FLASHTRON_GLUON_DQ", "1")
+    assert env.gluon_dq()
+    assert set(launch_hopper.HOPPER_DQ_TILES) == set(launch_hopper.HOPPER_BWD_TILES)  # what covers_backward takes

@@ -299,9 +299,11 @@ class HopperDqTile:
 
 # 128 query rows in two warpgroups, as the forward. Registers a consumer thread holds through a step (fp32
 # unless said): dQ 128 x d / 256, S and dP 2 x 128 x BLOCK_N / 256, the 16-bit dS operand of the in-flight
-# dQ wgmma 128 x BLOCK_N / 512: d64 with 128 keys 32 + 128 + 32 = 192; d128 with 64 keys 64 + 64 + 16 = 144
-# (128 keys would be 256, past setmaxnreg's 240). Shared memory, 16-bit: Q + dO 2 x 128 x d plus STAGES x
-# (K + V) of BLOCK_N x d: d64 32K + 2 x 32K = 96K; d128 64K + 3 x 32K = 160K. Not measured.
+# dQ wgmma 128 x BLOCK_N / 512: d64 with 128 keys 32 + 128 + 32 = 192; d128 with 64 keys 64 + 64 + 16 = 144.
+# d128 with 128 keys (224) compiles without spills, but ptxas serializes its wgmmas (advisory C7512: too few
+# registers left at setmaxnreg's 240; scripts/aot_report.py gluon-dq). Shared memory, 16-bit: Q + dO
+# 2 x 128 x d plus STAGES x (K + V) of BLOCK_N x d: d64 32K + 2 x 32K = 96K; d128 64K + 3 x 32K = 160K.
+# Not measured.
 HOPPER_DQ_TILES = {
     64: HopperDqTile(128, 128, 2),
     128: HopperDqTile(128, 64, 3),
