@@ -6,6 +6,8 @@ Tiers:
   interpreter. Tests marked `interpret` are deselected unless TRITON_INTERPRET=1 is set, because the
   interpreter must be chosen before the kernels are first imported.
 - `pytest -m gpu`: the full grid on a CUDA device; skipped (and reported as skipped) without one.
+- `pytest -m gluon_unverified`: CUDA tests of Gluon kernels that no GPU run has verified yet; neither the
+  default run nor `-m gpu` selects them. A test leaves this marker for `gpu` once a GPU run has passed it.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
-            if item.get_closest_marker("gpu") or item.get_closest_marker("gpu_big"):
+            if any(item.get_closest_marker(m) for m in ("gpu", "gpu_big", "gluon_unverified")):
                 item.add_marker(skip_gpu)
 
 

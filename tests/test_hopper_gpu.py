@@ -98,3 +98,60 @@ def test_gluon_backward_is_deterministic(gluon_backward):
     assert len(gluon_backward) == 2
     for name, a, b in zip("qkv", first, second):
         assert torch.equal(a, b), f"d{name} differs between two runs"
+
+
+@pytest.fixture
+def gluon_dq(monkeypatch):
+    """Routes covered backwards' dK/dV and dQ to the Gluon kernels and counts the dQ calls."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels are sm_90 only")
+    from flashtron import launch_hopper
+
+    calls = []
+    original = launch_hopper.attention_backward_dq
+    monkeypatch.setattr(launch_hopper, "attention_backward_dq", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setenv("FLASHTRON_BACKEND", "gluon")
+    monkeypatch.setenv("FLASHTRON_GLUON_DQ", "1")
+    return calls
+
+
+@pytest.mark.gluon_unverified
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_gluon_dq_through_api(gluon_dq, case):
+    """The Gluon dQ kernel (FLASHTRON_GLUON_DQ=1) inside the public backward, against the reference.
+
+    Marked gluon_unverified, not gpu: the kernel has only been compiled for sm_90 on a CPU, so the GPU tier
+    (`-m gpu`) does not run it. Once a GPU run (`pytest -m gluon_unverified tests/test_hopper_gpu.py`, and
+    scripts/gluon_check.py --backward) has passed it, its marker becomes gpu."""
+    batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
+    check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
+    assert gluon_dq, "the backward did not take the Gluon dQ kernel"
+
+
+@pytest.mark.gluon_unverified
+def test_gluon_dq_is_deterministic(gluon_dq):
+    """Two backwards with the Gluon dQ agree bit for bit (no atomics). gluon_unverified until a GPU run has
+    passed it (see test_gluon_dq_through_api)."""
+    import flashtron
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 300, 8, 128, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(1, 300, 2, 128, device="cuda", generator=g).to(torch.bfloat16).requires_grad_() for _ in "kv")
+    out = flashtron.flash_attn_func(q, k, v, causal=True, deterministic=True)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, q, dout, retain_graph=True)[0]
+    second = torch.autograd.grad(out, q, dout)[0]
+    assert len(gluon_dq) == 2
+    assert torch.equal(first, second), "dq differs between two runs"
+
+
+@pytest.mark.gpu
+def test_gluon_dq_needs_the_switch(gluon_backward, monkeypatch):
+    # without FLASHTRON_GLUON_DQ the Gluon dK/dV runs and dQ stays on the Triton kernel (the default)
+    from flashtron import launch_hopper
+
+    monkeypatch.delenv("FLASHTRON_GLUON_DQ", raising=False)
+    dq_calls = []
+    monkeypatch.setattr(launch_hopper, "attention_backward_dq", lambda *a, **kw: dq_calls.append(1))
+    check_attention(1, 129, 129, 2, 2, 128, 128, torch.bfloat16, "cuda", causal=True)
+    assert gluon_backward and not dq_calls
