@@ -1,7 +1,7 @@
 """One GPU run for the Gluon Hopper forward (issue 15): are the new variants right, and how fast is each.
 
     PYTHONPATH=src python3 scripts/gluon_check.py [--budget 220] [--variants pp,ws-ov,...] [--api]
-    PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 240]    # issue 16: the backward
+    PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 400]    # issue 16: the backward
 
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
 mbarrier, an illegal address) costs only that part:
@@ -25,15 +25,22 @@ GQA 4:1, 13 seqlen pairs from 1 to 4096 with seqlen_q != seqlen_k both ways; out
 out and lse against the fp32 reference by the tests' rule (tests/tolerance.py); two runs bitwise equal.
 Prints one line per failure, a summary per variant, the TFLOP/s table last; writes $OUT/gluon_check.json.
 
-With --backward the run is the backward's instead (issue 16), same budget design, two parts:
+With --backward the run is the backward's instead (issue 16), same budget design, three parts; the two
+checks share the budget less BWD_TIME_RESERVE seconds, which the timing keeps:
   1. check-bwd: the Gluon dK/dV kernel (launch_hopper.HOPPER_BWD_TILES) inside launch.attention_backward
      with FLASHTRON_BACKEND=gluon (delta and dQ on the Triton kernels), on the Gluon forward's out and lse,
      with a gradient on lse too: dq, dk, dv against the fp32 reference by the tests' backward rule, two
      runs bitwise equal, the Gluon kernel asserted to have run. BWD_CONFIGS x BWD_SEQLENS, GQA 4:1.
-  2. time-bwd, if every check passed: backward TFLOP/s (2.5x the forward's FLOPs, halved when causal) at
-     the same grid: the whole flashtron backward with the Gluon dK/dV ("gluon"), the Gluon dK/dV kernel on
-     its own ("gluon-dkdv", FLOPs of its 3 of the 5 backward matmuls: 1.5x the forward's), the Triton
-     backward, and SDPA cuDNN and flash (torch.autograd.grad of their out, retain_graph).
+  2. check-dq: the same cases with FLASHTRON_GLUON_DQ=1 too, so dQ runs on the Gluon dQ kernel
+     (launch_hopper.HOPPER_DQ_TILES; asserted to have run), in its own child: a hang or a crash of that
+     kernel, never run on a GPU before 2026-12-02's compile-only session, costs only this part. Skipped if
+     fewer than 15 s are left for it.
+  3. time-bwd, if every check-bwd case passed: backward TFLOP/s (2.5x the forward's FLOPs, halved when
+     causal) at the same grid: the whole flashtron backward with the Gluon dK/dV ("gluon"), the Gluon dK/dV
+     kernel on its own ("gluon-dkdv", FLOPs of its 3 of the 5 backward matmuls: 1.5x the forward's), the
+     Triton backward, and SDPA cuDNN and flash (torch.autograd.grad of their out, retain_graph); if every
+     check-dq case passed too, the whole backward with FLASHTRON_GLUON_DQ=1 ("gluon+dq") and the Gluon dQ
+     kernel on its own ("gluon-dq", S, dP and dQ: also 1.5x the forward's FLOPs).
 """
 
 from __future__ import annotations
@@ -289,11 +296,14 @@ BWD_CONFIGS = [("bfloat16", 128, "none"), ("bfloat16", 128, "causal"), ("bfloat1
 BWD_SEQLENS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (2048, 2048), (17, 129), (129, 17),
                (127, 1000), (1000, 127), (1, 1000), (4096, 1000)]  # fmt: skip
 BWD_CHECK_LIMIT = 120.0  # seconds the backward check may take (not measured yet: 7 configurations)
-BWD_TIME_RESERVE = 100.0  # seconds the backward timing keeps (Triton backward compiles for 4 (d, mask) cells)
+BWD_DQ_CHECK_LIMIT = 120.0  # seconds the Gluon dQ check may take (the same cases, one more compile each)
+# seconds the backward timing keeps (Triton backward compiles for 4 (d, mask) cells, and the Gluon dQ's)
+BWD_TIME_RESERVE = 120.0
 
 
-def _check_bwd_case(dtype, d, mask, sq, sk, calls):
-    """Gluon dK/dV (+ Triton dQ) against the fp32 reference and PyTorch-in-dtype; two runs bitwise equal."""
+def _check_bwd_case(dtype, d, mask, sq, sk, calls, dq_calls=None):
+    """Gluon dK/dV (+ Triton dQ, or with dq_calls the Gluon dQ) against the fp32 reference and
+    PyTorch-in-dtype; two runs bitwise equal."""
     import torch
 
     from flashtron import launch, launch_hopper
@@ -312,11 +322,13 @@ def _check_bwd_case(dtype, d, mask, sq, sk, calls):
     out, lse = launch_hopper.attention_forward(q, k, v, opts)
     finite = torch.isfinite(lse)
     dlse = torch.where(finite, torch.randn(lse.shape, device="cuda", generator=g), 0.0)
-    before = len(calls)
+    before, before_dq = len(calls), len(dq_calls or ())
     dq, dk, dv, _ = launch.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse)
     dq2, dk2, dv2, _ = launch.attention_backward(dout, q, k, v, out, lse, opts, dlse=dlse)
     torch.cuda.synchronize()
     assert len(calls) == before + 2, "the backward did not take the Gluon dK/dV kernel"
+    if dq_calls is not None:
+        assert len(dq_calls) == before_dq + 2, "the backward did not take the Gluon dQ kernel"
     grads = []
     for upcast in (True, False):
         ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -326,24 +338,30 @@ def _check_bwd_case(dtype, d, mask, sq, sk, calls):
     assert torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2), "two runs differ"
 
 
-def child_check_bwd(state: str) -> None:
-    """Checks BWD_CONFIGS, saving after each configuration (a time-out keeps what ran)."""
+def child_check_bwd(state: str, gluon_dq: bool = False) -> None:
+    """Checks BWD_CONFIGS, saving after each configuration (a time-out keeps what ran); with gluon_dq, with
+    FLASHTRON_GLUON_DQ=1 (dQ on the Gluon dQ kernel)."""
     import torch
 
     from flashtron import launch, launch_hopper
 
     launch.set_output_poisoning(True)
     os.environ["FLASHTRON_BACKEND"] = "gluon"
-    calls = []
+    calls, dq_calls = [], None
     original = launch_hopper.attention_backward_dkdv
     launch_hopper.attention_backward_dkdv = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    if gluon_dq:
+        os.environ["FLASHTRON_GLUON_DQ"] = "1"
+        dq_calls = []
+        original_dq = launch_hopper.attention_backward_dq
+        launch_hopper.attention_backward_dq = lambda *a, **kw: dq_calls.append(1) or original_dq(*a, **kw)
     results = {}
     for dtype, d, mask in BWD_CONFIGS:
-        name = f"bwd {dtype} d{d} {mask}"
+        name = f"{'bwd-dq' if gluon_dq else 'bwd'} {dtype} d{d} {mask}"
         fails, passed, t0 = [], 0, time.time()
         for sq, sk in BWD_SEQLENS:
             try:
-                _check_bwd_case(getattr(torch, dtype), d, mask, sq, sk, calls)
+                _check_bwd_case(getattr(torch, dtype), d, mask, sq, sk, calls, dq_calls)
                 passed += 1
             except Exception as exc:  # one bad case must not stop the rest
                 fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
@@ -359,7 +377,7 @@ def child_check_bwd(state: str) -> None:
             break
 
 
-def _time_bwd_cell(d: int, causal: bool, s: int) -> dict:
+def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False) -> dict:
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -372,10 +390,11 @@ def _time_bwd_cell(d: int, causal: bool, s: int) -> dict:
     opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
     out, lse = launch_hopper.attention_forward(q, k, v, opts)
     _, _, _, delta = launch.attention_backward(dout, q, k, v, out, lse, opts)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def flashtron_bwd(backend):
+    def flashtron_bwd(backend, gluon_dq=False):
         os.environ["FLASHTRON_BACKEND"] = backend
+        os.environ["FLASHTRON_GLUON_DQ"] = "1" if gluon_dq else "0"
         return launch.attention_backward(dout, q, k, v, out, lse, opts)
 
     fns = {
@@ -383,6 +402,9 @@ def _time_bwd_cell(d: int, causal: bool, s: int) -> dict:
         "gluon-dkdv": lambda: launch_hopper.attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts),
         "triton": lambda: flashtron_bwd("triton"),
     }
+    if with_dq:  # only after every check-dq case passed
+        fns["gluon+dq"] = lambda: flashtron_bwd("gluon", gluon_dq=True)
+        fns["gluon-dq"] = lambda: launch_hopper.attention_backward_dq(q, k, v, dout, lse, delta, dq, opts)
     qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
     dot = dout.transpose(1, 2)
     for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
@@ -396,7 +418,8 @@ def _time_bwd_cell(d: int, causal: bool, s: int) -> dict:
     flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
     row = dict(d=d, causal=causal, seqlen=s)
     for label, fn in fns.items():
-        share = 1.5 / 2.5 if label == "gluon-dkdv" else 1.0  # dK/dV alone: S, dP, dV, dK (S counted once)
+        # dK/dV alone: S, dP, dV, dK (S counted once); dQ alone: S, dP, dQ
+        share = 1.5 / 2.5 if label in ("gluon-dkdv", "gluon-dq") else 1.0
         try:
             row[label] = share * flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e9
         except Exception as exc:
@@ -405,13 +428,13 @@ def _time_bwd_cell(d: int, causal: bool, s: int) -> dict:
     return row
 
 
-def child_time_bwd(state: str) -> None:
+def child_time_bwd(state: str, with_dq: bool = False) -> None:
     rows = []
     for s in TIME_SEQLENS:
         for d in (128, 64):
             for causal in (False, True):
                 try:
-                    rows.append(_time_bwd_cell(d, causal, s))
+                    rows.append(_time_bwd_cell(d, causal, s, with_dq))
                 except Exception as exc:  # e.g. out of memory: the other cells still run
                     print(f"  time-bwd d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
                     continue
@@ -421,21 +444,26 @@ def child_time_bwd(state: str) -> None:
 
 
 def _bwd_table(rows: list[dict]) -> str:
-    cols = ["gluon", "gluon-dkdv", "triton", "cudnn", "sdpa-flash"]
+    cols = ["gluon", "gluon-dkdv", "gluon+dq", "gluon-dq", "triton", "cudnn", "sdpa-flash"]
+    cols = [c for c in cols if any(c in r for r in rows)]
     head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>10}" for c in cols)
-    out = ["backward TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench; gluon-dkdv: its share)",
-           head + "  gluon: /triton /cudnn"]  # fmt: skip
+    head += "  gluon: /triton /cudnn" + ("  gluon+dq: /gluon" if "gluon+dq" in cols else "")
+    out = ["backward TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench; gluon-dkdv, gluon-dq: "
+           "their shares)", head]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["d"], r["causal"], r["seqlen"])):
         cells = " ".join(f"{r[c]:10.0f}" if r.get(c) else f"{'-':>10}" for c in cols)
         ratio = ""
         if r.get("gluon") and r.get("triton") and r.get("cudnn"):
             ratio = f"  {r['gluon'] / r['triton']:.2f}x {r['gluon'] / r['cudnn']:.2f}x"
+            if r.get("gluon+dq"):
+                ratio += f"  {r['gluon+dq'] / r['gluon']:.2f}x"
         out.append(f"{r['d']:>4} {'causal' if r['causal'] else 'full':>6} {r['seqlen']:>6} {cells}{ratio}")
     return "\n".join(out)
 
 
 def main_backward(budget: float) -> None:
-    """The --backward run: check-bwd, then time-bwd if every case passed; writes $OUT/gluon_check_bwd.json."""
+    """The --backward run: check-bwd, check-dq, then time-bwd if every check-bwd case passed (with the Gluon
+    dQ columns if every check-dq case passed too); writes $OUT/gluon_check_bwd.json."""
     import torch
 
     start = time.time()
@@ -444,25 +472,45 @@ def main_backward(budget: float) -> None:
     else:
         print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
     out_dir = os.environ.get("OUT") or "."
-    limit = min(BWD_CHECK_LIMIT, budget - BWD_TIME_RESERVE)
+    checks_end = start + budget - BWD_TIME_RESERVE  # the checks may use the budget less what the timing keeps
+    limit = min(BWD_CHECK_LIMIT, checks_end - time.time())
     check = _run_child("check-bwd", [], limit, os.path.join(out_dir, ".check-bwd.json")) or {}
-    ok = len(check) == len(BWD_CONFIGS) and all(r["passed"] == r["total"] for r in check.values())
+    ok = _all_passed(check)
+    check_dq = None
+    limit = min(BWD_DQ_CHECK_LIMIT, checks_end - time.time())
+    if limit < 15:
+        print(f"== check-dq: skipped, {limit:.0f}s left for the checks", flush=True)
+    else:
+        check_dq = _run_child("check-dq", [], limit, os.path.join(out_dir, ".check-dq.json")) or {}
+    dq_ok = check_dq is not None and _all_passed(check_dq)
     timing = None
     if ok:
         left = budget - (time.time() - start)
-        timing = _run_child("time-bwd", [], left - 3, os.path.join(out_dir, ".time-bwd.json"))
+        extra = ["--with-dq"] if dq_ok else []
+        timing = _run_child("time-bwd", extra, left - 3, os.path.join(out_dir, ".time-bwd.json"))
     with open(os.path.join(out_dir, "gluon_check_bwd.json"), "w") as f:
-        json.dump({"check": check, "time": timing}, f, indent=1)
+        json.dump({"check": check, "check_dq": check_dq, "time": timing}, f, indent=1)
     print("\n== summary (backward)")
-    bad = [n for n, r in check.items() if r["passed"] != r["total"]]
-    print(f"check-bwd: {sum(r['passed'] for r in check.values())}/{sum(r['total'] for r in check.values())} "
-          f"cases passed, {len(check)}/{len(BWD_CONFIGS)} configurations ran"
-          + (f"; failing: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    for part, res in (("check-bwd", check), ("check-dq", check_dq)):
+        if res is None:
+            print(f"{part}: not run")
+            continue
+        bad = [n for n, r in res.items() if r["passed"] != r["total"]]
+        print(f"{part}: {sum(r['passed'] for r in res.values())}/{sum(r['total'] for r in res.values())} "
+              f"cases passed, {len(res)}/{len(BWD_CONFIGS)} configurations ran"
+              + (f"; failing: {', '.join(bad)}" if bad else ""))  # fmt: skip
     if not ok:
-        print("not timed: a configuration failed or did not run")
+        print("not timed: a check-bwd configuration failed or did not run")
+    elif not dq_ok:
+        print("timed without the Gluon dQ columns: a check-dq configuration failed or did not run")
     if timing and timing.get("rows"):
         print(_bwd_table(timing["rows"]))
     print(f"total {time.time() - start:.0f}s")
+
+
+def _all_passed(result: dict) -> bool:
+    """Every BWD_CONFIGS configuration ran and all its cases passed."""
+    return len(result) == len(BWD_CONFIGS) and all(r["passed"] == r["total"] for r in result.values())
 
 
 def _run_child(part: str, extra: list[str], timeout: float, state: str) -> dict | None:
@@ -517,6 +565,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=220.0, help="seconds for the whole run")
     ap.add_argument("--api", action="store_true", help="also the public-API check, if 30 s are left")
     ap.add_argument("--backward", action="store_true", help="check and time the Gluon backward instead")
+    ap.add_argument("--with-dq", action="store_true", help="time-bwd child: also time the Gluon dQ")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -530,8 +579,10 @@ def main() -> None:
         child_check(variants, args.state)
     elif args.child == "check-bwd":
         child_check_bwd(args.state)
+    elif args.child == "check-dq":
+        child_check_bwd(args.state, gluon_dq=True)
     elif args.child == "time-bwd":
-        child_time_bwd(args.state)
+        child_time_bwd(args.state, args.with_dq)
     if args.child:
         return
     if args.backward:
