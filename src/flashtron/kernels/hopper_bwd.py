@@ -37,8 +37,9 @@ stay resident, K and V stream through a STAGES-slot ring filled by the forward's
     dS = P (dP - delta)
     dQ += dS K            [BLOCK_M, HEAD_DIM]  (A: dS from registers, B: K tile)
 
-V's slot is freed once dP is in, K's once the dQ wgmma reading it is done: that wait is deferred to the
-next block, after its S and dP are issued, so dQ(j) runs on the tensor cores behind S(j+1), dP(j+1).
+dQ(j) is issued at the top of step j + 1, so the tensor cores run dQ(j), S(j + 1), dP(j + 1) back to back
+(block lo is peeled, the last block's dQ issued after the loop). V's slot is freed once dP is in, K(j)'s
+once dQ(j) is (the first of the step's three waits).
 No atomics: each program owns its dQ rows, so two runs agree bit for bit.
 """
 
