@@ -1,5 +1,6 @@
-"""The Gluon Hopper forward compiles for sm_90 on any machine (no GPU needed), for every variant the
-dispatch can send a call to, with wgmma in its PTX, no register spills and shared memory that fits.
+"""The Gluon Hopper kernels (the forward, its candidate tiles, the dK/dV and the opt-in dQ backward kernels)
+compile for sm_90 on any machine (no GPU needed), for every variant the dispatch can send a call to, with
+wgmma in their PTX, spills within stated bounds and shared memory that fits.
 
 Gluon kernels do not run in Triton's interpreter, so this is the CPU tier's only check of them; the GPU
 tier (test_hopper_gpu.py) and scripts/gluon_check.py check the numbers.

@@ -66,7 +66,8 @@ VARIABLES = {
     "FLASHTRON_AUTOTUNE": "1 times the candidate tiles of a kernel on first use and keeps the fastest (GPU).",
     "FLASHTRON_BACKEND": (
         "triton forces the Triton kernels; gluon sends every covered sm_90 forward, and the dK/dV part of "
-        "every covered backward, to the Gluon kernels (default: head dim 128 forwards only, no backward)."
+        "every covered backward, to the Gluon kernels (default: head dim 128 forwards and the dK/dV of their "
+        "backwards)."
     ),
     "FLASHTRON_GLUON_DQ": (
         "1 runs the dQ of backwards whose dK/dV takes the Gluon kernel on the Gluon dQ kernel too (opt-in, "

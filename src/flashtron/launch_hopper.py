@@ -111,7 +111,8 @@ class HopperBwdTile:
 # FA3's dK/dV shapes (hopper/ of flash-attention, its d64 and d128 backward tiles): 128 keys per program in
 # two warpgroups; 128 query rows per step at d64, 64 at d128 (dK and dV take 128 fp32 registers a thread at
 # d128). Shared memory, 16-bit: K + V 2 x BLOCK_N x d, plus STAGES x (Q + dO) of BLOCK_M x d: d64 32K + 2 x
-# 32K = 96K; d128 64K + 2 x 32K = 128K. Not measured yet (docs/perf-notes.md, 2026-12-02, backward).
+# 32K = 96K; d128 64K + 2 x 32K = 128K. Measured on an H200 on 2026-12-02 (docs/perf-notes.md,
+# second session): the whole backward at 1.01-1.14x the all-Triton one at d128, 0.96-1.07x at d64.
 HOPPER_BWD_TILES = {
     64: HopperBwdTile(128, 128, 2),
     128: HopperBwdTile(64, 128, 2),
