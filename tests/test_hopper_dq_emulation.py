@@ -2,7 +2,7 @@
 on the CPU with the kernel's own range helpers, against autograd of the reference.
 
 Gluon kernels do not run in Triton's interpreter, and the kernel has only been compiled (test_hopper_compile).
-What can be checked without a GPU is its index arithmetic: `hopper_fwd._kv_range` and `hopper_bwd._segment`
+What can be checked without a GPU is its index arithmetic: `hopper_common.kv_range` and `hopper_bwd._segment`
 run here from their source (the `gl` module swapped for plain-int max/min), and the rest of the walk repeats
 the kernel's lines: at least one block, block lo peeled and masked, the three segments clipped to start after
 it, the keys of step t at lo + t * BLOCK_N (what the loader loads), zero-filled Q/dO/K/V rows past the
@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
 
 from flashtron import launch_hopper  # noqa: E402
-from flashtron.kernels import hopper_bwd, hopper_fwd  # noqa: E402
+from flashtron.kernels import hopper_bwd, hopper_common  # noqa: E402
 from flashtron.reference import attention_ref  # noqa: E402
 
 LOG2E = math.log2(math.e)
@@ -35,7 +35,7 @@ def _on_ints(jitted):
     return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": shim}, fn.__name__, fn.__defaults__)
 
 
-KV_RANGE = _on_ints(hopper_fwd._kv_range)
+KV_RANGE = _on_ints(hopper_common.kv_range)
 SEGMENT = _on_ints(hopper_bwd._segment)
 
 

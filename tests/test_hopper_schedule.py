@@ -1,6 +1,6 @@
-"""The persistent Gluon forward's static tile schedule (kernels/hopper_fwd._tile_coords), on the CPU.
+"""The persistent Gluon forward's static tile schedule (kernels/hopper_common.tile_coords), on the CPU.
 
-The kernel calls `_tile_coords` on i32 scalars; here its Python body (the JITFunction's `.fn`, the same
+The kernel calls `tile_coords` on i32 scalars; here its Python body (the JITFunction's `.fn`, the same
 source, not a copy) runs on Python ints, which means the same because it only divides and takes remainders
 of non-negative values. Program p of a grid of P does linear tiles p, p + P, p + 2P, ... (hopper_fwd.
 _persistent_tiles), as simulated below.
@@ -15,16 +15,16 @@ import pytest
 pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
 
 from flashtron import launch_hopper  # noqa: E402
-from flashtron.kernels.hopper_fwd import _tile_coords  # noqa: E402
+from flashtron.kernels.hopper_common import tile_coords  # noqa: E402
 
-tile_coords = _tile_coords.fn  # the undecorated function: plain Python on ints
+tile_coords = tile_coords.fn  # the undecorated function: plain Python on ints
 
 BLOCK_M = BLOCK_N = 128
 
 
 def _causal_blocks(pid_m: int, seqlen_q: int, seqlen_k: int) -> int:
     """KV blocks a query block visits under the bottom-right causal mask (the work of the tile), at least one
-    as in the kernel: test-side arithmetic, not the kernel's _kv_range."""
+    as in the kernel: test-side arithmetic, not the kernel's kv_range."""
     hi = min(seqlen_k, max((pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q, 0))
     return max(math.ceil(hi / BLOCK_N), 1)
 

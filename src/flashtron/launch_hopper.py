@@ -48,7 +48,7 @@ class HopperTile:
     # turns on the tensor cores (needs warp_specialize and overlap, and num_warps 4)
     consumers: int = 1
     # a persistent grid of min(work tiles, SMs) programs looping over (query block, head, batch) tiles, the
-    # heaviest first under a causal mask (hopper_fwd._tile_coords); needs warp_specialize, consumers <= 2
+    # heaviest first under a causal mask (hopper_common.tile_coords); needs warp_specialize, consumers <= 2
     persistent: bool = False
 
 
@@ -83,7 +83,7 @@ CANDIDATE_TILES = {
 # The persistent grid's program count where kernel_launch gets no GPU to ask (CPU tensors, for compile_sm90):
 # an H100 SXM's or H200's 132 SMs. The grid is not part of the compiled kernel, so this changes no code.
 SM90_SMS = 132
-# The K and V bytes one L2 section of the persistent grid's schedule may read (hopper_fwd._tile_coords): about
+# The K and V bytes one L2 section of the persistent grid's schedule may read (hopper_common.tile_coords): about
 # half of an H100 SXM's / H200's 50 MB L2, the rest left to Q, O and the other section in flight. A guess,
 # not measured; a runtime argument, so trying other sizes compiles nothing new.
 L2_SECTION_BYTES = 24 << 20

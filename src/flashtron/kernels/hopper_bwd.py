@@ -29,7 +29,7 @@ the unmasked middle, the masked right edge; loader and consumers walk the same s
 The dQ kernel (attention_bwd_dq_hopper_kernel, opt-in: launch_hopper.gluon_dq) is the forward's shape turned
 to the gradient: grid (query blocks, nheads, batch); the program's Q and dO tiles, its LSE and delta rows
 stay resident, K and V stream through a STAGES-slot ring filled by the forward's 1-warp loader
-(hopper_fwd._loader, same barrier array). Per key block, 8 consumer warps (two warpgroups of 64 rows):
+(hopper_common.kv_loader, same barrier array). Per key block, 8 consumer warps (two warpgroups of 64 rows):
 
     S  = Q K^T            [BLOCK_M, BLOCK_N]   (A: Q tile, B: K tile permuted; both in shared memory)
     dP = dO V^T           [BLOCK_M, BLOCK_N]   (A: dO tile, B: V tile permuted)
@@ -47,8 +47,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from flashtron.kernels.hopper_fwd import _kv_range
-from flashtron.kernels.hopper_fwd import _loader as _kv_loader
+from flashtron.kernels.hopper_common import kv_loader, kv_range
 
 LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -438,7 +437,7 @@ def attention_bwd_dq_hopper_kernel(
         pid_m = gl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
     off_hk = off_h // group_size
-    lo, full_lo, full_hi, hi = _kv_range(
+    lo, full_lo, full_hi, hi = kv_range(
         start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )
     # at least one block, also for rows that see no key: block lo is in range (lo < seqlen_k) and fully
@@ -465,5 +464,5 @@ def attention_bwd_dq_hopper_kernel(
             stride_dqh, start_m, lo, full_lo, full_hi, hi, seqlen_q, seqlen_k, window_left, window_right,
             qk_scale, dq_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT,
         )),
-        (_kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+        (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
     ], [1], [24])  # fmt: skip

@@ -23,7 +23,7 @@ softmax runs while the next one's matmuls occupy the tensor cores.
 
 PERSISTENT (a candidate, compiled for sm_90 but never run; needs WARP_SPECIALIZE, CONSUMERS <= 2): a 1-D
 grid of min(work tiles, SMs) programs, each looping over its (query block, head, batch) tiles in the
-static order of _tile_coords (heaviest first under a right bound). The loader also loads each tile's Q,
+static order of tile_coords (heaviest first under a right bound). The loader also loads each tile's Q,
 into one of two Q buffers, so the next tile's Q and K/V are in flight while the consumers finish the
 current one; ring positions and ping-pong turns count over all of a program's tiles.
 """
@@ -32,75 +32,17 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from flashtron.kernels.hopper_common import (
+    kv_loader,
+    kv_range,
+    load_k,
+    load_kv,
+    load_v,
+    persistent_tiles,
+    tile_work,
+)
+
 LN2 = gl.constexpr(0.6931471805599453)  # lse (natural log) = log2-sum-exp * ln 2
-
-
-@gluon.jit
-def _kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
-    """KV range [lo, hi) that rows [start_m, start_m + BLOCK_M) visit and its unmasked middle
-    [full_lo, full_hi), as kernels/common.py's kv_block_bounds (bottom-right aligned window)."""
-    shift = seqlen_k - seqlen_q
-    lo = 0
-    full_lo = 0
-    hi = seqlen_k
-    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
-    if HAS_LEFT:
-        lo = (gl.maximum(start_m + shift - window_left, 0) // BLOCK_N) * BLOCK_N
-        first_all = gl.maximum(start_m + BLOCK_M - 1 + shift - window_left, 0)
-        full_lo = ((first_all + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    if HAS_RIGHT:
-        hi = gl.minimum(hi, gl.maximum(start_m + BLOCK_M + shift + window_right, 0))
-        full_hi = gl.minimum(full_hi, (gl.maximum(start_m + shift + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
-    hi = gl.maximum(hi, lo)
-    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
-    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
-
-
-# Barriers live in one [4 * STAGES + 1 + CONSUMERS, 1] array: per slot s, K ready (s), V ready (STAGES + s),
-# K free (2 STAGES + s), V free (3 STAGES + s); then Q ready (4 STAGES); then, with ping-pong, consumer c's
-# turn (4 STAGES + 1 + c). Ready barriers complete when TMA has written the bytes; free barriers when every
-# consumer is done reading the slot (warp-specialized only: count CONSUMERS, one arrive per consumer).
-@gluon.jit
-def _load_k(k_desc, k_bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, pred=True):
-    """Start the TMA load of the K block at key row `row` into ring position t (slot t % STAGES)."""
-    s = t % STAGES
-    bar = bars.index(s)
-    mbarrier.expect(bar, k_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, [off_b, row, off_hk, 0], bar, k_bufs.index(s), pred=pred)
-
-
-@gluon.jit
-def _load_v(v_desc, v_bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, pred=True):
-    s = t % STAGES
-    bar = bars.index(STAGES + s)
-    mbarrier.expect(bar, v_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(v_desc, [off_b, row, off_hk, 0], bar, v_bufs.index(s), pred=pred)
-
-
-@gluon.jit
-def _load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, t0, n_blocks, lo, off_b, off_hk,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """Load one work tile's n_blocks K and V blocks from key row lo into ring positions t0, t0 + 1, ...,
-    each as soon as the consumers release its slot. t0 counts the blocks of the program's earlier tiles
-    (persistent kernel), so the phases carry on from one tile to the next."""
-    for j in range(n_blocks):
-        t = t0 + j
-        s = t % STAGES
-        # a fresh mbarrier counts as having completed the phase before 0, so the first lap passes
-        phase = ((t // STAGES) & 1) ^ 1
-        mbarrier.wait(bars.index(2 * STAGES + s), phase)
-        _load_k(k_desc, k_bufs, bars, t, lo + j * BLOCK_N, off_b, off_hk, STAGES)
-        mbarrier.wait(bars.index(3 * STAGES + s), phase)
-        _load_v(v_desc, v_bufs, bars, t, lo + j * BLOCK_N, off_b, off_hk, STAGES)
-
-
-@gluon.jit
-def _loader(k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk,
-            BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """The load partition: refill each K and V slot as soon as the consumers release it."""
-    _load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, 0, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -112,7 +54,7 @@ def _k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.co
         mbarrier.arrive(bars.index(2 * STAGES + t % STAGES), count=1)
     else:
         row = lo + (t + STAGES) * BLOCK_N
-        _load_k(k_desc, k_bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, pred=t + STAGES < n_blocks)
+        load_k(k_desc, k_bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, pred=t + STAGES < n_blocks)
 
 
 @gluon.jit
@@ -122,7 +64,7 @@ def _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.co
         mbarrier.arrive(bars.index(3 * STAGES + t % STAGES), count=1)
     else:
         row = lo + (t + STAGES) * BLOCK_N
-        _load_v(v_desc, v_bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, pred=t + STAGES < n_blocks)
+        load_v(v_desc, v_bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, pred=t + STAGES < n_blocks)
 
 
 @gluon.jit
@@ -243,8 +185,8 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
     gl.static_assert(CONSUMERS == 1 or (WARP_SPECIALIZE and OVERLAP), "ping-pong needs the loader and overlap")
     if not WARP_SPECIALIZE:
         for i in gl.static_range(STAGES):
-            _load_k(k_desc, k_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, pred=i < n_blocks)
-            _load_v(v_desc, v_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, pred=i < n_blocks)
+            load_k(k_desc, k_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, pred=i < n_blocks)
+            load_v(v_desc, v_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, pred=i < n_blocks)
     q_tile = q_smem.index(CID).reshape([BLOCK_M // CONSUMERS, HEAD_DIM])
     t = 0  # assigned, so a value (a constexpr argument could not be carried through _attend's loop)
     tb = 0
@@ -364,61 +306,6 @@ def _load_q(q_desc, q_smem, bar, first, start_m, off_b, off_h, seqlen_q, BLOCK_M
         tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], bar, q_smem.index(first + c))
 
 
-# The persistent grid (PERSISTENT): num_programs = min(work tiles, SMs) programs, program p doing linear work
-# tiles p, p + num_programs, p + 2 num_programs, ... (a static schedule: no atomics, no tile counter). A work
-# tile is (query block, head, batch entry). The linear order: (batch, head) pairs, heads of one batch entry
-# adjacent (a GQA group's heads share their K/V), cut into L2 sections of heads_per_section pairs (the
-# launcher sizes a section so that its K and V fit in part of the L2); within a section the query block is
-# the outer index and the pair the inner one. So the programs running at one time read the K/V of a few
-# heads, as the 3-D grid's launch order gives the one-tile kernel. With a right bound (causal) the last
-# query blocks see the most keys: REVERSE hands them out first (longest processing time first), so within
-# a section the work per tile never grows along the linear order, each program's tiles of a section come
-# heaviest first, and the short tiles fill the tail; with a left bound only, or none, the first blocks
-# see the most (or all the same), and the order stays ascending.
-@gluon.jit
-def _tile_coords(tile, n_m, n_pairs, nheads, heads_per_section, REVERSE: gl.constexpr):
-    """(query block, head, batch entry) of linear work tile `tile` in [0, n_m * n_pairs); n_pairs = batch
-    * nheads. Integer arithmetic on non-negative values only, so it means the same in the kernel (i32) as
-    called on Python ints: tests/test_hopper_schedule.py calls this very function (its .fn) to check that
-    the order visits every tile once and heaviest first."""
-    section_tiles = heads_per_section * n_m
-    section = tile // section_tiles
-    inner = tile % section_tiles
-    first_pair = section * heads_per_section
-    width = heads_per_section  # the last section may hold fewer pairs
-    if n_pairs - first_pair < heads_per_section:
-        width = n_pairs - first_pair
-    pid_m = inner // width
-    if REVERSE:
-        pid_m = n_m - 1 - pid_m
-    pair = first_pair + inner % width
-    return pid_m, pair % nheads, pair // nheads
-
-
-@gluon.jit
-def _tile_work(tile, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch, heads_per_section,
-               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr,
-               HAS_RIGHT: gl.constexpr):  # fmt: skip
-    """Everything a partition needs of linear work tile `tile`: its rows, head, batch entry and KV range."""
-    n_m = gl.cdiv(seqlen_q, BLOCK_M)
-    pid_m, off_h, off_b = _tile_coords(tile, n_m, batch * nheads, nheads, heads_per_section, HAS_RIGHT)
-    start_m = pid_m * BLOCK_M
-    lo, full_lo, full_hi, hi = _kv_range(
-        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-    )
-    n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)  # at least one, as in the kernel body
-    return start_m, off_h, off_b, off_h // group_size, lo, full_lo, full_hi, hi, n_blocks
-
-
-@gluon.jit
-def _persistent_tiles(seqlen_q, nheads, batch, BLOCK_M: gl.constexpr):
-    """(first tile, stride, tile count) of this program's work tiles in the persistent grid."""
-    pid = gl.program_id(0)
-    n_programs = gl.num_programs(0)
-    n_tiles = gl.cdiv(seqlen_q, BLOCK_M) * nheads * batch
-    return pid, n_programs, gl.cdiv(n_tiles - pid, n_programs)  # the grid has at most n_tiles programs
-
-
 @gluon.jit
 def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k,
                        group_size, window_left, window_right, nheads, batch, heads_per_section,
@@ -428,17 +315,17 @@ def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_b
     consumers have released that buffer, two tiles back), then its K/V blocks into the ring, the ring
     position counting on across tiles. The next tile's Q and first K/V blocks go out while the consumers
     still work on the current tile: no drain between tiles."""
-    first, stride, n_work = _persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
+    first, stride, n_work = persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
     t = 0
     for i in range(n_work):
-        start_m, off_h, off_b, off_hk, lo, _, _, hi, n_blocks = _tile_work(
+        start_m, off_h, off_b, off_hk, lo, _, _, hi, n_blocks = tile_work(
             first + i * stride, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch,
             heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
         )  # fmt: skip
         qb = i % 2
         mbarrier.wait(q_bars.index(2 + qb), ((i // 2) & 1) ^ 1)  # free: the first lap passes (fresh barrier)
         _load_q(q_desc, q_smem, q_bars.index(qb), qb * CONSUMERS, start_m, off_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
-        _load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)
+        load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)
         t += n_blocks
 
 
@@ -452,10 +339,10 @@ def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, O
     """A math partition of the persistent grid: _consume_tile over this program's work tiles, in the
     loader's order, with the K/V ring position t and the tile count i (ping-pong turns: each tile takes
     n_blocks + 1 of them) carried from one tile to the next."""
-    first, stride, n_work = _persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
+    first, stride, n_work = persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
     t = 0
     for i in range(n_work):
-        start_m, off_h, off_b, off_hk, lo, full_lo, full_hi, hi, n_blocks = _tile_work(
+        start_m, off_h, off_b, off_hk, lo, full_lo, full_hi, hi, n_blocks = tile_work(
             first + i * stride, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch,
             heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
         )  # fmt: skip
@@ -487,7 +374,7 @@ def attention_fwd_hopper_kernel(
     seqlen_q), rows contiguous. qk_scale = softmax_scale * log2(e). group_size = nheads // nheads_k.
     seqlen_k > 0. CONSUMERS 1: one math partition of num_warps warps; 2 or 3: ping-pong, one warpgroup
     each (launch with num_warps = 4). PERSISTENT (warp-specialized, 1 or 2 consumers): a 1-D grid of at
-    most cdiv(seqlen_q, BLOCK_M) * nheads * batch programs, each looping over its work tiles (_tile_coords);
+    most cdiv(seqlen_q, BLOCK_M) * nheads * batch programs, each looping over its work tiles (tile_coords);
     otherwise the grid is (query blocks, nheads, batch) and those three arguments are not read."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     gl.static_assert(q_desc.block_type.shape[1] * CONSUMERS == BLOCK_M)
@@ -558,7 +445,7 @@ def attention_fwd_hopper_kernel(
             pid_m = gl.num_programs(0) - 1 - pid_m
         start_m = pid_m * BLOCK_M
         off_hk = off_h // group_size
-        lo, full_lo, full_hi, hi = _kv_range(
+        lo, full_lo, full_hi, hi = kv_range(
             start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
         )
         # at least one block, also for rows that see no key: block lo is in range (lo < seqlen_k) and fully
@@ -589,7 +476,7 @@ def attention_fwd_hopper_kernel(
                     qk_scale, lo, full_lo, full_hi, hi, n_blocks,
                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 2, CONSUMERS,
                 )),
-                (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
             ], [4, 4, 1], [160, 160, 24])  # fmt: skip
         elif CONSUMERS == 2:
             # consumer 0 is the default partition (4 warps), consumer 1 a 4-warp worker
@@ -606,7 +493,7 @@ def attention_fwd_hopper_kernel(
                     qk_scale, lo, full_lo, full_hi, hi, n_blocks,
                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
                 )),
-                (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
             ], [4, 1], [240, 24])  # fmt: skip
         elif WARP_SPECIALIZE:
             gl.warp_specialize([
@@ -616,7 +503,7 @@ def attention_fwd_hopper_kernel(
                     qk_scale, lo, full_lo, full_hi, hi, n_blocks,
                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, 1,
                 )),
-                (_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
             ], [1], [24])  # fmt: skip
         else:
             _consumer(
