@@ -206,3 +206,27 @@ def test_cpu_timing_repeats_and_reports_the_fastest():
     ms = bench_ms(fn, torch.device("cpu"), Budget(rep_ms=60, cpu_runs=5))
     assert 1.0 <= ms < 3.5
     assert len(calls) >= 9
+
+
+def test_wide_headdims_get_their_own_cells_and_stay_out_of_the_targets():
+    """Head dim 256 runs fewer seqlens and peers (cuDNN, FA4): its tables list only what ran there, the
+    other head dims' tables keep their peers, and the targets count head dims 64 and 128 only."""
+    from dataclasses import replace
+
+    from flashtron.bench.report import prefill_tables, targets_table
+    from flashtron.bench.suites import GRIDS
+
+    rows = [_row(impl, d) for impl in ("sdpa_flash", "flex", "sdpa_cudnn", "flashtron") for d in ("fwd", "bwd")]
+    # at 256 cuDNN takes half our time: counted in the goal, it would fail there
+    wide = [replace(_row(impl, d, ms=ms), headdim=256, seqlen_q=4096, seqlen_k=4096, tflops=1.0 / ms)
+            for impl, ms in (("sdpa_cudnn", 0.5), ("flashtron", 1.0)) for d in ("fwd", "bwd")]  # fmt: skip
+    tables = {t.title.split(" (")[0]: t for t in prefill_tables(rows + wide)}
+    t256 = tables["Prefill Forward TFLOP/s, headdim 256"]
+    assert t256.columns == ["seqlen", "SDPA-cuDNN", "flashtron", "vs cuDNN"]
+    assert [r[0] for r in t256.rows] == ["4096"] and t256.rows[0][-1] == "0.50x"
+    assert "SDPA-flash (FA2)" in tables["Prefill Forward TFLOP/s, headdim 64"].columns
+    assert [r[0] for r in tables["Prefill Forward TFLOP/s, headdim 64"].rows] == ["128"]
+    goal = dict(targets_table(rows + wide, None).rows)
+    assert goal["prefill fwd: >= max(cuDNN, FA4) (goal)"] == "1/1"  # the d64 cell only, where we tie cuDNN
+    # the GPU grid asks for the wide head dim; the CPU grids do not
+    assert GRIDS["cuda"].wide_headdims == (256,) and not GRIDS["cpu-quick"].wide_headdims

@@ -172,13 +172,15 @@ def prefill_tables(rows: list[Row]) -> list[Table]:
     idx = _index(rows, "prefill")
     if not idx:
         return []
-    impls = _impls(rows, "prefill")
-    ratio_peers = [(name, short) for name, short in RATIO_PEERS if name in impls]
     headdims = sorted({k[1] for k in idx})
-    cells = sorted({(k[2], k[3]) for k in idx})  # (causal, seqlen)
     tables = []
     for direction, word in (("fwd", "Forward"), ("bwd", "Backward")):
         for hd in headdims:
+            # per head dim: the wide head dims run fewer seqlens and peers than the grid's
+            at_hd = [r for r in rows if r.mode == "prefill" and r.headdim == hd]
+            impls = _impls(at_hd, "prefill")
+            ratio_peers = [(name, short) for name, short in RATIO_PEERS if name in impls]
+            cells = sorted({(k[2], k[3]) for k in idx if k[1] == hd})  # (causal, seqlen)
             sample = next(r for k, r in idx.items() if k[1] == hd)
             t = Table(
                 f"Prefill {word} TFLOP/s, headdim {hd} (batch*seqlen = {sample.batch * sample.seqlen_q}, "
@@ -313,6 +315,10 @@ def varlen_table(rows: list[Row]) -> Table | None:
     return t
 
 
+# The prefill targets (../shared/PERF.md) are set at these head dims; other head dims are reported only.
+TARGET_HEADDIMS = (64, 128)
+
+
 def targets_table(rows: list[Row], copy_tbps: float | None) -> Table | None:
     """The project's floors and goals (each row states its own), counted over the cells where ours and
     the peers named were all measured."""
@@ -321,7 +327,7 @@ def targets_table(rows: list[Row], copy_tbps: float | None) -> Table | None:
     for direction in ("fwd", "bwd"):
         floor = goal = n_floor = n_goal = 0
         for key, ours in pre.items():
-            if key[0] != "flashtron" or key[5] != direction or not ours.ok:
+            if key[0] != "flashtron" or key[5] != direction or not ours.ok or key[1] not in TARGET_HEADDIMS:
                 continue
             peer = lambda name, key=key: pre.get((name,) + key[1:])
             flex, fa2 = peer("flex"), peer("sdpa_flash")
