@@ -229,7 +229,7 @@ def test_hopper_backward_fused_dq_compiles_for_sm90(d, dtype, window, stack_boun
     assert "cp.async.bulk.tensor" in ptx  # TMA loads
     assert "setmaxnreg" in ptx
     assert "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx.replace(".bulk_group", "")
-    assert "cp.async.bulk.wait_group.read 0;" in ptx  # dq_smem reused only once the last reduce read it
+    assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;", ptx)  # dq_smem reused once the reduce read it
     assert not re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, flags=re.M)  # the TMA unit adds, not atomics
     tile = launch_hopper.HOPPER_BWD_FUSED_TILES[d]
     resident = 2 * tile.block_n * d * 2 + 2 * tile.stages * tile.block_m * d * 2

@@ -26,6 +26,11 @@ per slot that the consumers arrive on once both matmuls reading it (dV's and dK'
 blocks a key block visits come as kernels/common.py's q_block_bounds gives them: the masked left edge,
 the unmasked middle, the masked right edge; loader and consumers walk the same sequence of steps.
 
+FUSED_DQ (opt-in, deterministic=False only: launch_hopper.attention_backward_fused) adds dQ from here, FA3's
+way: dS^T goes to shared memory once, dK and dQ_partial = dS K (A: dS^T permuted, B: the resident K) both
+read it there, and each step's partial * softmax_scale is added into an fp32 (batch, seqlen_q, nheads, d)
+buffer by TMA reduce-add (tma_reduce_add); the order of those adds varies, so dQ is not bit-reproducible.
+
 The dQ kernel (attention_bwd_dq_hopper_kernel, opt-in: launch_hopper.gluon_dq) is the forward's shape turned
 to the gradient: grid (query blocks, nheads, batch); the program's Q and dO tiles, its LSE and delta rows
 stay resident, K and V stream through a STAGES-slot ring filled by the forward's 1-warp loader
