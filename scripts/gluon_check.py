@@ -1,7 +1,7 @@
 """One GPU run for the Gluon Hopper forward (issue 15): are the new variants right, and how fast is each.
 
     PYTHONPATH=src python3 scripts/gluon_check.py [--budget 220] [--variants pp,ws-ov,...] [--api]
-    PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 400]    # issue 16: the backward
+    PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 540]    # issue 16: the backward
 
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
 mbarrier, an illegal address) costs only that part:
@@ -25,8 +25,9 @@ GQA 4:1, 13 seqlen pairs from 1 to 4096 with seqlen_q != seqlen_k both ways; out
 out and lse against the fp32 reference by the tests' rule (tests/tolerance.py); two runs bitwise equal.
 Prints one line per failure, a summary per variant, the TFLOP/s table last; writes $OUT/gluon_check.json.
 
-With --backward the run is the backward's instead (issue 16), same budget design, three parts; the two
-checks share the budget less BWD_TIME_RESERVE seconds, which the timing keeps:
+With --backward the run is the backward's instead (issue 16), same budget design, four parts; the three
+checks share the budget less BWD_TIME_RESERVE seconds, which the timing keeps (3 x 120 s of check limits
+and 150 s of timing: --budget 540 lets every part run to its limit):
   1. check-bwd: the Gluon dK/dV kernel (launch_hopper.HOPPER_BWD_TILES) inside launch.attention_backward
      with FLASHTRON_BACKEND=gluon (delta and dQ on the Triton kernels), on the Gluon forward's out and lse,
      with a gradient on lse too: dq, dk, dv against the fp32 reference by the tests' backward rule, two
@@ -35,12 +36,19 @@ checks share the budget less BWD_TIME_RESERVE seconds, which the timing keeps:
      (launch_hopper.HOPPER_DQ_TILES; asserted to have run), in its own child: a hang or a crash of that
      kernel, never run on a GPU before 2026-12-02's compile-only session, costs only this part. Skipped if
      fewer than 15 s are left for it.
-  3. time-bwd, if every check-bwd case passed: backward TFLOP/s (2.5x the forward's FLOPs, halved when
+  3. check-fused: the same cases with FLASHTRON_GLUON_FUSED_DQ=1 (deterministic=False), so dQ is added from
+     inside the Gluon dK/dV kernel (FUSED_DQ: TMA reduce-add into fp32, launch_hopper.attention_backward_fused;
+     asserted to have run), in its own child, skipped if fewer than 15 s are left. Not bit-reproducible by
+     design: each of the two runs is checked against the reference by the same 3x rule (so they agree within
+     it), dk and dv (still accumulated in registers) bitwise equal.
+  4. time-bwd, if every check-bwd case passed: backward TFLOP/s (2.5x the forward's FLOPs, halved when
      causal) at the same grid: the whole flashtron backward with the Gluon dK/dV ("gluon"), the Gluon dK/dV
      kernel on its own ("gluon-dkdv", FLOPs of its 3 of the 5 backward matmuls: 1.5x the forward's), the
      Triton backward, and SDPA cuDNN and flash (torch.autograd.grad of their out, retain_graph); if every
      check-dq case passed too, the whole backward with FLASHTRON_GLUON_DQ=1 ("gluon+dq") and the Gluon dQ
-     kernel on its own ("gluon-dq", S, dP and dQ: also 1.5x the forward's FLOPs).
+     kernel on its own ("gluon-dq", S, dP and dQ: also 1.5x the forward's FLOPs); if every check-fused case
+     passed, the whole backward with FLASHTRON_GLUON_FUSED_DQ=1 ("gluon+fused": preprocess, zeroing, the fused
+     kernel, the cast) and attention_backward_fused on its own ("gluon-fused": all 5 matmuls, 2.5x).
 """
 
 from __future__ import annotations
@@ -297,13 +305,16 @@ BWD_SEQLENS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (2048, 20
                (127, 1000), (1000, 127), (1, 1000), (4096, 1000)]  # fmt: skip
 BWD_CHECK_LIMIT = 120.0  # seconds the backward check may take (not measured yet: 7 configurations)
 BWD_DQ_CHECK_LIMIT = 120.0  # seconds the Gluon dQ check may take (the same cases, one more compile each)
-# seconds the backward timing keeps (Triton backward compiles for 4 (d, mask) cells, and the Gluon dQ's)
-BWD_TIME_RESERVE = 120.0
+BWD_FUSED_CHECK_LIMIT = 120.0  # seconds the fused check may take (the same cases, one fused compile each)
+# seconds the backward timing keeps (Triton backward compiles for 4 (d, mask) cells, the Gluon dQ's and the
+# fused kernel's)
+BWD_TIME_RESERVE = 150.0
 
 
-def _check_bwd_case(dtype, d, mask, sq, sk, calls, dq_calls=None):
+def _check_bwd_case(dtype, d, mask, sq, sk, calls, dq_calls=None, fused=False):
     """Gluon dK/dV (+ Triton dQ, or with dq_calls the Gluon dQ) against the fp32 reference and
-    PyTorch-in-dtype; two runs bitwise equal."""
+    PyTorch-in-dtype; two runs bitwise equal. fused: calls counts attention_backward_fused, and dq of each
+    run is checked against the reference on its own (TMA reduce-add: no fixed summation order)."""
     import torch
 
     from flashtron import launch, launch_hopper
@@ -335,12 +346,17 @@ def _check_bwd_case(dtype, d, mask, sq, sk, calls, dq_calls=None):
         o, lse_ref, _ = attention_ref(*ins, causal=False, window_size=window, upcast=upcast, reorder_ops=not upcast)
         grads.append(torch.autograd.grad((o, lse_ref), ins, (dout.to(o.dtype), dlse.to(lse_ref.dtype))))
     assert_grads_close((dq, dk, dv), *grads)
-    assert torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2), "two runs differ"
+    if fused:  # two runs agree within the rule; dK, dV are still accumulated in registers, in a fixed order
+        assert_grads_close((dq2, dk2, dv2), *grads)
+        assert torch.equal(dk, dk2) and torch.equal(dv, dv2), "two runs differ in dk or dv"
+    else:
+        assert torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2), "two runs differ"
 
 
-def child_check_bwd(state: str, gluon_dq: bool = False) -> None:
+def child_check_bwd(state: str, gluon_dq: bool = False, fused: bool = False) -> None:
     """Checks BWD_CONFIGS, saving after each configuration (a time-out keeps what ran); with gluon_dq, with
-    FLASHTRON_GLUON_DQ=1 (dQ on the Gluon dQ kernel)."""
+    FLASHTRON_GLUON_DQ=1 (dQ on the Gluon dQ kernel); with fused, with FLASHTRON_GLUON_FUSED_DQ=1 (dQ added
+    inside the Gluon dK/dV kernel)."""
     import torch
 
     from flashtron import launch, launch_hopper
@@ -350,6 +366,11 @@ def child_check_bwd(state: str, gluon_dq: bool = False) -> None:
     calls, dq_calls = [], None
     original = launch_hopper.attention_backward_dkdv
     launch_hopper.attention_backward_dkdv = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    if fused:  # calls counts the fused launcher instead: the plain dK/dV one does not run
+        os.environ["FLASHTRON_GLUON_FUSED_DQ"] = "1"
+        launch_hopper.attention_backward_dkdv = original
+        original_fused = launch_hopper.attention_backward_fused
+        launch_hopper.attention_backward_fused = lambda *a, **kw: calls.append(1) or original_fused(*a, **kw)
     if gluon_dq:
         os.environ["FLASHTRON_GLUON_DQ"] = "1"
         dq_calls = []
@@ -357,11 +378,11 @@ def child_check_bwd(state: str, gluon_dq: bool = False) -> None:
         launch_hopper.attention_backward_dq = lambda *a, **kw: dq_calls.append(1) or original_dq(*a, **kw)
     results = {}
     for dtype, d, mask in BWD_CONFIGS:
-        name = f"{'bwd-dq' if gluon_dq else 'bwd'} {dtype} d{d} {mask}"
+        name = f"{'bwd-fused' if fused else 'bwd-dq' if gluon_dq else 'bwd'} {dtype} d{d} {mask}"
         fails, passed, t0 = [], 0, time.time()
         for sq, sk in BWD_SEQLENS:
             try:
-                _check_bwd_case(getattr(torch, dtype), d, mask, sq, sk, calls, dq_calls)
+                _check_bwd_case(getattr(torch, dtype), d, mask, sq, sk, calls, dq_calls, fused)
                 passed += 1
             except Exception as exc:  # one bad case must not stop the rest
                 fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
@@ -377,7 +398,7 @@ def child_check_bwd(state: str, gluon_dq: bool = False) -> None:
             break
 
 
-def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False) -> dict:
+def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False, with_fused: bool = False) -> dict:
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -392,9 +413,10 @@ def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False) -> dict:
     _, _, _, delta = launch.attention_backward(dout, q, k, v, out, lse, opts)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def flashtron_bwd(backend, gluon_dq=False):
+    def flashtron_bwd(backend, gluon_dq=False, fused=False):
         os.environ["FLASHTRON_BACKEND"] = backend
         os.environ["FLASHTRON_GLUON_DQ"] = "1" if gluon_dq else "0"
+        os.environ["FLASHTRON_GLUON_FUSED_DQ"] = "1" if fused else "0"
         return launch.attention_backward(dout, q, k, v, out, lse, opts)
 
     fns = {
@@ -405,6 +427,9 @@ def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False) -> dict:
     if with_dq:  # only after every check-dq case passed
         fns["gluon+dq"] = lambda: flashtron_bwd("gluon", gluon_dq=True)
         fns["gluon-dq"] = lambda: launch_hopper.attention_backward_dq(q, k, v, dout, lse, delta, dq, opts)
+    if with_fused:  # only after every check-fused case passed
+        fns["gluon+fused"] = lambda: flashtron_bwd("gluon", fused=True)
+        fns["gluon-fused"] = lambda: launch_hopper.attention_backward_fused(q, k, v, dout, lse, delta, dq, dk, dv, opts)
     qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
     dot = dout.transpose(1, 2)
     for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
@@ -428,13 +453,13 @@ def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False) -> dict:
     return row
 
 
-def child_time_bwd(state: str, with_dq: bool = False) -> None:
+def child_time_bwd(state: str, with_dq: bool = False, with_fused: bool = False) -> None:
     rows = []
     for s in TIME_SEQLENS:
         for d in (128, 64):
             for causal in (False, True):
                 try:
-                    rows.append(_time_bwd_cell(d, causal, s, with_dq))
+                    rows.append(_time_bwd_cell(d, causal, s, with_dq, with_fused))
                 except Exception as exc:  # e.g. out of memory: the other cells still run
                     print(f"  time-bwd d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
                     continue
@@ -444,26 +469,40 @@ def child_time_bwd(state: str, with_dq: bool = False) -> None:
 
 
 def _bwd_table(rows: list[dict]) -> str:
-    cols = ["gluon", "gluon-dkdv", "gluon+dq", "gluon-dq", "triton", "cudnn", "sdpa-flash"]
+    cols = [
+        "gluon",
+        "gluon-dkdv",
+        "gluon+dq",
+        "gluon-dq",
+        "gluon+fused",
+        "gluon-fused",
+        "triton",
+        "cudnn",
+        "sdpa-flash",
+    ]
     cols = [c for c in cols if any(c in r for r in rows)]
-    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>10}" for c in cols)
+    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>11}" for c in cols)
     head += "  gluon: /triton /cudnn" + ("  gluon+dq: /gluon" if "gluon+dq" in cols else "")
+    head += "  gluon+fused: /gluon /cudnn" if "gluon+fused" in cols else ""
     out = ["backward TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench; gluon-dkdv, gluon-dq: "
            "their shares)", head]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["d"], r["causal"], r["seqlen"])):
-        cells = " ".join(f"{r[c]:10.0f}" if r.get(c) else f"{'-':>10}" for c in cols)
+        cells = " ".join(f"{r[c]:11.0f}" if r.get(c) else f"{'-':>11}" for c in cols)
         ratio = ""
         if r.get("gluon") and r.get("triton") and r.get("cudnn"):
             ratio = f"  {r['gluon'] / r['triton']:.2f}x {r['gluon'] / r['cudnn']:.2f}x"
             if r.get("gluon+dq"):
                 ratio += f"  {r['gluon+dq'] / r['gluon']:.2f}x"
+            if r.get("gluon+fused"):
+                ratio += f"  {r['gluon+fused'] / r['gluon']:.2f}x {r['gluon+fused'] / r['cudnn']:.2f}x"
         out.append(f"{r['d']:>4} {'causal' if r['causal'] else 'full':>6} {r['seqlen']:>6} {cells}{ratio}")
     return "\n".join(out)
 
 
 def main_backward(budget: float) -> None:
-    """The --backward run: check-bwd, check-dq, then time-bwd if every check-bwd case passed (with the Gluon
-    dQ columns if every check-dq case passed too); writes $OUT/gluon_check_bwd.json."""
+    """The --backward run: check-bwd, check-dq, check-fused, then time-bwd if every check-bwd case passed (with
+    the Gluon dQ columns if every check-dq case passed too, the fused ones if every check-fused case did);
+    writes $OUT/gluon_check_bwd.json."""
     import torch
 
     start = time.time()
@@ -483,15 +522,22 @@ def main_backward(budget: float) -> None:
     else:
         check_dq = _run_child("check-dq", [], limit, os.path.join(out_dir, ".check-dq.json")) or {}
     dq_ok = check_dq is not None and _all_passed(check_dq)
+    check_fused = None
+    limit = min(BWD_FUSED_CHECK_LIMIT, checks_end - time.time())
+    if limit < 15:
+        print(f"== check-fused: skipped, {limit:.0f}s left for the checks", flush=True)
+    else:
+        check_fused = _run_child("check-fused", [], limit, os.path.join(out_dir, ".check-fused.json")) or {}
+    fused_ok = check_fused is not None and _all_passed(check_fused)
     timing = None
     if ok:
         left = budget - (time.time() - start)
-        extra = ["--with-dq"] if dq_ok else []
+        extra = (["--with-dq"] if dq_ok else []) + (["--with-fused"] if fused_ok else [])
         timing = _run_child("time-bwd", extra, left - 3, os.path.join(out_dir, ".time-bwd.json"))
     with open(os.path.join(out_dir, "gluon_check_bwd.json"), "w") as f:
-        json.dump({"check": check, "check_dq": check_dq, "time": timing}, f, indent=1)
+        json.dump({"check": check, "check_dq": check_dq, "check_fused": check_fused, "time": timing}, f, indent=1)
     print("\n== summary (backward)")
-    for part, res in (("check-bwd", check), ("check-dq", check_dq)):
+    for part, res in (("check-bwd", check), ("check-dq", check_dq), ("check-fused", check_fused)):
         if res is None:
             print(f"{part}: not run")
             continue
@@ -503,6 +549,8 @@ def main_backward(budget: float) -> None:
         print("not timed: a check-bwd configuration failed or did not run")
     elif not dq_ok:
         print("timed without the Gluon dQ columns: a check-dq configuration failed or did not run")
+    if ok and not fused_ok:
+        print("timed without the fused columns: a check-fused configuration failed or did not run")
     if timing and timing.get("rows"):
         print(_bwd_table(timing["rows"]))
     print(f"total {time.time() - start:.0f}s")
@@ -566,6 +614,7 @@ def main() -> None:
     ap.add_argument("--api", action="store_true", help="also the public-API check, if 30 s are left")
     ap.add_argument("--backward", action="store_true", help="check and time the Gluon backward instead")
     ap.add_argument("--with-dq", action="store_true", help="time-bwd child: also time the Gluon dQ")
+    ap.add_argument("--with-fused", action="store_true", help="time-bwd child: also time the fused dQ")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -581,8 +630,10 @@ def main() -> None:
         child_check_bwd(args.state)
     elif args.child == "check-dq":
         child_check_bwd(args.state, gluon_dq=True)
+    elif args.child == "check-fused":
+        child_check_bwd(args.state, fused=True)
     elif args.child == "time-bwd":
-        child_time_bwd(args.state, args.with_dq)
+        child_time_bwd(args.state, args.with_dq, args.with_fused)
     if args.child:
         return
     if args.backward:

@@ -190,9 +190,63 @@ def test_hopper_backward_dkdv_compiles_for_sm90(d, dtype, window, stack_bound):
     assert "setmaxnreg" in ptx  # the 1-warp loader partition
     assert "wgmma.wait_group.sync.aligned 1;" in ptx  # P's math while dP^T runs, dS's while dV runs
     assert not re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, flags=re.M)  # deterministic: no atomics
+    assert "cp.reduce.async.bulk" not in ptx  # nor the fused variant's TMA reduce-add
     assert compiled.metadata.shared <= SMEM_LIMIT
     spill = _spill_bytes(compiled)
     assert spill is None or spill <= stack_bound, f"stack {spill} bytes, bound {stack_bound}"
+
+
+# The FUSED_DQ variant of the dK/dV kernel (deterministic=False, opt-in with FLASHTRON_GLUON_FUSED_DQ=1): every
+# head dim and mask kind, bf16, and fp16 once, with launch_hopper.HOPPER_BWD_FUSED_TILES. Stack bytes at this
+# commit (triton 3.6.0): d64 0 for every mask; d128 384 (none), 432 (causal), 440 (window): the dQ partial's
+# 32 registers and its shared-memory operands' descriptors on top of a kernel at setmaxnreg's 240 already;
+# docs/perf-notes.md, 2026-12-02, fused dQ entry. The bounds catch a regression.
+FUSED_VARIANTS = [
+    (64, torch.bfloat16, (-1, -1), 0),
+    (64, torch.bfloat16, (-1, 0), 0),
+    (64, torch.float16, (64, 32), 0),
+    (128, torch.bfloat16, (-1, -1), 448),
+    (128, torch.bfloat16, (-1, 0), 448),
+    (128, torch.bfloat16, (64, 32), 448),
+    (128, torch.float16, (-1, 0), 448),
+]
+
+
+@pytest.mark.parametrize("d, dtype, window, stack_bound", FUSED_VARIANTS)
+def test_hopper_backward_fused_dq_compiles_for_sm90(d, dtype, window, stack_bound):
+    q = torch.empty(2, 300, 4, d, dtype=dtype)
+    k = torch.empty(2, 257, 2, d, dtype=dtype)  # GQA 2:1
+    lse = torch.empty(2, 4, 300)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
+    kernel, _, args, kwargs = launch_hopper.backward_dkdv_launch(
+        q, k, torch.empty_like(k), torch.empty_like(q), lse, torch.empty_like(lse), torch.empty_like(k),
+        torch.empty_like(k), opts, dq_accum=torch.empty(q.shape),
+    )  # fmt: skip
+    assert kwargs["FUSED_DQ"] and kwargs["BLOCK_M"] == launch_hopper.HOPPER_BWD_FUSED_TILES[d].block_m
+    compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads
+    assert "setmaxnreg" in ptx
+    assert "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx.replace(".bulk_group", "")
+    assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;", ptx)  # dq_smem reused once the reduce read it
+    assert not re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, flags=re.M)  # the TMA unit adds, not atomics
+    tile = launch_hopper.HOPPER_BWD_FUSED_TILES[d]
+    resident = 2 * tile.block_n * d * 2 + 2 * tile.stages * tile.block_m * d * 2
+    staging = tile.block_n * tile.block_m * 2 + tile.block_m * d * 4  # dS^T and the fp32 dQ partial
+    assert resident + staging <= compiled.metadata.shared <= SMEM_LIMIT
+    spill = _spill_bytes(compiled)
+    assert spill is None or spill <= stack_bound, f"stack {spill} bytes, bound {stack_bound}"
+
+
+def test_gluon_fused_dq_is_opt_in(monkeypatch):
+    from flashtron import env
+
+    monkeypatch.delenv("FLASHTRON_GLUON_FUSED_DQ", raising=False)
+    assert not env.gluon_fused_dq()
+    monkeypatch.setenv("FLASHTRON_GLUON_FUSED_DQ", "1")
+    assert env.gluon_fused_dq()
+    assert set(launch_hopper.HOPPER_BWD_FUSED_TILES) == set(launch_hopper.HOPPER_BWD_TILES)
 
 
 def test_backward_dispatch_follows_the_backend_setting():

@@ -1,5 +1,6 @@
-"""The Gluon dQ kernel's block walk (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel), emulated in float64
-on the CPU with the kernel's own range helpers, against autograd of the reference.
+"""The Gluon dQ kernel's block walk (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel), and the FUSED_DQ dK/dV
+kernel's (dQ added per step from the key side, emulate_fused_dq below), emulated in float64 on the CPU with
+the kernels' own range helpers, against autograd of the reference.
 
 Gluon kernels do not run in Triton's interpreter, and the kernel has only been compiled (test_hopper_compile).
 What can be checked without a GPU is its index arithmetic: `hopper_common.kv_range` and `hopper_bwd._segment`
@@ -36,6 +37,7 @@ def _on_ints(jitted):
 
 
 KV_RANGE = _on_ints(hopper_common.kv_range)
+Q_RANGE = _on_ints(hopper_bwd._q_range)
 SEGMENT = _on_ints(hopper_bwd._segment)
 
 
@@ -135,3 +137,99 @@ def test_dq_block_walk_matches_reference(sq, sk, h, hk, window, d):
                     tile.block_m, tile.block_n)  # fmt: skip
     assert not dq.isnan().any()
     torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
+
+
+def emulate_fused_dq(q, k, v, dout, lse, delta, scale, window, block_m, block_n):
+    """dq as the FUSED_DQ dK/dV kernel computes it (float64 here): every program (key block, KV head) walks the
+    query blocks of _q_range's three segments, every head of its group innermost, as _loader and _steps do,
+    and adds each step's dS K * scale into the fp32 dq_accum rows of (query block, head); TMA drops the
+    rows past seqlen_q. lse is read as the kernel reads it: +inf past seqlen_q in the masked segments, as
+    stored (-inf for rows that see no key) everywhere else."""
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    group = nheads // nheads_k
+    has_left, has_right = window[0] >= 0, window[1] >= 0
+    wl, wr = max(window[0], 0), max(window[1], 0)
+    dq_accum = torch.zeros(batch, seqlen_q, nheads, d, dtype=q.dtype)  # the launcher's torch.zeros
+    for b in range(batch):
+        for hk in range(nheads_k):
+            for start_n in range(0, seqlen_k, block_n):  # the grid's key blocks
+                lo, full_lo, full_hi, hi = Q_RANGE(
+                    start_n, seqlen_q, seqlen_k, wl, wr, block_m, block_n, has_left, has_right
+                )
+                kt = _rows(k[b, :, hk], start_n, block_n)
+                vt = _rows(v[b, :, hk], start_n, block_n)
+                cols = (start_n + torch.arange(block_n))[None, :]
+                for seg in range(3):
+                    start, end = SEGMENT(seg, lo, full_lo, full_hi, hi)
+                    mask = seg != 1
+                    for step in range(-(-(end - start) // block_m) * group):  # _steps' loop, as _loader's
+                        h = hk * group + step % group
+                        start_m = start + (step // group) * block_m
+                        offs_m = start_m + torch.arange(block_m)
+                        row_ok = offs_m < seqlen_q
+                        lse_rows = _rows(lse[b, h, :, None], start_m, block_m)[:, 0]
+                        if mask:
+                            lse_rows = torch.where(row_ok, lse_rows, float("inf"))
+                        else:  # the unmasked middle reads lse without a row mask: rows in range only
+                            assert row_ok.all()
+                        delta_rows = _rows(delta[b, h, :, None], start_m, block_m)[:, 0]
+                        qt = _rows(q[b, :, h], start_m, block_m)
+                        dot = _rows(dout[b, :, h], start_m, block_m)
+                        diag = offs_m[:, None] + (seqlen_k - seqlen_q)
+                        keep = (cols < seqlen_k).expand(block_m, block_n)
+                        if has_right:
+                            keep = keep & (cols <= diag + wr)
+                        if has_left:
+                            keep = keep & (cols >= diag - wl)
+                        # exp2 of +inf (lse -inf) is inf: where() below selects 0 for those, as the kernel's
+                        with torch.no_grad():
+                            p = torch.exp2(qt @ kt.T * (scale * LOG2E) - lse_rows[:, None] * LOG2E)
+                        if mask:  # the window mask and, for dQ's sake, the keys past seqlen_k
+                            p = torch.where(keep, p, 0.0)
+                        else:  # the unmasked middle: every row sees every key of the block
+                            assert keep.all()
+                        ds = p * (dot @ vt.T - delta_rows[:, None])
+                        n = min(block_m, seqlen_q - start_m)
+                        dq_accum[b, start_m : start_m + n, h] += (ds @ kt * scale)[:n]  # the TMA reduce-add
+    return dq_accum
+
+
+@pytest.mark.parametrize("d", sorted(launch_hopper.HOPPER_BWD_FUSED_TILES))
+@pytest.mark.parametrize("sq, sk, h, hk, window", SHAPES)
+def test_fused_dq_block_walk_matches_reference(sq, sk, h, hk, window, d):
+    tile = launch_hopper.HOPPER_BWD_FUSED_TILES[d]  # the fused tile's blocks; 8 columns stand in for d
+    g = torch.Generator().manual_seed(sq * 131 + sk + 7)
+    q = torch.randn(2, sq, h, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = d**-0.5
+    out, lse, _ = attention_ref(q, k, v, softmax_scale=scale, window_size=window)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dlse = torch.where(torch.isfinite(lse), torch.randn(lse.shape, generator=g, dtype=torch.float64), 0.0)
+    dq_ref = torch.autograd.grad((out, lse), q, (dout, dlse))[0]
+    delta = (dout * out).sum(-1).transpose(1, 2) - dlse  # launch.attention_backward's delta
+    dq = emulate_fused_dq(q.detach(), k.detach(), v.detach(), dout, lse.detach(), delta.detach(), scale, window,
+                          tile.block_m, tile.block_n)  # fmt: skip
+    assert not dq.isnan().any()
+    torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_dq_walk_visits_each_pair_once():
+    """Every (query block, key block, head) pair whose rows see a key of the block is one step of exactly one
+    program: counted on ints for a causal GQA shape with sq != sk and a ragged last block of each."""
+    sq, sk, nheads, nheads_k, bm, bn = 300, 257, 4, 2, 64, 128
+    group = nheads // nheads_k
+    seen = {}
+    for start_n in range(0, sk, bn):
+        lo, full_lo, full_hi, hi = Q_RANGE(start_n, sq, sk, 0, 0, bm, bn, False, True)
+        for seg in range(3):
+            start, end = SEGMENT(seg, lo, full_lo, full_hi, hi)
+            for step in range(-(-(end - start) // bm) * group):
+                key = (start + (step // group) * bm, start_n, step % group)
+                seen[key] = seen.get(key, 0) + 1
+    assert set(seen.values()) == {1}
+    shift = sk - sq  # causal, bottom-right: row i sees keys up to i + shift
+    need = {(m, n, g) for m in range(0, sq, bm) for n in range(0, sk, bn) for g in range(group)
+            if min(m + bm, sq) - 1 + shift >= n}  # fmt: skip
+    assert set(seen) == need

@@ -155,3 +155,52 @@ def test_gluon_dq_needs_the_switch(gluon_backward, monkeypatch):
     monkeypatch.setattr(launch_hopper, "attention_backward_dq", lambda *a, **kw: dq_calls.append(1))
     check_attention(1, 129, 129, 2, 2, 128, 128, torch.bfloat16, "cuda", causal=True)
     assert gluon_backward and not dq_calls
+
+
+@pytest.fixture
+def gluon_fused(monkeypatch):
+    """Routes covered backwards with deterministic=False to the FUSED_DQ dK/dV kernel and counts its calls."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels are sm_90 only")
+    from flashtron import launch_hopper
+
+    calls = []
+    original = launch_hopper.attention_backward_fused
+    monkeypatch.setattr(
+        launch_hopper, "attention_backward_fused", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
+    monkeypatch.setenv("FLASHTRON_BACKEND", "gluon")
+    monkeypatch.setenv("FLASHTRON_GLUON_FUSED_DQ", "1")
+    return calls
+
+
+@pytest.mark.gluon_unverified
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_gluon_fused_dq_through_api(gluon_fused, case):
+    """dQ added inside the Gluon dK/dV kernel (FLASHTRON_GLUON_FUSED_DQ=1, deterministic=False, flash_attn's
+    default) through the public backward, against the reference by the tests' rule. gluon_unverified: compiled
+    for sm_90 on a CPU only; its marker becomes gpu once `pytest -m gluon_unverified tests/test_hopper_gpu.py`
+    and scripts/gluon_check.py --backward have passed it on a GPU."""
+    batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
+    check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
+    assert gluon_fused, "the backward did not take the fused dQ"
+
+
+@pytest.mark.gluon_unverified
+def test_gluon_fused_dq_never_deterministic(gluon_fused, monkeypatch):
+    """deterministic=True keeps the deterministic kernels even with the switch set: two runs bit for bit."""
+    import flashtron
+    from flashtron import launch_hopper
+
+    def refuse(*a, **kw):
+        raise AssertionError("deterministic=True took the fused dQ")
+
+    monkeypatch.setattr(launch_hopper, "attention_backward_fused", refuse)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 300, 8, 128, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(1, 300, 2, 128, device="cuda", generator=g).to(torch.bfloat16).requires_grad_() for _ in "kv")
+    out = flashtron.flash_attn_func(q, k, v, causal=True, deterministic=True)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

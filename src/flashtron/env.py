@@ -44,6 +44,15 @@ def gluon_dq() -> bool:
     return _flag("FLASHTRON_GLUON_DQ")
 
 
+def gluon_fused_dq() -> bool:
+    """FLASHTRON_GLUON_FUSED_DQ=1: a backward with deterministic=False whose dK/dV takes the Gluon kernel (see
+    backend()) adds dQ from inside that kernel by TMA reduce-add into an fp32 buffer (FA3's design;
+    launch_hopper.attention_backward_fused), with no separate dQ pass. Not bit-reproducible from run to run.
+    Opt-in: compiled for sm_90 but not yet verified on a GPU. deterministic=True never takes it; it takes
+    precedence over FLASHTRON_GLUON_DQ where both apply."""
+    return _flag("FLASHTRON_GLUON_FUSED_DQ")
+
+
 def cache_dir() -> Path:
     """FLASHTRON_CACHE_DIR, else $XDG_CACHE_HOME/flashtron, else ~/.cache/flashtron."""
     given = os.environ.get("FLASHTRON_CACHE_DIR")
@@ -72,6 +81,10 @@ VARIABLES = {
     "FLASHTRON_GLUON_DQ": (
         "1 runs the dQ of backwards whose dK/dV takes the Gluon kernel on the Gluon dQ kernel too (opt-in, "
         "not yet verified on a GPU)."
+    ),
+    "FLASHTRON_GLUON_FUSED_DQ": (
+        "1 adds dQ from inside the Gluon dK/dV kernel (fp32 TMA reduce-add, no dQ pass) for backwards with "
+        "deterministic=False whose dK/dV takes the Gluon kernel (opt-in, not yet verified on a GPU)."
     ),
     "FLASHTRON_CACHE_DIR": "where the autotune cache lives (default $XDG_CACHE_HOME/flashtron or ~/.cache/flashtron).",
 }

@@ -280,6 +280,10 @@ def attention_backward(
     gluon_dkdv = launch_hopper.chosen_backward(env.backend(), head_dim) and launch_hopper.covers_backward(
         q, k, v, dout, opts, varlen=varlen, seqused_k=seqused_k
     )
+    if gluon_dkdv and not opts.deterministic and env.gluon_fused_dq():
+        # opt-in (never run on a GPU yet): dQ added from inside the Gluon dK/dV kernel by fp32 TMA reduce-add
+        launch_hopper.attention_backward_fused(q, k, v, dout, lse, delta, dq, dk, dv, opts)
+        return dq, dk, dv, delta
     if gluon_dkdv:
         # dK/dV on the Gluon Hopper kernel, dQ on the Triton one below: both without atomics
         launch_hopper.attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts)

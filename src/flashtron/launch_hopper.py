@@ -119,6 +119,20 @@ HOPPER_BWD_TILES = {
 }
 
 
+# The FUSED_DQ candidate (opt-in, deterministic=False only; FLASHTRON_GLUON_FUSED_DQ=1): FA3's backward for
+# non-deterministic calls, dQ added by TMA reduce-add from inside the dK/dV kernel, so the dQ pass (which
+# recomputes S and dP) goes. 64 query rows a step at both head dims: on top of the dK/dV kernel's registers,
+# the dQ partial takes 64 x d / 256 fp32 registers a consumer thread while its wgmma runs, and shared memory
+# holds dS^T (16-bit 128 x 64, 16K) and the fp32 partial (64 x d): d64 64K + 16K + 16K = 96K, d128 128K +
+# 16K + 32K = 176K. ptxas (triton 3.6.0, setmaxnreg 240): d64 stack 0 for every mask (with 128 rows a step,
+# FA3's d64 tile: 128-344 bytes); d128 384-440 bytes (32 rows a step, dQ^T orientation: 160-224). Compiled for
+# sm_90 only, never run (docs/perf-notes.md, 2026-12-02, "dQ fused into the Gluon dK/dV").
+HOPPER_BWD_FUSED_TILES = {
+    64: HopperBwdTile(64, 128, 2),
+    128: HopperBwdTile(64, 128, 2),
+}
+
+
 def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:
     """Whether the Gluon forward handles this call: dense sm_90 fp16/bf16, head dim 64 or 128 for q, k and
     v, window/causal only (no softcap, ALiBi, dropout or sinks yet), and TMA-legal tensors (16-byte
@@ -244,19 +258,23 @@ def covers_backward(q, k, v, dout, opts: AttnOptions, *, varlen: bool, seqused_k
     return dout.dtype == q.dtype and covers(q, k, v, opts, varlen=varlen, seqused_k=seqused_k)
 
 
-def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, tile: HopperBwdTile | None = None):
+def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, tile: HopperBwdTile | None = None,
+                         dq_accum=None):  # fmt: skip
     """(kernel, grid, args, kwargs) of one dK/dV launch, as kernel_launch. lse and delta: (batch, nheads,
-    seqlen_q) fp32 with the same strides, rows contiguous; dk, dv like k, v (last stride 1)."""
+    seqlen_q) fp32 with the same strides, rows contiguous; dk, dv like k, v (last stride 1). With dq_accum
+    ((batch, seqlen_q, nheads, d) fp32, contiguous) the FUSED_DQ variant, which adds dQ into it (default
+    tile HOPPER_BWD_FUSED_TILES)."""
     from flashtron.kernels.hopper_bwd import attention_bwd_dkdv_hopper_kernel
 
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    tile = tile or HOPPER_BWD_TILES[d]
+    fused = dq_accum is not None
+    tile = tile or (HOPPER_BWD_FUSED_TILES if fused else HOPPER_BWD_TILES)[d]
     assert lse.stride() == delta.stride() and lse.stride(2) == 1
     grid = (math.ceil(seqlen_k / tile.block_n), nheads_k, batch)
     args = (
         _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
-        _descriptor(dout, tile.block_m), lse, delta, dk, dv,
+        _descriptor(dout, tile.block_m), lse, delta, dk, dv, _descriptor(dq_accum, tile.block_m) if fused else None,
         lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
         dv.stride(2),
         seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
@@ -273,6 +291,8 @@ def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, t
         # moves the loader's share (24) to the consumers (240)
         maxnreg=168,
     )
+    if fused:  # only then: the deterministic kernel's specialization stays what it was
+        kwargs["FUSED_DQ"] = True
     return attention_bwd_dkdv_hopper_kernel, grid, args, kwargs
 
 
@@ -284,6 +304,20 @@ def attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions
         dout = dout.contiguous()
     kernel, grid, args, kwargs = backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts, tile)
     kernel[grid](*args, **kwargs)
+
+
+def attention_backward_fused(q, k, v, dout, lse, delta, dq, dk, dv, opts: AttnOptions,
+                             tile: HopperBwdTile | None = None):  # fmt: skip
+    """Writes dq, dk, dv of a covered backward with the FUSED_DQ dK/dV kernel (deterministic=False only: the
+    order in which key blocks add into dQ varies), arguments as attention_backward_dkdv's. The kernel adds
+    dS K * softmax_scale into a zeroed fp32 dq_accum; the convert is one torch copy_ (a cast, one pass: read
+    4 bytes, write 2 an element, what a Triton kernel would do; the scale is folded into the kernel's adds)."""
+    if not _tma_ok(dout) or 0 in dout.stride():  # e.g. an expanded gradient
+        dout = dout.contiguous()
+    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kernel, grid, args, kwargs = backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts, tile, dq_accum)
+    kernel[grid](*args, **kwargs)
+    dq.copy_(dq_accum)
 
 
 # The Gluon dQ kernel (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel), opt-in: launch.attention_backward

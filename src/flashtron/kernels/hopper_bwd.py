@@ -26,6 +26,11 @@ per slot that the consumers arrive on once both matmuls reading it (dV's and dK'
 blocks a key block visits come as kernels/common.py's q_block_bounds gives them: the masked left edge,
 the unmasked middle, the masked right edge; loader and consumers walk the same sequence of steps.
 
+FUSED_DQ (opt-in, deterministic=False only: launch_hopper.attention_backward_fused) adds dQ from here, FA3's
+way: dS^T goes to shared memory once, dK and dQ_partial = dS K (A: dS^T permuted, B: the resident K) both
+read it there, and each step's partial * softmax_scale is added into an fp32 (batch, seqlen_q, nheads, d)
+buffer by TMA reduce-add (tma_reduce_add); the order of those adds varies, so dQ is not bit-reproducible.
+
 The dQ kernel (attention_bwd_dq_hopper_kernel, opt-in: launch_hopper.gluon_dq) is the forward's shape turned
 to the gradient: grid (query blocks, nheads, batch); the program's Q and dO tiles, its LSE and delta rows
 stay resident, K and V stream through a STAGES-slot ring filled by the forward's 1-warp loader
@@ -43,13 +48,32 @@ once dQ(j) is (the first of the step's three waits).
 No atomics: each program owns its dQ rows, so two runs agree bit for bit.
 """
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from flashtron.kernels.hopper_common import kv_loader, kv_range
 
 LOG2E = gl.constexpr(1.4426950408889634)
+
+
+@builtin
+def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Add the shared-memory tile src into the global box of tensor_desc at coord, by the TMA unit
+    (`cp.reduce.async.bulk.tensor` .add; rows outside the tensor are dropped), asynchronous like
+    tma.async_copy_shared_to_global: tma.store_wait says when src may be written again. Triton 3.6's builder
+    has the op (ttng.async_tma_reduce) but Gluon's tma module does not expose it, so it is wrapped here the
+    way that module wraps async_copy_shared_to_global."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -117,13 +141,29 @@ def _loader(q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, of
 
 @gluon.jit
 def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_lh, start, end, off_h0, group_size,
-           offs_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+           offs_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_smem, dq_smem, dq_desc, dq_scale,
            s_layout: gl.constexpr, acc_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-           STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
+           STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+           FUSED_DQ: gl.constexpr):  # fmt: skip
     """Accumulate into dK, dV the query blocks [start, end) of every head of the group; t is the ring
-    position of the first step. LSE, Delta point at row 0, head 0 of this sequence."""
+    position of the first step. LSE, Delta point at row 0, head 0 of this sequence. With FUSED_DQ, each step
+    also adds its dQ partial dS K * dq_scale into dq_desc's fp32 tensor (ds_smem: dS^T's staging tile,
+    dq_smem: the partial's; unused otherwise)."""
     dtype: gl.constexpr = q_bufs.dtype
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    # the dQ partial's wgmma layout: a warpgroup per 64 query rows, the other warpgroups along HEAD_DIM
+    # (BLOCK_M 64: each warpgroup computes 64 x HEAD_DIM / 2 of it); below 64 rows, dQ^T [HEAD_DIM, BLOCK_M]
+    # with the warpgroups along HEAD_DIM, as dK's
+    if BLOCK_M >= 64:
+        DQ_WG_M: gl.constexpr = min(BLOCK_M // 64, gl.num_warps() // 4)
+        DQ_WARPS_N: gl.constexpr = gl.num_warps() // (4 * DQ_WG_M)
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4 * DQ_WG_M, DQ_WARPS_N], instr_shape=[16, HEAD_DIM // DQ_WARPS_N, 16]
+        )
+    else:
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_M, 16]
+        )
     # the row statistics are prefetched compact (one value a thread or fewer) and spread over the block's
     # columns only where used: held in the wgmma layout from the start they cost 32 registers through the
     # step, and the consumers are at the 240 of setmaxnreg already (ptxas spilled)
@@ -157,6 +197,8 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))  # [BLOCK_N, BLOCK_M]
         # Keys past seqlen_k need no mask: their K and V rows are zero-filled and each key's dK, dV row
         # depends on its own row of P and dS only, and those rows are not stored.
+        # With FUSED_DQ they are masked all the same: dQ sums over the keys, and a P that overflows the 16-bit
+        # dS (lse below about -11) would reach dQ as inf * 0 = NaN through the zero-filled K rows.
         if MASK and (HAS_LEFT or HAS_RIGHT):
             diag = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout)), 0)
             diag = diag + (seqlen_k - seqlen_q)
@@ -166,14 +208,45 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
                 keep = cols <= diag + window_right
             else:
                 keep = cols >= diag - window_left
+            if FUSED_DQ:
+                keep = keep & (cols < seqlen_k)
             pt = gl.where(keep, pt, 0.0)
+        elif MASK and FUSED_DQ:
+            pt = gl.where(cols < seqlen_k, pt, 0.0)
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_tile, dv, is_async=True)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt,))  # dP^T done; dV may still run
         delta = gl.convert_layout(delta, gl.SliceLayout(0, s_layout))
         dst = pt * (dpt - gl.expand_dims(delta, 0))  # [BLOCK_N, BLOCK_M]
-        dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), op_layout), q_tile, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-        mbarrier.arrive(bars.index(2 * STAGES + s), count=1)
+        if FUSED_DQ:
+            # dQ partial = dS K = (dS^T)^T K [BLOCK_M, HEAD_DIM]: its reduction runs over the keys, which both
+            # warpgroups hold, so dS^T goes through shared memory once (Triton puts the bar.sync before the
+            # wgmmas) and both matmuls read it there: dK as it is (A: dS^T), dQ permuted (A: dS, MN-major;
+            # B: the resident K block). A from shared memory, not registers: no operand registers held while
+            # they run, which the 32 of the dQ partial need.
+            ds_smem.store(dst.to(dtype))
+            fence_async_shared()
+            dk = warpgroup_mma(ds_smem, q_tile, dk, is_async=True)
+            if BLOCK_M >= 64:
+                dq = warpgroup_mma(ds_smem.permute((1, 0)), k_tile, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32,
+                                   dq_layout), use_acc=False, is_async=True)  # fmt: skip
+            else:  # wgmma's M is 64 rows a warpgroup: dQ^T = K^T dS^T [HEAD_DIM, BLOCK_M] instead
+                dq = warpgroup_mma(k_tile.permute((1, 0)), ds_smem, gl.zeros([HEAD_DIM, BLOCK_M], gl.float32,
+                                   dq_layout), use_acc=False, is_async=True)  # fmt: skip
+            dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+            mbarrier.arrive(bars.index(2 * STAGES + s), count=1)
+            # the previous step's reduce has read dq_smem (long done: it was issued a step of five matmuls
+            # ago), then this partial goes out: TMA adds it into the fp32 rows of (batch, head, query block)
+            tma.store_wait(0)
+            if BLOCK_M >= 64:
+                dq_smem.reshape([BLOCK_M, HEAD_DIM]).store(dq * dq_scale)
+            else:
+                dq_smem.reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)).store(dq * dq_scale)
+            fence_async_shared()
+            tma_reduce_add(dq_desc, [gl.program_id(2), start_m, off_h, 0], dq_smem)
+        else:
+            dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), op_layout), q_tile, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+            mbarrier.arrive(bars.index(2 * STAGES + s), count=1)
         t += 1
     return dk, dv, t
 
@@ -182,8 +255,10 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
 def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lb, stride_lh, stride_dkb,
               stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, start_n, lo, full_lo, full_hi, hi,
               off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale,
+              ds_smem, dq_smem, dq_desc,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):  # fmt: skip
+              STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+              FUSED_DQ: gl.constexpr):  # fmt: skip
     """The math partition (num_warps warps; each warpgroup owns 64 keys of the block): the four matmuls,
     P and dS, and the epilogue. The pointers are the kernel's own: offsets to this program's batch and head
     are taken here, the output ones after the loop, so that no register carries them through it (the
@@ -210,9 +285,11 @@ def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_
         start, end = _segment(seg, lo, full_lo, full_hi, hi)
         dk, dv, t = _steps(
             dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_lh, start, end, off_h0, group_size,
-            offs_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale, s_layout, acc_layout, BLOCK_M,
-            HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT,
+            offs_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_smem, dq_smem, dq_desc, dk_scale,
+            s_layout, acc_layout, BLOCK_M, HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT, FUSED_DQ,
         )  # fmt: skip
+    if FUSED_DQ:
+        tma.store_wait(0)  # the last reduce has read dq_smem before the program's shared memory goes
 
     dk = dk * dk_scale
     off_hk = gl.program_id(1)
@@ -233,17 +310,21 @@ def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group_size", "window_left", "window_right", "stride_lb",
                               "stride_lh"])  # fmt: skip
 def attention_bwd_dkdv_hopper_kernel(
-    q_desc, k_desc, v_desc, do_desc, LSE, Delta, DK, DV,
+    q_desc, k_desc, v_desc, do_desc, LSE, Delta, DK, DV, dq_desc,
     stride_lb, stride_lh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, dk_scale,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FUSED_DQ: gl.constexpr = False,
 ):  # fmt: skip
     """q_desc, do_desc: TMA descriptors over (batch, seqlen_q, nheads, headdim), boxes [1, BLOCK_M, 1, d];
     k_desc, v_desc over (batch, seqlen_k, nheads_k, headdim), boxes [1, BLOCK_N, 1, d]. LSE (natural log)
     and Delta: (batch, nheads, seqlen_q) fp32, same strides, rows contiguous. DK, DV like k and v (last
     stride 1). qk_scale = softmax_scale * log2(e), dk_scale = softmax_scale. group_size = nheads //
-    nheads_k. Launch with num_warps 8 (two consumer warpgroups of BLOCK_N / 2 keys each)."""
+    nheads_k. Launch with num_warps 8 (two consumer warpgroups of BLOCK_N / 2 keys each).
+    FUSED_DQ (deterministic=False only): dq_desc is a TMA descriptor over dq_accum, (batch, seqlen_q, nheads,
+    headdim) fp32 zero-filled by the launcher, box [1, BLOCK_M, 1, d]; every step adds its dS K *
+    softmax_scale into it (TMA reduce-add, so the summation order over key blocks varies from run to run).
+    Without FUSED_DQ, dq_desc is None and the kernel is the deterministic dK/dV one."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     gl.static_assert(q_desc.block_type.shape[1] == BLOCK_M)
     gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
@@ -261,6 +342,15 @@ def attention_bwd_dkdv_hopper_kernel(
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [1] + v_desc.block_type.shape, v_desc.layout)
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    if FUSED_DQ:
+        gl.static_assert(dq_desc.block_type.shape[1] == BLOCK_M)
+        # dS^T in 16 bits, keys along the rows; the fp32 dQ partial in the layout of dq_desc's box
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
+        ds_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_N, BLOCK_M], ds_layout)
+        dq_smem = gl.allocate_shared_memory(dq_desc.dtype, dq_desc.block_type.shape, dq_desc.layout)
+    else:
+        ds_smem = k_bufs  # unused: placeholders, so that the partition's arguments are the same
+        dq_smem = k_bufs
     bars = gl.allocate_shared_memory(gl.int64, [3 * STAGES + 1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(3 * STAGES + 1):  # every barrier has one arrive (or one expect) per phase
         mbarrier.init(bars.index(i), count=1)
@@ -275,8 +365,8 @@ def attention_bwd_dkdv_hopper_kernel(
         (_consumer, (
             k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lb, stride_lh, stride_dkb,
             stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, start_n, lo, full_lo, full_hi, hi,
-            off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale,
-            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT,
+            off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale, ds_smem,
+            dq_smem, dq_desc, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, FUSED_DQ,
         )),
         (_loader, (
             q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, off_b, off_h0, group_size,
