@@ -8,6 +8,7 @@ device time.
     python scripts/aot_report.py gluon    # the Gluon Hopper forward's variants (launch_hopper)
     python scripts/aot_report.py gluon-bwd    # the Gluon dK/dV kernel's tiles, each mask kind
     python scripts/aot_report.py gluon-dq     # the Gluon dQ kernel's tiles, each mask kind and dtype
+    python scripts/aot_report.py gluon-fused  # the dK/dV kernel's FUSED_DQ candidate (dQ by TMA reduce-add)
 
 Needs only triton (its bundled ptxas). Pointer and stride arguments are marked 16-aligned as the JIT
 marks them for contiguous bf16 tensors, so the code matches what a launch would build.
@@ -215,10 +216,11 @@ def gluon_report(d, name, tile, causal) -> None:
           f"{time.time() - t0:4.1f}s", flush=True)  # fmt: skip
 
 
-def main_gluon_bwd() -> None:
+def main_gluon_bwd(fused: bool = False) -> None:
     """The Gluon dK/dV kernel (kernels/hopper_bwd.py) for sm_90, bf16: the dispatched tile per head dim, and
     one more stage, with no mask, causal and a window. Stack > 0 means spills (ptxas's spill stores and loads
-    with them)."""
+    with them). fused: its FUSED_DQ candidate (HOPPER_BWD_FUSED_TILES), which also adds dQ into an fp32
+    accumulator by TMA reduce-add."""
     from dataclasses import replace
 
     import torch
@@ -226,7 +228,9 @@ def main_gluon_bwd() -> None:
     from flashtron import launch_hopper
     from flashtron.options import AttnOptions
 
-    for d, base in launch_hopper.HOPPER_BWD_TILES.items():
+    kind = "gluon-fused" if fused else "gluon-bwd"
+    tiles = launch_hopper.HOPPER_BWD_FUSED_TILES if fused else launch_hopper.HOPPER_BWD_TILES
+    for d, base in tiles.items():
         for tile in (base, replace(base, stages=base.stages + 1)):
             for mask, window in (("full", (-1, -1)), ("causal", (-1, 0)), ("window", (256, 32))):
                 q = torch.empty(2, 1000, 4, d, dtype=torch.bfloat16)
@@ -234,18 +238,19 @@ def main_gluon_bwd() -> None:
                 lse = torch.empty(2, 4, 1000)
                 opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
                 t0 = time.time()
+                dq_accum = torch.empty(q.shape, dtype=torch.float32) if fused else None
                 try:
                     kernel, _, args, kwargs = launch_hopper.backward_dkdv_launch(
-                        q, k, k, q, lse, lse, torch.empty_like(k), torch.empty_like(k), opts, tile
+                        q, k, k, q, lse, lse, torch.empty_like(k), torch.empty_like(k), opts, tile, dq_accum=dq_accum
                     )
                     compiled = launch_hopper.compile_sm90(kernel, args, kwargs)
                 except Exception as exc:
-                    print(f"gluon-bwd d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+                    print(f"{kind} d{d} {tile} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
                     continue
                 regs, stack = cubin_resources(compiled.asm["cubin"])
                 ptx = compiled.asm["ptx"]
                 nreg = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*\.u32\s+(\d+)", ptx)})
-                print(f"gluon-bwd d{d:<3} ({tile.block_m},{tile.block_n}) stages {tile.stages} warps {tile.num_warps} "
+                print(f"{kind} d{d:<3} ({tile.block_m},{tile.block_n}) stages {tile.stages} warps {tile.num_warps} "
                       f"{mask:6} regs {regs} stack {stack} smem {compiled.metadata.shared / 1024:6.1f}K "
                       f"wgmma {ptx.count('wgmma.mma_async')} setmaxnreg {nreg} {time.time() - t0:4.1f}s",
                       flush=True)  # fmt: skip
@@ -311,6 +316,9 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["gluon-bwd"]:
         main_gluon_bwd()
+        return
+    if sys.argv[1:2] == ["gluon-fused"]:
+        main_gluon_bwd(fused=True)
         return
     if sys.argv[1:2] == ["gluon-dq"]:
         main_gluon_dq()
