@@ -6,7 +6,11 @@ head; its num_warps (8: two warpgroups of 64 rows) run the two matmuls and the o
 
 Q, K and V arrive as 4-D TMA descriptors over (batch, seqlen, nheads, headdim) with a box of
 [1, BLOCK, 1, HEAD_DIM]: rows past seqlen are zero-filled per batch entry, so no block reads into the
-next sequence. Keys past seqlen_k still have to be masked to -inf in the scores.
+next sequence. Keys past seqlen_k still have to be masked to -inf in the scores. IS_VARLEN (one-tile grid
+only): 3-D descriptors over the packed (total, nheads, headdim) with [BLOCK, 1, HEAD_DIM] boxes placed at the
+sequence's first row (hopper_common.box_coords); rows past the sequence's end belong to the next one, so keys
+there are masked (kv_range's masked edges) and query rows there are not stored. HAS_SOFTCAP: scores capped
+by tanh before the mask, as the Triton forward (_softmax_step, _tanh).
 
 K/V ring: STAGES slots, each with a ready barrier for K and one for V (TMA arrives with the byte count)
 and, with WARP_SPECIALIZE, an empty barrier the consumers arrive on when both matmuls on the slot are
