@@ -18,6 +18,13 @@ mbarrier, an illegal address) costs only that part:
   2. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim,
      seqlens 16k, 4k, 1k in that order) for each variant whose cases all passed, the Triton forward, and
      SDPA's cuDNN and flash. Rows are saved as they come: a time-out keeps the rows done.
+  features (after the variants' checks, before the timing; its own time limit and its own summary line):
+     softcap and varlen on the dispatched tiles (HOPPER_TILES), gated until this part passes
+     (launch_hopper.GLUON_UNVERIFIED_FEATURES, docs/perf-notes.md 2026-12-02 "softcap and varlen"): softcap
+     on dense calls at SEQLENS; varlen batches (VARLEN_BATCHES: sequences of length 0 and 1, lengths not
+     multiples of the block, sq > sk with empty rows, seqused_k, one of 0) with and without softcap; GQA 4:1,
+     NaN-poisoned outputs, the tolerance rule against the fp32 reference, two runs bitwise equal. If every
+     case passes, the next session deletes the feature names from GLUON_UNVERIFIED_FEATURES.
   3. with --api, if 30 s are left: a few calls through the public flash_attn_func with
      FLASHTRON_BACKEND=gluon, backward included (the Triton backward on the Gluon forward's out and lse).
 Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
@@ -171,6 +178,103 @@ def _few_programs_forward(q, k, v, opts, tile, programs=3, heads_per_section=3):
     assert kernel.arg_names[len(args) - 1] == "heads_per_section"
     kernel[(min(programs, grid[0]),)](*args[:-1], heads_per_section, **kwargs)
     return out, lse
+
+
+# softcap and varlen (issue 15): (dtype, head dim, mask, softcap, varlen); each a fresh compile
+FEATURE_CONFIGS = [
+    ("bfloat16", 128, "none", 30.0, False), ("float16", 128, "causal", 5.0, False),
+    ("bfloat16", 64, "window", 50.0, False), ("float16", 64, "none", 30.0, False),
+    ("bfloat16", 128, "causal", 0.0, True), ("float16", 64, "none", 0.0, True), ("bfloat16", 64, "causal", 0.0, True),
+    ("bfloat16", 128, "window", 20.0, True), ("float16", 128, "causal", 10.0, True),
+    ("bfloat16", 64, "none", 30.0, True),
+]  # fmt: skip
+# varlen batches: (lengths_q, lengths_k, seqused_k or None)
+VARLEN_BATCHES = [
+    ([300, 0, 1, 129, 257], [257, 5, 0, 1000, 129], None),  # empty sequences, sk = 0 with sq > 0
+    ([17, 128, 1000, 1], [129, 128, 1, 1], None),  # sq > sk: empty rows under causal
+    ([129, 40, 513], [200, 300, 700], [100, 0, 700]),  # seqused_k, one of 0
+    ([4096, 1000], [1000, 4096], None),
+    ([1], [1], None),
+]
+FEATURE_CHECK_LIMIT = 120.0  # seconds the features part may take (a guess: 10 compiles and small cases)
+
+
+def _check_feature_case(dtype, d, mask, softcap, case):
+    """softcap and/or varlen on the dispatched tile: out and lse against the fp32 reference by the tests' rule,
+    the -inf pattern, two runs bitwise equal. case: (sq, sk) dense, a VARLEN_BATCHES entry varlen."""
+    import torch
+
+    from flashtron import launch_hopper
+    from flashtron.options import AttnOptions
+    from flashtron.reference import attention_ref, attention_varlen_ref
+    from tolerance import assert_fa_close
+
+    window = MASKS[mask]
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1], softcap=softcap)
+    kw = dict(causal=False, window_size=window, softcap=softcap)
+    if len(case) == 2:  # dense
+        sq, sk = case
+        g = torch.Generator(device="cuda").manual_seed(sq * 7919 + sk * 31 + d + 2)
+        q = torch.randn(BATCH, sq, NHEADS, d, device="cuda", generator=g).to(dtype)
+        k, v = (torch.randn(BATCH, sk, NHEADS_K, d, device="cuda", generator=g).to(dtype) for _ in "kv")
+        varlen, extra = False, {}
+        ref = lambda upcast: attention_ref(q, k, v, upcast=upcast, reorder_ops=not upcast, **kw)[:2]  # noqa: E731
+    else:
+        lens_q, lens_k, used = case
+        cu_q, cu_k = (torch.tensor([0, *n], device="cuda").cumsum(0).to(torch.int32) for n in (lens_q, lens_k))
+        seqused = None if used is None else torch.tensor(used, dtype=torch.int32, device="cuda")
+        g = torch.Generator(device="cuda").manual_seed(sum(lens_q) * 7919 + sum(lens_k) + d)
+        q = torch.randn(sum(lens_q), NHEADS, d, device="cuda", generator=g).to(dtype)
+        k, v = (torch.randn(sum(lens_k), NHEADS_K, d, device="cuda", generator=g).to(dtype) for _ in "kv")
+        varlen = True
+        extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), seqused_k=seqused)
+        ref = lambda upcast: attention_varlen_ref(  # noqa: E731
+            q, k, v, cu_q, cu_k, seqused_k=seqused, upcast=upcast, reorder_ops=not upcast, **kw
+        )
+    args = dict(varlen=varlen, seqused_k=extra.get("seqused_k"))
+    assert launch_hopper.covers(q, k, v, opts, backend="gluon", **args), "covers() refuses this case"
+    assert not launch_hopper.covers(q, k, v, opts, backend="auto", **args) or not (
+        launch_hopper.forward_features(opts, varlen=varlen) & launch_hopper.GLUON_UNVERIFIED_FEATURES
+    ), "the gate lets an unverified feature through by default"
+    out, lse = launch_hopper.attention_forward(q, k, v, opts, **extra)
+    out2, lse2 = launch_hopper.attention_forward(q, k, v, opts, **extra)
+    torch.cuda.synchronize()
+    (out_ref, lse_ref), (out_pt, lse_pt) = ref(True), ref(False)
+    assert_fa_close(out, out_ref, out_pt, name="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf pattern differs"
+    finite = torch.isfinite(lse_ref)
+    assert_fa_close(lse[finite], lse_ref[finite], lse_pt.float()[finite], name="lse")
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), "two runs differ"
+
+
+def child_check_features(state: str) -> None:
+    """Checks FEATURE_CONFIGS, saving after each configuration (a time-out keeps what ran)."""
+    import torch
+
+    from flashtron import launch
+
+    launch.set_output_poisoning(True)
+    results = {}
+    for dtype, d, mask, softcap, varlen in FEATURE_CONFIGS:
+        name = f"features {dtype} d{d} {mask}{f' softcap={softcap:g}' if softcap else ''}{' varlen' if varlen else ''}"
+        cases = VARLEN_BATCHES if varlen else SEQLENS
+        fails, passed, t0 = [], 0, time.time()
+        for case in cases:
+            try:
+                _check_feature_case(getattr(torch, dtype), d, mask, softcap, case)
+                passed += 1
+            except Exception as exc:  # one bad case must not stop the rest
+                fails.append(f"{case}: {_short(exc)}")
+                if len(fails) <= 3:
+                    print(f"  FAIL {name} {case}: {_short(exc)[:160]}", flush=True)
+                if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
+                    break
+        print(f"{name:44} {passed}/{len(cases)} passed ({time.time() - t0:.1f}s)", flush=True)
+        results[name] = dict(passed=passed, total=len(cases), fails=fails)
+        _save(state, results)
+        if any("CUDA error" in f or "illegal" in f for f in fails):
+            print("  CUDA context is broken; stopping this part", flush=True)
+            break
 
 
 def child_check(variants: list[str], state: str) -> None:
@@ -615,6 +719,7 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true", help="check and time the Gluon backward instead")
     ap.add_argument("--with-dq", action="store_true", help="time-bwd child: also time the Gluon dQ")
     ap.add_argument("--with-fused", action="store_true", help="time-bwd child: also time the fused dQ")
+    ap.add_argument("--no-features", action="store_true", help="skip the softcap / varlen check")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -626,6 +731,8 @@ def main() -> None:
         _save(args.state, _check_api())
     elif args.child == "check":
         child_check(variants, args.state)
+    elif args.child == "check-features":
+        child_check_features(args.state)
     elif args.child == "check-bwd":
         child_check_bwd(args.state)
     elif args.child == "check-dq":
@@ -658,6 +765,14 @@ def main() -> None:
             continue
         res = _run_child("check", ["--variants", v], limit, os.path.join(out_dir, f".check-{v}.json"))
         report["check"].update(res or {})
+    report["features"] = None
+    if not args.no_features:
+        limit = min(FEATURE_CHECK_LIMIT, checks_end - time.time())
+        if limit < 15:
+            print(f"== check-features: skipped, {limit:.0f}s left for the checks", flush=True)
+        else:
+            path = os.path.join(out_dir, ".check-features.json")
+            report["features"] = _run_child("check-features", [], limit, path) or {}
     # a variant is timed only if every case passed (a hang while timing would lose the table)
     ok = [v for v in variants if _variant_passed(report["check"], v)]
     left = args.budget - (time.time() - start) - (API_RESERVE if args.api else 0)
@@ -677,6 +792,16 @@ def main() -> None:
         passed = sum(r["passed"] for r in mine.values())
         print(f"check {v}: {passed}/{total} cases passed, {len(mine)}/{len(list(_cases(v)))} configurations ran"
               + (f"; failing: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    res = report["features"]
+    if res is None:
+        print("check-features (softcap, varlen; gated): not run")
+    else:
+        bad = [n for n, r in res.items() if r["passed"] != r["total"]]
+        ran_all = len(res) == len(FEATURE_CONFIGS) and not bad
+        print(f"check-features (softcap, varlen; gated): {sum(r['passed'] for r in res.values())}/"
+              f"{sum(r['total'] for r in res.values())} cases passed, {len(res)}/{len(FEATURE_CONFIGS)} "
+              f"configurations ran" + (f"; failing: {', '.join(bad)}" if bad else "")
+              + ("; all passed: ungate (launch_hopper.GLUON_UNVERIFIED_FEATURES)" if ran_all else ""))  # fmt: skip
     if report.get("check-api"):
         res = report["check-api"]
         print(f"check-api: {sum(r['passed'] for r in res.values())}/{len(res)} passed")

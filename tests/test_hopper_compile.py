@@ -146,6 +146,97 @@ def test_hopper_persistent_forward_compiles_for_sm90(d, window):
     _check_barriers(tile, d, torch.bfloat16, window, ptx)
 
 
+# Softcap and varlen in the forward (issue 15), gated: launch_hopper.GLUON_UNVERIFIED_FEATURES keeps them off the
+# default dispatch until a GPU run has verified them. Every head dim and mask kind with softcap on/off x varlen
+# on/off, bf16 (the dense no-softcap ones are VARIANTS above), and fp16 twice; one varlen variant with seqused_k.
+FEATURE_VARIANTS = [
+    (d, torch.bfloat16, window, softcap, varlen, False)
+    for d in (64, 128)
+    for window in ((-1, -1), (-1, 0), (64, 32))
+    for softcap, varlen in ((True, False), (False, True), (True, True))
+] + [
+    (128, torch.float16, (-1, 0), True, True, False),
+    (64, torch.float16, (64, 32), True, False, False),
+    (128, torch.bfloat16, (-1, 0), False, True, True),
+]
+
+
+def _compile_features(d, dtype, window, softcap, varlen, seqused, tile=None):
+    """As _compile, with softcap 30 and/or varlen: q (600, 4, d) and k, v (514, 2, d) packed, two sequences."""
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1], softcap=30.0 * softcap)
+    if not varlen:
+        q, k = torch.empty(2, 300, 4, d, dtype=dtype), torch.empty(2, 257, 2, d, dtype=dtype)
+        lse, kw = torch.empty(2, 4, 300), {}
+    else:
+        q, k = torch.empty(600, 4, d, dtype=dtype), torch.empty(514, 2, d, dtype=dtype)
+        lse = torch.empty(4, 600)
+        kw = dict(
+            cu_seqlens_q=torch.tensor([0, 300, 600], dtype=torch.int32),
+            cu_seqlens_k=torch.tensor([0, 257, 514], dtype=torch.int32),
+            max_seqlen_q=300,
+            seqused_k=torch.tensor([100, 257], dtype=torch.int32) if seqused else None,
+        )
+    kernel, grid, args, kwargs = launch_hopper.kernel_launch(q, k, torch.empty_like(k), torch.empty_like(q), lse, opts,
+                                                             tile, **kw)  # fmt: skip
+    # varlen: cdiv(max_seqlen_q, BLOCK_M) query blocks, as the dense grid
+    assert grid == (3, 4, 2) or (tile is not None and tile.persistent)
+    return launch_hopper.compile_sm90(kernel, args, kwargs)
+
+
+@pytest.mark.parametrize("d, dtype, window, softcap, varlen, seqused", FEATURE_VARIANTS)
+def test_hopper_forward_softcap_varlen_compile(d, dtype, window, softcap, varlen, seqused):
+    compiled = _compile_features(d, dtype, window, softcap, varlen, seqused)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx
+    assert ("cp.async.bulk.tensor.3d" if varlen else "cp.async.bulk.tensor.4d") in ptx  # 3-D boxes for varlen
+    assert "setmaxnreg" in ptx
+    # softcap: tanh by exp (hopper_fwd._tanh, kernels/common.tanh's formula), not tanh.approx
+    assert "tanh.approx" not in ptx
+    assert ("ld.global" in ptx) == varlen  # cu_seqlens (and seqused_k) are the only global loads
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
+    # ping-pong consumers each sync only themselves (_check_barriers' first half; its wgmma count compares with
+    # a dense compile, and varlen's code has a different number of wgmma copies: 84 against 72 at d64)
+    syncs = {(int(i), int(n)) for i, n in re.findall(r"bar\.sync\s+(\d+),\s*(\d+);", ptx)}
+    assert syncs and all(n == 128 for _, n in syncs) and len({i for i, _ in syncs}) >= 2
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_persistent_forward_softcap_compiles_and_refuses_varlen(d):
+    tile = launch_hopper.CANDIDATE_TILES["persist"][d]
+    compiled = _compile_features(d, torch.bfloat16, (-1, 0), True, False, False, tile=tile)
+    assert "wgmma.mma_async" in compiled.asm["ptx"]
+    # the candidate (never dispatched) with causal softcap: d128 spills 8 bytes at this commit (triton 3.6.0;
+    # docs/perf-notes.md, 2026-12-02, softcap and varlen entry), d64 none; the bound catches a regression
+    spill = _spill_bytes(compiled)
+    assert spill is None or spill <= 16, f"stack {spill} bytes, bound 16"
+    with pytest.raises(ValueError, match="varlen"):
+        _compile_features(d, torch.bfloat16, (-1, 0), False, True, False, tile=tile)
+
+
+def test_unverified_features_are_gated(monkeypatch):
+    """softcap and varlen reach the Gluon forward only with FLASHTRON_BACKEND=gluon (covers' backend argument),
+    never by default; the Gluon backward kernels never take them, whatever the backend."""
+    assert {"softcap", "varlen"} <= launch_hopper.GLUON_UNVERIFIED_FEATURES
+    q = torch.empty(1, 8, 2, 128, dtype=torch.bfloat16)
+    plain, capped = AttnOptions(softmax_scale=0.125), AttnOptions(softmax_scale=0.125, softcap=30.0)
+    assert launch_hopper.forward_features(plain, varlen=False) == frozenset()
+    assert launch_hopper.forward_features(capped, varlen=True) == {"softcap", "varlen"}
+    # CPU tensors stand in for sm_90 CUDA ones: the device and TMA checks pass
+    monkeypatch.setattr(launch_hopper, "_kernel_takes", lambda *a, **kw: True)
+    for backend in ("auto", "triton", "gluon"):
+        assert launch_hopper.covers(q, q, q, plain, varlen=False, backend=backend)
+        gated = backend != "gluon"
+        assert launch_hopper.covers(q, q, q, capped, varlen=False, backend=backend) != gated
+        assert launch_hopper.covers(q, q, q, plain, varlen=True, backend=backend) != gated
+        assert launch_hopper.covers(q, q, q, plain, varlen=True, seqused_k=q, backend=backend) != gated
+    assert not launch_hopper.covers(q, q, q, plain, varlen=False, seqused_k=q, backend="gluon")  # varlen only
+    assert launch_hopper.covers_backward(q, q, q, q, plain, varlen=False)
+    assert not launch_hopper.covers_backward(q, q, q, q, capped, varlen=False)
+    assert not launch_hopper.covers_backward(q, q, q, q, plain, varlen=True)
+    assert not launch_hopper.covers_backward(q, q, q, q, plain, varlen=True, seqused_k=q)
+
+
 def test_covers_only_cuda_dense_supported_calls():
     q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     opts = AttnOptions(softmax_scale=0.125)

@@ -204,3 +204,90 @@ def test_gluon_fused_dq_never_deterministic(gluon_fused, monkeypatch):
     first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     second = torch.autograd.grad(out, (q, k, v), dout)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# Softcap and varlen in the Gluon forward (issue 15): compiled for sm_90 and emulated on a CPU
+# (test_hopper_fwd_emulation.py), never run on a GPU, so gated (launch_hopper.GLUON_UNVERIFIED_FEATURES: taken only
+# with FLASHTRON_BACKEND=gluon) and marked gluon_unverified, not gpu: `-m gpu` does not run them. Once a GPU run
+# (`pytest -m gluon_unverified tests/test_hopper_gpu.py` and scripts/gluon_check.py --variants pp-features) has
+# passed them, their marker becomes gpu and the feature leaves GLUON_UNVERIFIED_FEATURES.
+SOFTCAP_CASES = [
+    # (batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype, causal, window, softcap)
+    (2, 257, 257, 4, 2, 128, torch.bfloat16, False, (-1, -1), 30.0),
+    (1, 1000, 127, 4, 1, 128, torch.float16, True, (-1, -1), 5.0),  # sq > sk: empty rows
+    (2, 129, 1000, 8, 2, 64, torch.bfloat16, False, (100, 8), 50.0),
+]
+
+
+@pytest.mark.gluon_unverified
+@pytest.mark.parametrize("case", SOFTCAP_CASES)
+def test_gluon_forward_softcap_through_api(gluon_forward, case):
+    """softcap on the Gluon forward, the backward on the Triton kernels (covers_backward refuses softcap)."""
+    batch, sq, sk, h, hk, d, dtype, causal, window, softcap = case
+    check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, softcap=softcap)
+    assert gluon_forward, "the forward did not take the Gluon kernel"
+
+
+VARLEN_CASES = [
+    # (lengths_q, lengths_k, seqused_k or None, nheads, nheads_k, d, dtype, causal, window, softcap)
+    ([300, 0, 1, 129, 257], [257, 5, 0, 1000, 129], None, 4, 2, 128, torch.bfloat16, True, (-1, -1), 0.0),
+    ([17, 128, 1000], [129, 128, 1], [100, 0, 1], 4, 1, 64, torch.float16, False, (-1, -1), 0.0),
+    ([513, 1, 200], [700, 300, 200], None, 2, 2, 128, torch.float16, False, (100, 8), 20.0),
+    ([0, 129, 64], [1, 127, 1000], [1, 50, 999], 8, 2, 64, torch.bfloat16, True, (-1, -1), 10.0),
+]
+
+
+@pytest.mark.gluon_unverified
+@pytest.mark.parametrize("case", VARLEN_CASES)
+def test_gluon_forward_varlen_through_api(gluon_forward, case):
+    """flash_attn_varlen_func on the Gluon forward (out and lse against the reference, NaN-poisoned outputs,
+    empty rows and sequences), the backward on the Triton kernels (covers_backward refuses varlen)."""
+    import flashtron
+    from flashtron.reference import attention_varlen_ref
+    from tolerance import assert_fa_close
+
+    lens_q, lens_k, used, h, hk, d, dtype, causal, window, softcap = case
+    cu_q, cu_k = (torch.tensor([0, *lens], device="cuda").cumsum(0).to(torch.int32) for lens in (lens_q, lens_k))
+    seqused_k = None if used is None else torch.tensor(used, dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(sum(lens_q))
+    q = torch.randn(sum(lens_q), h, d, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(sum(lens_k), hk, d, device="cuda", generator=g).to(dtype) for _ in "kv")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    kw = dict(causal=causal, window_size=window, softcap=softcap, seqused_k=seqused_k)
+    out, lse = flashtron.flash_attn_varlen_func(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), return_lse=True, **kw)
+    assert gluon_forward, "the forward did not take the Gluon kernel"
+    ins_ref, ins_pt = ([t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2))
+    out_ref, lse_ref = attention_varlen_ref(*ins_ref, cu_q, cu_k, upcast=True, **kw)
+    out_pt, lse_pt = attention_varlen_ref(*ins_pt, cu_q, cu_k, upcast=False, reorder_ops=True, **kw)
+    assert_fa_close(out, out_ref, out_pt, name="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf pattern differs"
+    finite = torch.isfinite(lse_ref)
+    assert_fa_close(lse[finite], lse_ref[finite], lse_pt.float()[finite], name="lse")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    grads_ref = torch.autograd.grad(out_ref, ins_ref, dout.float())
+    grads_pt = torch.autograd.grad(out_pt, ins_pt, dout)
+    for a, r, p, n in zip(grads, grads_ref, grads_pt, "qkv"):
+        assert_fa_close(a, r, p, factor=3.0, name="d" + n)
+
+
+@pytest.mark.gpu
+def test_unverified_features_stay_on_triton_by_default(monkeypatch):
+    """With FLASHTRON_BACKEND unset, softcap and varlen calls at head dim 128 (where covered dense calls take the
+    Gluon forward by default) run on the Triton forward: only verified code runs in the gpu tier."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon forward is sm_90 only")
+    import flashtron
+    from flashtron import launch_hopper
+
+    calls = []
+    original = launch_hopper.attention_forward
+    monkeypatch.setattr(launch_hopper, "attention_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.delenv("FLASHTRON_BACKEND", raising=False)
+    check_attention(1, 129, 129, 2, 2, 128, 128, torch.bfloat16, "cuda", causal=True, softcap=30.0)
+    q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+    flashtron.flash_attn_varlen_func(q, k, v, cu, cu, 200, 200, causal=True)
+    assert not calls
+    check_attention(1, 129, 129, 2, 2, 128, 128, torch.bfloat16, "cuda", causal=True, backward=False)
+    assert calls  # the dense call still takes it

@@ -149,10 +149,14 @@ def attention_forward(
     varlen, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, head_dim_v = _shape_info(
         q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k
     )
-    if launch_hopper.chosen(env.backend(), q.shape[-1]) and launch_hopper.covers(
-        q, k, v, opts, varlen=varlen, seqused_k=seqused_k
+    backend = env.backend()
+    if launch_hopper.chosen(backend, q.shape[-1]) and launch_hopper.covers(
+        q, k, v, opts, varlen=varlen, seqused_k=seqused_k, backend=backend
     ):
-        return launch_hopper.attention_forward(q, k, v, opts)
+        return launch_hopper.attention_forward(
+            q, k, v, opts, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            seqused_k=seqused_k,
+        )  # fmt: skip
     out = new_output((*q.shape[:-1], head_dim_v), q.dtype, q.device)
     lse_shape = (nheads, q.shape[0]) if varlen else (batch, nheads, seqlen_q)
     lse = new_output(lse_shape, torch.float32, q.device)

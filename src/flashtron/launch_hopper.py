@@ -133,18 +133,41 @@ HOPPER_BWD_FUSED_TILES = {
 }
 
 
-def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:
-    """Whether the Gluon forward handles this call: dense sm_90 fp16/bf16, head dim 64 or 128 for q, k and
-    v, window/causal only (no softcap, ALiBi, dropout or sinks yet), and TMA-legal tensors (16-byte
-    aligned base and strides)."""
-    if varlen or seqused_k is not None or q.device.type != "cuda" or not _is_sm90(q.device.index):
+# Features the Gluon forward implements but no GPU run has verified yet (docs/perf-notes.md, 2026-12-02,
+# "softcap and varlen in the Gluon forward, gated"): `covers` takes calls that use one of them only when
+# FLASHTRON_BACKEND=gluon, never by default, whatever the head dim. A session that has run scripts/gluon_check.py
+# and `pytest -m gluon_unverified tests/test_hopper_gpu.py` on an H100/H200 with every case passing deletes the
+# name here (and moves those tests' marker to gpu). "softcap": softcap > 0; "varlen": cu_seqlens (and seqused_k).
+GLUON_UNVERIFIED_FEATURES = frozenset({"softcap", "varlen"})
+
+
+def forward_features(opts: AttnOptions, *, varlen: bool) -> frozenset:
+    """The GLUON_UNVERIFIED_FEATURES-style names of the Gluon forward's optional features this call uses."""
+    return frozenset(name for name, on in (("softcap", opts.softcap > 0), ("varlen", varlen)) if on)
+
+
+def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None, backend: str = "auto") -> bool:
+    """Whether the Gluon forward handles this call: sm_90 fp16/bf16, head dim 64 or 128 for q, k and v,
+    window/causal, softcap, dense or varlen (cu_seqlens, seqused_k), no ALiBi, dropout or sinks, and
+    TMA-legal tensors (16-byte aligned base and strides). Calls that use a feature of
+    GLUON_UNVERIFIED_FEATURES are covered only when backend (env.backend()) is "gluon"."""
+    if forward_features(opts, varlen=varlen) & GLUON_UNVERIFIED_FEATURES and backend != "gluon":
+        return False
+    if seqused_k is not None and not varlen:
+        return False
+    return _kernel_takes(q, k, v, opts)
+
+
+def _kernel_takes(q, k, v, opts: AttnOptions) -> bool:
+    """The device, dtype, head dim, feature and TMA checks of `covers`, those that do not depend on the gate."""
+    if q.device.type != "cuda" or not _is_sm90(q.device.index):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         return False
     d = q.shape[-1]
     if d not in HOPPER_TILES or k.shape[-1] != d or v.shape[-1] != d:
         return False
-    if opts.softcap > 0 or opts.alibi_slopes is not None or opts.dropout_p > 0 or opts.learnable_sink is not None:
+    if opts.alibi_slopes is not None or opts.dropout_p > 0 or opts.learnable_sink is not None:
         return False
     return all(_tma_ok(t) for t in (q, k, v))
 
@@ -160,32 +183,52 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 
 def _descriptor(t: torch.Tensor, block_rows: int):
-    """A 4-D TMA descriptor over (batch, seqlen, nheads, headdim) with a [1, block_rows, 1, headdim] box."""
+    """A 4-D TMA descriptor over (batch, seqlen, nheads, headdim) with a [1, block_rows, 1, headdim] box, or for
+    varlen's packed 3-D (total, nheads, headdim) a 3-D one with a [block_rows, 1, headdim] box."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    block = [1, block_rows, 1, t.shape[-1]]
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _box_layout(block_rows, t.shape[-1], t.dtype))
+    block = [1, block_rows, 1, t.shape[-1]][4 - t.dim() :]
+    layout = _box_layout(block_rows, t.shape[-1], t.dtype, t.dim())
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
 @functools.cache
-def _box_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
+def _box_layout(block_rows: int, head_dim: int, dtype: torch.dtype, rank: int = 4):
     # the shared-memory layout depends on the box and dtype only; computing it costs ~10 us a descriptor,
     # three descriptors per forward, which short-sequence calls (launch-bound) pay in full
     from triton.experimental.gluon import language as gl
 
-    block = [1, block_rows, 1, head_dim]
+    block = [1, block_rows, 1, head_dim][4 - rank :]
     return gl.NVMMASharedLayout.get_default_for(block, getattr(gl, str(dtype).removeprefix("torch.")))
 
 
-def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None = None):
+def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None = None, *, cu_seqlens_q=None,
+                  cu_seqlens_k=None, max_seqlen_q=None, seqused_k=None):  # fmt: skip
     """(kernel, grid, args, kwargs) of one launch: the arguments as kernel[grid](*args, **kwargs) takes them.
     Works on CPU tensors too (compile_sm90 builds the same specialization from them); a persistent tile's
-    grid then assumes SM90_SMS SMs, while on a GPU it is min(work tiles, that device's SM count)."""
+    grid then assumes SM90_SMS SMs, while on a GPU it is min(work tiles, that device's SM count).
+    Varlen (cu_seqlens_q given): q (total_q, nheads, d), k, v (total_k, nheads_k, d), out like q, lse
+    (nheads, total_q); the grid covers max_seqlen_q (a host int: no device sync); one-tile grid only."""
     from flashtron.kernels.hopper_fwd import attention_fwd_hopper_kernel
 
-    batch, seqlen_q, nheads, d = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
+    nheads, d = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
     tile = tile or HOPPER_TILES[d]
+    if varlen:
+        if tile.persistent:
+            raise ValueError("the persistent Gluon forward has no varlen variant (its schedule needs the lengths)")
+        # the kernel clamps every sequence into the row counts (hopper_common.sequence_bounds)
+        batch, seqlen_q = cu_seqlens_q.numel() - 1, max_seqlen_q
+        rows_q, rows_k = q.shape[0], k.shape[0]
+        strides_o = (0, out.stride(0), out.stride(1))
+        strides_l = (0, lse.stride(0))
+        assert lse.stride(1) == 1
+    else:
+        batch, seqlen_q = q.shape[0], q.shape[1]
+        rows_q, rows_k = seqlen_q, k.shape[1]
+        strides_o = (out.stride(0), out.stride(1), out.stride(2))
+        strides_l = (lse.stride(0), lse.stride(1))
     grid = (math.ceil(seqlen_q / tile.block_m), nheads, batch)
     heads_per_section = nheads
     if tile.persistent:
@@ -193,13 +236,17 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         # then at most the tile count (i32)
         heads_per_section = min(_heads_per_section(k, nheads // nheads_k), nheads * batch)
         grid = (min(grid[0] * nheads * batch, _num_sms(q.device)),)
+    has_softcap = opts.softcap > 0
     args = (
         # one Q box per consumer
         _descriptor(q, tile.block_m // tile.consumers), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
-        out, lse,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
-        opts.softmax_scale * LOG2E, nheads, batch, heads_per_section,
+        out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+        *strides_o, *strides_l,
+        rows_q, rows_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
+        # as launch.score_args; without softcap None, so the kernel has no such parameter (the code of today)
+        opts.softmax_scale / opts.softcap if has_softcap else opts.softmax_scale * LOG2E,
+        opts.softcap * LOG2E if has_softcap else None,
+        nheads, batch, heads_per_section,
     )  # fmt: skip
     kwargs = dict(
         BLOCK_M=tile.block_m,
@@ -211,6 +258,9 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         OVERLAP=tile.overlap,
         CONSUMERS=tile.consumers,
         PERSISTENT=tile.persistent,
+        HAS_SOFTCAP=has_softcap,
+        IS_VARLEN=varlen,
+        HAS_SEQUSED_K=seqused_k is not None,
         num_warps=tile.num_warps,
         # with the 1-warp loader the CTA has one warpgroup more than the consumers': 3 (8 consumer warps, or
         # 2 ping-pong consumers) x 128 threads x 168 fits the 64K registers, 4 x 128 x 128 too; setmaxnreg
@@ -232,30 +282,41 @@ def _heads_per_section(k: torch.Tensor, group_size: int) -> int:
     return max(1, L2_SECTION_BYTES * group_size // max(kv_bytes, 1))
 
 
-def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None):
-    """out like q and lse (batch, nheads, seqlen_q) fp32 natural log; q: (batch, seqlen_q, nheads, d),
-    k, v: (batch, seqlen_k, nheads_k, d). Callers check `covers` first."""
+def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None, *, cu_seqlens_q=None,
+                      cu_seqlens_k=None, max_seqlen_q=None, seqused_k=None):  # fmt: skip
+    """out like q and lse fp32 natural log, in the Triton forward's layouts: dense q (batch, seqlen_q, nheads,
+    d), k, v (batch, seqlen_k, nheads_k, d), lse (batch, nheads, seqlen_q); varlen (cu_seqlens_q, cu_seqlens_k
+    int32 (batch + 1,), max_seqlen_q a host int, optional seqused_k int32 (batch,)) q (total_q, nheads, d),
+    k, v (total_k, nheads_k, d), lse (nheads, total_q). Callers check `covers` first."""
     from flashtron.outputs import new_output
 
-    batch, seqlen_q, nheads, _ = q.shape
+    varlen = cu_seqlens_q is not None
+    nheads = q.shape[-2]
     out = new_output(q.shape, q.dtype, q.device)
-    lse = new_output((batch, nheads, seqlen_q), torch.float32, q.device)
+    lse = new_output((nheads, q.shape[0]) if varlen else (q.shape[0], nheads, q.shape[1]), torch.float32, q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    if k.shape[1] == 0:
+    if k.shape[-3] == 0:  # no key at all (dense seqlen_k or varlen total_k 0): a descriptor cannot be built
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    kernel, grid, args, kwargs = kernel_launch(q, k, v, out, lse, opts, tile)
+    kernel, grid, args, kwargs = kernel_launch(
+        q, k, v, out, lse, opts, tile, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
+    )  # fmt: skip
     kernel[grid](*args, **kwargs)
     return out, lse
 
 
 def covers_backward(q, k, v, dout, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:
-    """Whether the Gluon dK/dV kernel handles this backward: what `covers` takes, with dout of q's dtype
-    (dout with strides TMA cannot take is made contiguous by the launcher)."""
-    return dout.dtype == q.dtype and covers(q, k, v, opts, varlen=varlen, seqused_k=seqused_k)
+    """Whether the Gluon dK/dV kernel (and the opt-in Gluon dQ) handles this backward: what `covers` takes
+    of a dense call without softcap, with dout of q's dtype (dout with strides TMA cannot take is made
+    contiguous by the launcher). The backward kernels have neither softcap nor varlen, whatever the backend
+    setting: such backwards run on the Triton kernels, on the Gluon forward's out and lse."""
+    if varlen or seqused_k is not None or opts.softcap > 0:
+        return False
+    return dout.dtype == q.dtype and covers(q, k, v, opts, varlen=False)
 
 
 def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, tile: HopperBwdTile | None = None,

@@ -31,17 +31,31 @@ def kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: gl
     return lo, full_lo, full_hi, hi
 
 
+@gluon.jit
+def box_coords(desc, off_b, row, off_h):
+    """The TMA coordinates of the box at `row` of head off_h: [off_b, row, off_h, 0] for a 4-D descriptor
+    (batch, seqlen, nheads, d); [off_b + row, off_h, 0] for a 3-D one over varlen's packed (total, nheads, d),
+    where off_b is the sequence's first row. TMA zero-fills only past the whole tensor, so in the 3-D case
+    rows past the sequence's end read the next sequence: the caller masks those keys and stores no such rows."""
+    if len(desc.block_type.shape) == 3:
+        return [off_b + row, off_h, 0]
+    else:
+        return [off_b, row, off_h, 0]
+
+
 # Barriers live in one [4 * STAGES + 1 + CONSUMERS, 1] array: per slot s, K ready (s), V ready (STAGES + s),
 # K free (2 STAGES + s), V free (3 STAGES + s); then Q ready (4 STAGES); then, with ping-pong, consumer c's
 # turn (4 STAGES + 1 + c). Ready barriers complete when TMA has written the bytes; free barriers when every
 # consumer is done reading the slot (warp-specialized only: count CONSUMERS, one arrive per consumer).
 @gluon.jit
 def load_k(k_desc, k_bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, pred=True):
-    """Start the TMA load of the K block at key row `row` into ring position t (slot t % STAGES)."""
+    """Start the TMA load of the K block at key row `row` into ring position t (slot t % STAGES). off_b: the
+    batch entry of a 4-D descriptor over (batch, seqlen, nheads, d), or, for a 3-D one over varlen's packed
+    (total, nheads, d), the sequence's first row (cu_seqlens[b]), added to row."""
     s = t % STAGES
     bar = bars.index(s)
     mbarrier.expect(bar, k_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, [off_b, row, off_hk, 0], bar, k_bufs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(k_desc, box_coords(k_desc, off_b, row, off_hk), bar, k_bufs.index(s), pred=pred)
 
 
 @gluon.jit
@@ -49,7 +63,7 @@ def load_v(v_desc, v_bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, pr
     s = t % STAGES
     bar = bars.index(STAGES + s)
     mbarrier.expect(bar, v_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(v_desc, [off_b, row, off_hk, 0], bar, v_bufs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(v_desc, box_coords(v_desc, off_b, row, off_hk), bar, v_bufs.index(s), pred=pred)
 
 
 @gluon.jit
@@ -129,3 +143,26 @@ def persistent_tiles(seqlen_q, nheads, batch, BLOCK_M: gl.constexpr):
     n_programs = gl.num_programs(0)
     n_tiles = gl.cdiv(seqlen_q, BLOCK_M) * nheads * batch
     return pid, n_programs, gl.cdiv(n_tiles - pid, n_programs)  # the grid has at most n_tiles programs
+
+
+@gluon.jit
+def sequence_bounds(off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN: gl.constexpr,
+                    HAS_SEQUSED_K: gl.constexpr):  # fmt: skip
+    """(q_start, seqlen_q, k_start, seqlen_k) of batch entry off_b, as kernels/common.sequence_bounds and the
+    Triton forward use it: dense entries start at 0 with the launch's seqlens; varlen launches pass the row
+    counts of q and k (total_q, total_k), and the sequence is read from cu_seqlens clamped into them, so
+    whatever the metadata holds every row read lies in the tensors. With seqused_k the returned seqlen_k is
+    the used length (clamped into [0, seqlen_k]): keys past it are masked, and the causal/window diagonal
+    aligns to it, as in the Triton forward."""
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = gl.minimum(gl.maximum(gl.load(CuSeqlensQ + off_b), 0), seqlen_q)
+        q_end = gl.minimum(gl.maximum(gl.load(CuSeqlensQ + off_b + 1), q_start), seqlen_q)
+        k_start = gl.minimum(gl.maximum(gl.load(CuSeqlensK + off_b), 0), seqlen_k)
+        k_end = gl.minimum(gl.maximum(gl.load(CuSeqlensK + off_b + 1), k_start), seqlen_k)
+        seqlen_q = q_end - q_start
+        seqlen_k = k_end - k_start
+    if HAS_SEQUSED_K:
+        seqlen_k = gl.minimum(gl.maximum(gl.load(SequsedK + off_b), 0), seqlen_k)
+    return q_start, seqlen_q, k_start, seqlen_k

@@ -6,7 +6,11 @@ head; its num_warps (8: two warpgroups of 64 rows) run the two matmuls and the o
 
 Q, K and V arrive as 4-D TMA descriptors over (batch, seqlen, nheads, headdim) with a box of
 [1, BLOCK, 1, HEAD_DIM]: rows past seqlen are zero-filled per batch entry, so no block reads into the
-next sequence. Keys past seqlen_k still have to be masked to -inf in the scores.
+next sequence. Keys past seqlen_k still have to be masked to -inf in the scores. IS_VARLEN (one-tile grid
+only): 3-D descriptors over the packed (total, nheads, headdim) with [BLOCK, 1, HEAD_DIM] boxes placed at the
+sequence's first row (hopper_common.box_coords); rows past the sequence's end belong to the next one, so keys
+there are masked (kv_range's masked edges) and query rows there are not stored. HAS_SOFTCAP: scores capped
+by tanh before the mask, as the Triton forward (_softmax_step, _tanh).
 
 K/V ring: STAGES slots, each with a ready barrier for K and one for V (TMA arrives with the byte count)
 and, with WARP_SPECIALIZE, an empty barrier the consumers arrive on when both matmuls on the slot are
@@ -33,12 +37,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from flashtron.kernels.hopper_common import (
+    box_coords,
     kv_loader,
     kv_range,
     load_k,
     load_kv,
     load_v,
     persistent_tiles,
+    sequence_bounds,
     tile_work,
 )
 
@@ -88,14 +94,29 @@ def _turn_pass(bars, STAGES: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.cons
 
 
 @gluon.jit
-def _softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+def _tanh(x):
+    """kernels/common.tanh's formula, op for op (ex2.approx and a full-range fp32 division: a few ulp of
+    fp32), not the tanh.approx.f32 instruction (relative error about 2**-11): the Triton backward recomputes
+    the capped scores with common.tanh against this forward's lse, so the two must agree to fp32 rounding,
+    and 2**-11 of a softcap of 30 (in log2 units, 43) is a score error of 0.02, a 1.5% error in P, past the
+    tolerance rule's 2x PyTorch-in-dtype for fp16. Saturates cleanly at +-1."""
+    return 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2,
                   s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr,
-                  HAS_RIGHT: gl.constexpr):  # fmt: skip
+                  HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr):  # fmt: skip
     """Fold raw scores qk [BLOCK_M, BLOCK_N] of keys [start_n, start_n + BLOCK_N) into the running max
     and sum (log2 units: scores times qk_scale). Returns (p, alpha, m_i, l_i): the block's unnormalised
     probabilities and the factor that rescales the old accumulator. With MASK, keys outside the window
-    or past seqlen_k are excluded."""
-    qk = qk * qk_scale
+    or past seqlen_k are excluded. HAS_SOFTCAP: the scores are softcap * tanh(qk * softmax_scale / softcap),
+    in log2 units, before the mask, as kernels/common.scores_log2 (qk_scale = softmax_scale / softcap,
+    softcap_log2 = softcap * log2(e)); without it softcap_log2 is not read."""
+    if HAS_SOFTCAP:
+        qk = _tanh(qk * qk_scale) * softcap_log2
+    else:
+        qk = qk * qk_scale
     if MASK:
         offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         rows = gl.expand_dims(offs_m, 1)
@@ -121,8 +142,10 @@ def _softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left
 @gluon.jit
 def _attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, bars,
             start, end, n_blocks, lo, off_b, off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+            softcap_log2,
             s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
             STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+            HAS_SOFTCAP: gl.constexpr,
             WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
             CONSUMERS: gl.constexpr):  # fmt: skip
     """Fold KV blocks [start, end) into (acc, m_i, l_i); t is the ring position of the first of them, and
@@ -156,8 +179,8 @@ def _attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, 
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))  # [BLOCK_M, BLOCK_N]
         _k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
         p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left,
-                                           window_right, qk_scale, s_layout, BLOCK_N, MASK, HAS_LEFT,
-                                           HAS_RIGHT)  # fmt: skip
+                                           window_right, qk_scale, softcap_log2, s_layout, BLOCK_N, MASK, HAS_LEFT,
+                                           HAS_RIGHT, HAS_SOFTCAP)  # fmt: skip
         if OVERLAP:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             _v_done(v_desc, v_bufs, bars, t - 1, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
@@ -175,9 +198,9 @@ def _attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, 
 @gluon.jit
 def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
               stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-              qk_scale, lo, full_lo, full_hi, hi, n_blocks,
+              qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
+              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
               OVERLAP: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr):  # fmt: skip
     """A math partition of the one-tile-per-program kernel: rows [CID * ROWS, (CID + 1) * ROWS) of the
     block (ROWS = BLOCK_M / CONSUMERS), see _consume_tile. Without the loader partition it also issues
@@ -193,17 +216,20 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
     _consume_tile(
         q_tile, bars.index(4 * STAGES), 0, bars.index(4 * STAGES), k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE,
         stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k,
-        window_left, window_right, qk_scale, lo, full_lo, full_hi, hi, n_blocks, t, tb,
-        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, CID, CONSUMERS, False,
+        window_left, window_right, qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks, t, tb,
+        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, CID,
+        CONSUMERS, False,
     )  # fmt: skip
 
 
 @gluon.jit
 def _consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE,
                   stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q,
-                  seqlen_k, window_left, window_right, qk_scale, lo, full_lo, full_hi, hi, n_blocks, t, tb,
+                  seqlen_k, window_left, window_right, qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks, t,
+                  tb,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
+                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                  WARP_SPECIALIZE: gl.constexpr,
                   OVERLAP: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr,
                   RELEASE_Q: gl.constexpr):  # fmt: skip
     """Both matmuls, the online softmax and the epilogue of one work tile, for this consumer's rows
@@ -239,7 +265,8 @@ def _consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_bu
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
     _k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
     p, _, m_i, l_i = _softmax_step(qk, m_i, l_i, offs_m, lo, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
-                                   s_layout, BLOCK_N, True, HAS_LEFT, HAS_RIGHT)  # fmt: skip
+                                   softcap_log2,
+                                   s_layout, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)  # fmt: skip
     p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
     if not OVERLAP:
         mbarrier.wait(bars.index(STAGES + s0), (t // STAGES) & 1)
@@ -259,8 +286,10 @@ def _consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_bu
             start, end = gl.maximum(full_hi, first), gl.maximum(hi, first)
         acc, m_i, l_i, p_op, t = _attend(
             acc, m_i, l_i, p_op, t, tb, q_tile, k_desc, v_desc, k_bufs, v_bufs, bars, start, end, n_blocks, lo,
-            off_b, off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, s_layout, o_layout,
-            BLOCK_N, HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, CID, CONSUMERS,
+            off_b, off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2, s_layout,
+            o_layout,
+            BLOCK_N, HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, CID,
+            CONSUMERS,
         )  # fmt: skip
     if RELEASE_Q:
         # every S of the tile has been waited for: the loader may put a later tile's Q into this buffer
@@ -303,7 +332,8 @@ def _load_q(q_desc, q_smem, bar, first, start_m, off_b, off_h, seqlen_q, BLOCK_M
             # a consumer whose rows all lie past seqlen_q reads the last row's box instead of one wholly out
             # of bounds (its results are not stored); the expected byte count stays the full box
             row = gl.minimum(row, seqlen_q - 1)
-        tma.async_copy_global_to_shared(q_desc, [off_b, row, off_h, 0], bar, q_smem.index(first + c))
+        # off_b: the batch entry, or with varlen's 3-D descriptor the sequence's first row (box_coords)
+        tma.async_copy_global_to_shared(q_desc, box_coords(q_desc, off_b, row, off_h), bar, q_smem.index(first + c))
 
 
 @gluon.jit
@@ -332,9 +362,10 @@ def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_b
 @gluon.jit
 def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
                          stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
-                         qk_scale, nheads, batch, heads_per_section,
+                         qk_scale, softcap_log2, nheads, batch, heads_per_section,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
+                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                         OVERLAP: gl.constexpr, CID: gl.constexpr,
                          CONSUMERS: gl.constexpr):  # fmt: skip
     """A math partition of the persistent grid: _consume_tile over this program's work tiles, in the
     loader's order, with the K/V ring position t and the tile count i (ping-pong turns: each tile takes
@@ -351,8 +382,9 @@ def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, O
         t = _consume_tile(
             q_tile, q_bars.index(qb), (i // 2) & 1, q_bars.index(2 + qb), k_desc, v_desc, k_bufs, v_bufs, bars,
             Out, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m,
-            seqlen_q, seqlen_k, window_left, window_right, qk_scale, lo, full_lo, full_hi, hi, n_blocks, t, i,
-            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, True, OVERLAP, CID, CONSUMERS, True,
+            seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2, lo, full_lo, full_hi, hi,
+            n_blocks, t, i,
+            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, True, OVERLAP, CID, CONSUMERS, True,
         )  # fmt: skip
 
 
@@ -362,24 +394,45 @@ def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, O
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group_size", "window_left", "window_right", "nheads",
                               "batch", "heads_per_section", "stride_lb", "stride_lh"])  # fmt: skip
 def attention_fwd_hopper_kernel(
-    q_desc, k_desc, v_desc, Out, LSE,
+    q_desc, k_desc, v_desc, Out, LSE, CuSeqlensQ, CuSeqlensK, SequsedK,
     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, nheads, batch, heads_per_section,
+    seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, softcap_log2, nheads, batch, heads_per_section,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr,
-    CONSUMERS: gl.constexpr = 1, PERSISTENT: gl.constexpr = False,
+    CONSUMERS: gl.constexpr = 1, PERSISTENT: gl.constexpr = False, HAS_SOFTCAP: gl.constexpr = False,
+    IS_VARLEN: gl.constexpr = False, HAS_SEQUSED_K: gl.constexpr = False,
 ):  # fmt: skip
     """q_desc, k_desc, v_desc: TMA descriptors over (batch, seqlen, nheads, headdim), boxes
     [1, BLOCK_M / CONSUMERS or BLOCK_N, 1, HEAD_DIM]. Out: like q (last stride 1); LSE: (batch, nheads,
-    seqlen_q), rows contiguous. qk_scale = softmax_scale * log2(e). group_size = nheads // nheads_k.
-    seqlen_k > 0. CONSUMERS 1: one math partition of num_warps warps; 2 or 3: ping-pong, one warpgroup
-    each (launch with num_warps = 4). PERSISTENT (warp-specialized, 1 or 2 consumers): a 1-D grid of at
-    most cdiv(seqlen_q, BLOCK_M) * nheads * batch programs, each looping over its work tiles (tile_coords);
-    otherwise the grid is (query blocks, nheads, batch) and those three arguments are not read."""
-    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
-    gl.static_assert(q_desc.block_type.shape[1] * CONSUMERS == BLOCK_M)
-    gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
+    seqlen_q), rows contiguous. qk_scale = softmax_scale * log2(e), or with HAS_SOFTCAP softmax_scale /
+    softcap, and softcap_log2 = softcap * log2(e) (None without: no kernel parameter). group_size = nheads //
+    nheads_k. seqlen_k > 0. CONSUMERS 1: one math partition of num_warps warps; 2 or 3: ping-pong, one
+    warpgroup each (launch with num_warps = 4). PERSISTENT (warp-specialized, 1 or 2 consumers, not varlen):
+    a 1-D grid of at most cdiv(seqlen_q, BLOCK_M) * nheads * batch programs, each looping over its work tiles
+    (tile_coords); otherwise the grid is (query blocks, nheads, batch) and those three arguments are not read.
+
+    IS_VARLEN: the descriptors are 3-D over the packed (total, nheads, headdim) with boxes [BLOCK, 1,
+    HEAD_DIM]; CuSeqlensQ / CuSeqlensK (batch + 1, int32) and, with HAS_SEQUSED_K, SequsedK (batch, int32)
+    give each sequence; seqlen_q / seqlen_k are total_q / total_k (sequence_bounds clamps into them); the
+    grid's first axis covers max_seqlen_q, and a program past its sequence's end returns at once. Out is
+    (total_q, nheads, headdim) with stride_ob 0, LSE (nheads, total_q) with stride_lb 0. Rows past the
+    sequence's end read the next sequence's queries and are not stored; keys past it are masked (the last,
+    partial key block is in kv_range's masked right edge). Otherwise the Cu*/Seqused pointers are None."""
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[-1]
+    gl.static_assert(q_desc.block_type.shape[-3] * CONSUMERS == BLOCK_M)
+    gl.static_assert(k_desc.block_type.shape[-3] == BLOCK_N)
     gl.static_assert(CONSUMERS == 1 or gl.num_warps() == 4, "ping-pong: one warpgroup per consumer")
+    gl.static_assert(len(q_desc.block_type.shape) == (3 if IS_VARLEN else 4), "varlen: 3-D descriptors")
+    if IS_VARLEN:
+        gl.static_assert(not PERSISTENT, "varlen runs on the one-tile grid only")
+        q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(
+            gl.program_id(2), seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN, HAS_SEQUSED_K
+        )
+        pid_m0 = gl.program_id(0)
+        if HAS_RIGHT:
+            pid_m0 = gl.num_programs(0) - 1 - pid_m0
+        if pid_m0 * BLOCK_M >= seqlen_q:
+            return  # the grid covers max_seqlen_q; this sequence has no rows here
     # one Q tile per consumer; the persistent grid double-buffers them (the next tile's Q lands early)
     Q_BUFS: gl.constexpr = 2 if PERSISTENT else 1
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_BUFS * CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
@@ -407,14 +460,14 @@ def attention_fwd_hopper_kernel(
                 (_persistent_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
                     stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
-                    qk_scale, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, OVERLAP, 0, CONSUMERS,
+                    qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, OVERLAP, 0, CONSUMERS,
                 )),
                 (_persistent_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
                     stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
-                    qk_scale, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, OVERLAP, 1, CONSUMERS,
+                    qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, OVERLAP, 1, CONSUMERS,
                 )),
                 (_persistent_loader, (
                     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
@@ -427,8 +480,8 @@ def attention_fwd_hopper_kernel(
                 (_persistent_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
                     stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
-                    qk_scale, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, OVERLAP, 0, 1,
+                    qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, OVERLAP, 0, 1,
                 )),
                 (_persistent_loader, (
                     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
@@ -445,6 +498,15 @@ def attention_fwd_hopper_kernel(
             pid_m = gl.num_programs(0) - 1 - pid_m
         start_m = pid_m * BLOCK_M
         off_hk = off_h // group_size
+        # the boxes' batch coordinates (box_coords): the batch entry, or with varlen the sequence's first row
+        q_b = off_b
+        kv_b = off_b
+        if IS_VARLEN:
+            q_b = q_start
+            kv_b = k_start
+            # Out and LSE at the sequence's first row; their batch strides are 0
+            Out += q_start.to(gl.int64) * stride_om
+            LSE += q_start.to(gl.int64)
         lo, full_lo, full_hi, hi = kv_range(
             start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
         )
@@ -452,7 +514,7 @@ def attention_fwd_hopper_kernel(
         # masked, so they come out as out 0 / lse -inf without a separate path
         n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)
 
-        _load_q(q_desc, q_smem, bars.index(4 * STAGES), 0, start_m, off_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
+        _load_q(q_desc, q_smem, bars.index(4 * STAGES), 0, start_m, q_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
 
         # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
         if CONSUMERS == 3:
@@ -460,55 +522,61 @@ def attention_fwd_hopper_kernel(
             gl.warp_specialize([
                 (_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, CONSUMERS,
+                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                    0, CONSUMERS,
                 )),
                 (_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
+                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                    1, CONSUMERS,
                 )),
                 (_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 2, CONSUMERS,
+                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                    2, CONSUMERS,
                 )),
-                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
             ], [4, 4, 1], [160, 160, 24])  # fmt: skip
         elif CONSUMERS == 2:
             # consumer 0 is the default partition (4 warps), consumer 1 a 4-warp worker
             gl.warp_specialize([
                 (_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, CONSUMERS,
+                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                    0, CONSUMERS,
                 )),
                 (_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 1, CONSUMERS,
+                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                    1, CONSUMERS,
                 )),
-                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
             ], [4, 1], [240, 24])  # fmt: skip
         elif WARP_SPECIALIZE:
             gl.warp_specialize([
                 (_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, 1,
+                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                    0, 1,
                 )),
-                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)),
+                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
             ], [1], [24])  # fmt: skip
         else:
             _consumer(
                 q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, lo, full_lo, full_hi, hi, n_blocks,
-                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, WARP_SPECIALIZE, OVERLAP, 0, 1,
+                stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, 0, 1,
             )  # fmt: skip
