@@ -78,6 +78,35 @@ def check_varlen(device, name, causal):
             assert torch.equal(v.grad[keys], torch.zeros_like(v.grad[keys]))
 
 
+def check_rows_outside_sequences(device):
+    """cu_seqlens that start after row 0 and end before the last row (padding around the packed tokens, which
+    flash_attn accepts): those rows belong to no sequence, so out 0, lse -inf and every gradient 0 there,
+    never the poisoned (NaN) allocation; the covered rows as the CPU path computes them."""
+    cu_q, cu_k, total_q, total_k = [3, 10, 25], [2, 12, 30], 40, 36
+    gen = torch.Generator().manual_seed(11)
+    leaves = [torch.randn(n, h, d, generator=gen) for n, h, d in ((total_q, H, D), (total_k, HK, D), (total_k, HK, DV))]
+    dout = torch.randn(total_q, H, DV, generator=gen)
+    results = {}
+    for dev in dict.fromkeys(["cpu", device]):
+        q, k, v = (t.to(dev).requires_grad_() for t in leaves)
+        i32 = lambda c, dev=dev: torch.tensor(c, dtype=torch.int32, device=dev)
+        out, lse = flashtron.flash_attn_varlen_func(q, k, v, i32(cu_q), i32(cu_k), 15, 18, causal=True, return_lse=True)
+        out.backward(dout.to(dev))
+        results[dev] = [t.detach().cpu() for t in (out, lse, q.grad, k.grad, v.grad)]
+    out, lse, dq, dk, dv = results[device]
+    outside_q = torch.ones(total_q, dtype=torch.bool)
+    outside_q[cu_q[0] : cu_q[-1]] = False
+    outside_k = torch.ones(total_k, dtype=torch.bool)
+    outside_k[cu_k[0] : cu_k[-1]] = False
+    assert torch.equal(out[outside_q], torch.zeros_like(out[outside_q]))
+    assert torch.isneginf(lse[:, outside_q]).all()
+    assert torch.equal(dq[outside_q], torch.zeros_like(dq[outside_q]))
+    assert torch.equal(dk[outside_k], torch.zeros_like(dk[outside_k]))
+    assert torch.equal(dv[outside_k], torch.zeros_like(dv[outside_k]))
+    for ours, cpu in zip(results[device], results["cpu"]):
+        assert torch.allclose(ours, cpu, atol=1e-4, rtol=1e-4)
+
+
 def check_packed(device):
     qkv = _leaf(0, 5, 3, H, D, device=device)
     out = flashtron.flash_attn_qkvpacked_func(qkv, causal=True)
@@ -156,6 +185,10 @@ def test_varlen_empty_cpu(name, causal):
     check_varlen("cpu", name, causal)
 
 
+def test_rows_outside_sequences_cpu():
+    check_rows_outside_sequences("cpu")
+
+
 def test_packed_empty_cpu():
     check_packed("cpu")
 
@@ -175,6 +208,11 @@ def test_dense_empty_interpret(kernel_device, b, sq, sk):
 @pytest.mark.parametrize("name", list(VARLEN))
 def test_varlen_empty_interpret(kernel_device, name):
     check_varlen(kernel_device, name, causal=True)
+
+
+@pytest.mark.interpret
+def test_rows_outside_sequences_interpret(kernel_device):
+    check_rows_outside_sequences(kernel_device)
 
 
 @pytest.mark.interpret
@@ -198,6 +236,11 @@ def test_dense_empty_gpu(b, sq, sk):
 @pytest.mark.parametrize("name", list(VARLEN))
 def test_varlen_empty_gpu(name):
     check_varlen("cuda", name, causal=True)
+
+
+@pytest.mark.gpu
+def test_rows_outside_sequences_gpu():
+    check_rows_outside_sequences("cuda")
 
 
 @pytest.mark.gpu

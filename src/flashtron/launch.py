@@ -170,7 +170,7 @@ def attention_forward(
     rows_q, rows_k = _kernel_seqlens(q, k, varlen, seqlen_q, seqlen_k)
 
     def launch(cfg):
-        attention_fwd_kernel[(_cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+        attention_fwd_kernel[(max(_cdiv(seqlen_q, cfg.block_m), int(varlen)), nheads, batch + int(varlen))](
             q, k, v, out, lse, opts.alibi_slopes, opts.learnable_sink, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
             *_seq_strides(out, varlen), *_lse_strides(lse, varlen), *alibi_strides(opts),
@@ -264,7 +264,7 @@ def attention_backward(
     )
 
     def launch_dkdv(cfg):
-        attention_bwd_dkdv_kernel[(_cdiv(seqlen_k, cfg.block_n), nheads_k, batch)](
+        attention_bwd_dkdv_kernel[(max(_cdiv(seqlen_k, cfg.block_n), int(varlen)), nheads_k, batch + int(varlen))](
             q, k, v, dout, lse, delta, dk, dv, opts.alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *seq_strides, *_seq_strides(dk, varlen), *_seq_strides(dv, varlen), *alibi_strides(opts),
             rows_q, rows_k, nheads // nheads_k, dk_scale=opts.softmax_scale,
@@ -272,7 +272,7 @@ def attention_backward(
         )  # fmt: skip
 
     def launch_dq(cfg):
-        attention_bwd_dq_kernel[(_cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+        attention_bwd_dq_kernel[(max(_cdiv(seqlen_q, cfg.block_m), int(varlen)), nheads, batch + int(varlen))](
             q, k, v, dout, lse, delta, dq, opts.alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *seq_strides, *_seq_strides(dq, varlen), *alibi_strides(opts),
             rows_q, rows_k, nheads // nheads_k, dq_scale=opts.softmax_scale,

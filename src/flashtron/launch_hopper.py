@@ -306,6 +306,18 @@ def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None
         max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
     )  # fmt: skip
     kernel[grid](*args, **kwargs)
+    if varlen:
+        # rows outside every sequence (before cu_seqlens_q[0], from cu_seqlens_q[-1] on) get out 0 and lse -inf,
+        # as the Triton forward writes them in its extra batch slice (kernels/common.fill_outside_sequences);
+        # here with device-side torch ops (no sync, one more pass over out) until the kernel does it itself
+        rows, total = torch.arange(q.shape[0], device=q.device), q.shape[0]
+        starts = cu_seqlens_q[:-1].clamp(0, total)
+        ends = torch.maximum(cu_seqlens_q[1:], starts).clamp(max=total)  # the spans as the kernels clamp them
+        first = starts.amin() if starts.numel() else total
+        last = torch.maximum(ends.amax(), torch.as_tensor(first, device=q.device)) if ends.numel() else total
+        outside = (rows < first) | (rows >= last)
+        out.masked_fill_(outside[:, None, None], 0.0)
+        lse.masked_fill_(outside[None, :], float("-inf"))
     return out, lse
 
 

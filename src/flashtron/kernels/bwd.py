@@ -17,6 +17,7 @@ from flashtron.kernels.common import (
     LOG2E,
     RUNTIME_SCALARS,
     dropout_keep,
+    fill_outside_sequences,
     kv_block_bounds,
     q_block_bounds,
     scores_log2,
@@ -186,6 +187,16 @@ def attention_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
+    if IS_VARLEN:
+        if off_b == tl.num_programs(2) - 1:  # the extra slice: key rows outside every sequence get dK = dV = 0
+            batch = tl.num_programs(2) - 1
+            DK += off_hk.to(tl.int64) * stride_dkh
+            DV += off_hk.to(tl.int64) * stride_dvh
+            fill_outside_sequences(DK, stride_dkn, CuSeqlensK, batch, seqlen_k, pid_n, tl.num_programs(0), BLOCK_N,
+                                   BLOCK_D, HEAD_DIM, 0.0)  # fmt: skip
+            fill_outside_sequences(DV, stride_dvn, CuSeqlensK, batch, seqlen_k, pid_n, tl.num_programs(0), BLOCK_N,
+                                   BLOCK_DV, HEAD_DIM_V, 0.0)  # fmt: skip
+            return
     nheads = tl.num_programs(1) * group_size
     q_start, seqlen_q, k_start, seqlen_k, seqlen_k_used = sequence_bounds(
         off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN, HAS_SEQUSED_K
@@ -360,6 +371,12 @@ def attention_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
+    if IS_VARLEN:
+        if off_b == tl.num_programs(2) - 1:  # the extra slice: query rows outside every sequence get dQ = 0
+            DQ += off_h.to(tl.int64) * stride_dqh
+            fill_outside_sequences(DQ, stride_dqm, CuSeqlensQ, tl.num_programs(2) - 1, seqlen_q, pid_m,
+                                   tl.num_programs(0), BLOCK_M, BLOCK_D, HEAD_DIM, 0.0)  # fmt: skip
+            return
     if HEAVY_FIRST:
         pid_m = tl.num_programs(0) - 1 - pid_m
     q_start, seqlen_q, k_start, _, seqlen_k = sequence_bounds(

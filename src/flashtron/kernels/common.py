@@ -227,6 +227,37 @@ def varlen_span(CuSeqlens, off_b, rows):
 
 
 @triton.jit
+def fill_outside_sequences(Ptr, stride_m, CuSeqlens, batch, rows, pid, n_programs, BLOCK_M: tl.constexpr,
+                           BLOCK_D: tl.constexpr, WIDTH: tl.constexpr, FILL: tl.constexpr):  # fmt: skip
+    """Writes FILL into columns [0, WIDTH) of the rows of a packed varlen tensor before the first and after
+    the last sequence, the sequences as varlen_span clamps them: for valid cu_seqlens, rows before
+    cu_seqlens[0] and from cu_seqlens[batch] on. Programs pid of n_programs share the rows. The attention
+    kernels run it in one extra batch slice of a varlen launch, so rows outside every sequence read out 0,
+    lse -inf and gradient 0, as the CPU path gives, not whatever the allocator left there. WIDTH 0: Ptr is
+    one value per row (lse)."""
+    # the clamped spans' extent, not cu_seqlens[0] and [batch]: metadata out of order (which the host may
+    # not have checked) must never make this overwrite a row that some sequence covers
+    first = rows
+    last = rows * 0
+    for b in range(batch):
+        start = tl.minimum(tl.maximum(tl.load(CuSeqlens + b), 0), rows)
+        first = tl.minimum(first, start)
+        last = tl.maximum(last, tl.minimum(tl.maximum(tl.load(CuSeqlens + b + 1), start), rows))
+    last = tl.maximum(last, first)
+    outside = first + rows - last
+    for start in range(pid * BLOCK_M, outside, n_programs * BLOCK_M):
+        r = start + tl.arange(0, BLOCK_M)
+        row = tl.where(r < first, r, last + r - first).to(tl.int64)
+        if WIDTH == 0:
+            tl.store(Ptr + row * stride_m, tl.full([BLOCK_M], FILL, tl.float32), mask=r < outside)
+        else:
+            cols = tl.arange(0, BLOCK_D)
+            value = tl.full([BLOCK_M, BLOCK_D], FILL, tl.float32).to(Ptr.dtype.element_ty)
+            mask = (r < outside)[:, None] & (cols[None, :] < WIDTH)
+            tl.store(Ptr + row[:, None] * stride_m + cols[None, :], value, mask=mask)
+
+
+@triton.jit
 def sequence_bounds(
     off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr
 ):

@@ -13,6 +13,7 @@ from flashtron.kernels.common import (
     LOG2E,
     RUNTIME_SCALARS,
     dropout_keep,
+    fill_outside_sequences,
     fold_sink,
     kv_block_bounds,
     online_softmax_step,
@@ -121,6 +122,16 @@ def attention_fwd_kernel(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
+    if IS_VARLEN:
+        if off_b == tl.num_programs(2) - 1:  # the extra slice: rows outside every sequence (common.py)
+            batch = tl.num_programs(2) - 1
+            Out += off_h.to(tl.int64) * stride_oh
+            LSE += off_h.to(tl.int64) * stride_lh
+            fill_outside_sequences(Out, stride_om, CuSeqlensQ, batch, seqlen_q, pid_m, tl.num_programs(0), BLOCK_M,
+                                   BLOCK_DV, HEAD_DIM_V, 0.0)  # fmt: skip
+            fill_outside_sequences(LSE, stride_lm, CuSeqlensQ, batch, seqlen_q, pid_m, tl.num_programs(0), BLOCK_M,
+                                   BLOCK_DV, 0, float("-inf"))  # fmt: skip
+            return
     if HEAVY_FIRST:
         # with a right bound the last query blocks see the most keys: launch them first
         pid_m = tl.num_programs(0) - 1 - pid_m
