@@ -516,6 +516,8 @@ def attention_bwd_dq_hopper_kernel(
     qk_scale = softmax_scale * log2(e), dq_scale = softmax_scale. group_size = nheads // nheads_k.
     Launch with num_warps 8 (two consumer warpgroups of BLOCK_M / 2 rows each)."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    # K(t-1)'s slot is freed after K(t)'s ready wait: with one slot K(t)'s load would wait on that free
+    gl.static_assert(STAGES >= 2, "the dQ ring needs two stages")
     gl.static_assert(q_desc.block_type.shape[1] == BLOCK_M)
     gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
     gl.static_assert(do_desc.block_type.shape[3] == HEAD_DIM)

@@ -449,6 +449,8 @@ def attention_fwd_hopper_kernel(
 
     if PERSISTENT:
         gl.static_assert(WARP_SPECIALIZE and CONSUMERS <= 2, "persistent: the loader partition, 1 or 2 consumers")
+        # ping-pong turns count n_blocks + 1 per tile, which only the overlapped step takes (_consume_tile)
+        gl.static_assert(CONSUMERS == 1 or OVERLAP, "persistent ping-pong needs the overlap")
         # Q buffer b: ready (b), free (2 + b), completing when every consumer has released it; the Q ready
         # barrier of `bars` is not used
         q_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
