@@ -216,6 +216,24 @@ def test_rows_outside_sequences_interpret(kernel_device):
 
 
 @pytest.mark.interpret
+def test_rows_outside_many_sequences_interpret(kernel_device):
+    """More sequences than the fill reads cu_seqlens entries at a time (256): the extent still spans all."""
+    gen = torch.Generator().manual_seed(12)
+    lens = torch.randint(1, 3, (260,), generator=gen)
+    cu = torch.cat([torch.tensor([5]), 5 + lens.cumsum(0)]).to(torch.int32)
+    total = int(cu[-1]) + 7
+    q, k, v = (torch.randn(total, 1, 16, generator=gen).to(kernel_device).requires_grad_() for _ in range(3))
+    cu = cu.to(kernel_device)
+    out, lse = flashtron.flash_attn_varlen_func(q, k, v, cu, cu, 2, 2, causal=True, return_lse=True)
+    out.backward(torch.randn(out.shape, generator=gen).to(kernel_device))
+    outside = torch.ones(total, dtype=torch.bool, device=kernel_device)
+    outside[int(cu[0]) : int(cu[-1])] = False
+    assert torch.isfinite(out).all() and (out[outside] == 0).all() and torch.isneginf(lse[:, outside]).all()
+    assert all((t.grad[outside] == 0).all() for t in (q, k, v))
+    assert (out[~outside].abs().sum(-1) > 0).all()  # every covered row was computed
+
+
+@pytest.mark.interpret
 def test_packed_empty_interpret(kernel_device):
     check_packed(kernel_device)
 

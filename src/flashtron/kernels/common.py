@@ -237,12 +237,17 @@ def fill_outside_sequences(Ptr, stride_m, CuSeqlens, batch, rows, pid, n_program
     one value per row (lse)."""
     # the clamped spans' extent, not cu_seqlens[0] and [batch]: metadata out of order (which the host may
     # not have checked) must never make this overwrite a row that some sequence covers
+    # not entry by entry: a scalar load per sequence would put thousands of dependent loads in front of
+    # a large batch's fill
     first = rows
     last = rows * 0
-    for b in range(batch):
-        start = tl.minimum(tl.maximum(tl.load(CuSeqlens + b), 0), rows)
-        first = tl.minimum(first, start)
-        last = tl.maximum(last, tl.minimum(tl.maximum(tl.load(CuSeqlens + b + 1), start), rows))
+    for b0 in range(0, batch, 256):
+        b = b0 + tl.arange(0, 256)
+        ok = b < batch
+        start = tl.minimum(tl.maximum(tl.load(CuSeqlens + b, mask=ok, other=0), 0), rows)
+        end = tl.minimum(tl.maximum(tl.load(CuSeqlens + b + 1, mask=ok, other=0), start), rows)
+        first = tl.minimum(first, tl.min(tl.where(ok, start, rows), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(ok, end, 0), axis=0))
     last = tl.maximum(last, first)
     outside = first + rows - last
     for start in range(pid * BLOCK_M, outside, n_programs * BLOCK_M):
