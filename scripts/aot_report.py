@@ -183,7 +183,6 @@ def main_gluon() -> None:
             tiles.append((d, "", replace(base, stages=base.stages + stages, warp_specialize=ws, overlap=overlap)))
     for name, per_d in launch_hopper.CANDIDATE_TILES.items():
         tiles += [(d, name, tile) for d, tile in per_d.items() if name != "ws-ov"]
-    tiles.append((64, "pp3-192", launch_hopper.HopperTile(192, 128, 3, num_warps=4, consumers=3)))
     for d, name, tile in tiles:
         for causal in (False, True):
             gluon_report(d, name, tile, causal)

@@ -44,7 +44,7 @@ class HopperTile:
     num_warps: int = 8  # two consumer warpgroups of 64 rows each
     warp_specialize: bool = True
     overlap: bool = True  # softmax of block j+1 while P V of block j runs (hopper_fwd._attend)
-    # > 1: ping-pong, that many one-warpgroup consumer partitions of block_m / consumers rows each, taking
+    # 2: ping-pong, two one-warpgroup consumer partitions of block_m / 2 rows each, taking
     # turns on the tensor cores (needs warp_specialize and overlap, and num_warps 4)
     consumers: int = 1
     # a persistent grid of min(work tiles, SMs) programs looping over (query block, head, batch) tiles, the
@@ -188,6 +188,11 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
 
 
+def _tma_operand(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy when TMA cannot take its strides (e.g. an expanded gradient: stride 0)."""
+    return t if _tma_ok(t) and 0 not in t.stride() else t.contiguous()
+
+
 def _descriptor(t: torch.Tensor, block_rows: int):
     """A 4-D TMA descriptor over (batch, seqlen, nheads, headdim) with a [1, block_rows, 1, headdim] box, or for
     varlen's packed 3-D (total, nheads, headdim) a 3-D one with a [block_rows, 1, headdim] box."""
@@ -269,9 +274,9 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         HAS_SEQUSED_K=seqused_k is not None,
         num_warps=tile.num_warps,
         # with the 1-warp loader the CTA has one warpgroup more than the consumers': 3 (8 consumer warps, or
-        # 2 ping-pong consumers) x 128 threads x 168 fits the 64K registers, 4 x 128 x 128 too; setmaxnreg
-        # moves the loader's share (24) to the consumers (240, or 160 with 3 ping-pong consumers)
-        maxnreg=(128 if tile.consumers == 3 else 168) if tile.warp_specialize else None,
+        # 2 ping-pong consumers) x 128 threads x 168 fits the 64K registers; setmaxnreg moves the loader's
+        # share (24) to the consumers (240)
+        maxnreg=168 if tile.warp_specialize else None,
     )
     return attention_fwd_hopper_kernel, grid, args, kwargs
 
@@ -379,8 +384,7 @@ def attention_backward_dkdv(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions
     """Writes dk, dv (allocated by the caller, like k and v) of a covered backward: q, dout (batch,
     seqlen_q, nheads, d), k, v (batch, seqlen_k, nheads_k, d), lse (natural log) and delta = rowsum(dout *
     out) - dlse, (batch, nheads, seqlen_q) fp32, same strides. Callers check `covers_backward` first."""
-    if not _tma_ok(dout) or 0 in dout.stride():  # e.g. an expanded gradient
-        dout = dout.contiguous()
+    dout = _tma_operand(dout)
     kernel, grid, args, kwargs = backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts, tile)
     kernel[grid](*args, **kwargs)
 
@@ -391,8 +395,7 @@ def attention_backward_fused(q, k, v, dout, lse, delta, dq, dk, dv, opts: AttnOp
     order in which key blocks add into dQ varies), arguments as attention_backward_dkdv's. The kernel adds
     dS K * softmax_scale into a zeroed fp32 dq_accum; the convert is one torch copy_ (a cast, one pass: read
     4 bytes, write 2 an element, what a Triton kernel would do; the scale is folded into the kernel's adds)."""
-    if not _tma_ok(dout) or 0 in dout.stride():  # e.g. an expanded gradient
-        dout = dout.contiguous()
+    dout = _tma_operand(dout)
     dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kernel, grid, args, kwargs = backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts, tile, dq_accum)
     kernel[grid](*args, **kwargs)
@@ -456,8 +459,7 @@ def backward_dq_launch(q, k, v, dout, lse, delta, dq, opts: AttnOptions, tile: H
 def attention_backward_dq(q, k, v, dout, lse, delta, dq, opts: AttnOptions, tile: HopperDqTile | None = None):
     """Writes dq (allocated by the caller, like q) of a covered backward; the arguments as
     attention_backward_dkdv's. Callers check `covers_backward` first."""
-    if not _tma_ok(dout) or 0 in dout.stride():  # e.g. an expanded gradient
-        dout = dout.contiguous()
+    dout = _tma_operand(dout)
     kernel, grid, args, kwargs = backward_dq_launch(q, k, v, dout, lse, delta, dq, opts, tile)
     kernel[grid](*args, **kwargs)
 

@@ -422,6 +422,8 @@ def attention_fwd_hopper_kernel(
     gl.static_assert(q_desc.block_type.shape[-3] * CONSUMERS == BLOCK_M)
     gl.static_assert(k_desc.block_type.shape[-3] == BLOCK_N)
     gl.static_assert(CONSUMERS == 1 or gl.num_warps() == 4, "ping-pong: one warpgroup per consumer")
+    # three 64-row consumers (FA3's d64 tile) spilled at their 160 registers and were dropped (perf-notes)
+    gl.static_assert(CONSUMERS <= 2, "one or two consumers")
     gl.static_assert(len(q_desc.block_type.shape) == (3 if IS_VARLEN else 4), "varlen: 3-D descriptors")
     if IS_VARLEN:
         gl.static_assert(not PERSISTENT, "varlen runs on the one-tile grid only")
@@ -519,33 +521,7 @@ def attention_fwd_hopper_kernel(
         _load_q(q_desc, q_smem, bars.index(4 * STAGES), 0, start_m, q_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
 
         # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
-        if CONSUMERS == 3:
-            # 4 warpgroups at maxnreg 128: the loader's warpgroup gives up 104, the consumers get 160 each
-            gl.warp_specialize([
-                (_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    0, CONSUMERS,
-                )),
-                (_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    1, CONSUMERS,
-                )),
-                (_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    2, CONSUMERS,
-                )),
-                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
-            ], [4, 4, 1], [160, 160, 24])  # fmt: skip
-        elif CONSUMERS == 2:
+        if CONSUMERS == 2:
             # consumer 0 is the default partition (4 warps), consumer 1 a 4-warp worker
             gl.warp_specialize([
                 (_consumer, (
