@@ -258,22 +258,10 @@ def child_check_features(state: str) -> None:
     for dtype, d, mask, softcap, varlen in FEATURE_CONFIGS:
         name = f"features {dtype} d{d} {mask}{f' softcap={softcap:g}' if softcap else ''}{' varlen' if varlen else ''}"
         cases = VARLEN_BATCHES if varlen else SEQLENS
-        fails, passed, t0 = [], 0, time.time()
-        for case in cases:
-            try:
-                _check_feature_case(getattr(torch, dtype), d, mask, softcap, case)
-                passed += 1
-            except Exception as exc:  # one bad case must not stop the rest
-                fails.append(f"{case}: {_short(exc)}")
-                if len(fails) <= 3:
-                    print(f"  FAIL {name} {case}: {_short(exc)[:160]}", flush=True)
-                if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
-                    break
-        print(f"{name:44} {passed}/{len(cases)} passed ({time.time() - t0:.1f}s)", flush=True)
-        results[name] = dict(passed=passed, total=len(cases), fails=fails)
-        _save(state, results)
-        if any("CUDA error" in f or "illegal" in f for f in fails):
-            print("  CUDA context is broken; stopping this part", flush=True)
+        check = lambda case, dtype=dtype, d=d, mask=mask, softcap=softcap: _check_feature_case(
+            getattr(torch, dtype), d, mask, softcap, case
+        )
+        if not _run_configuration(name, cases, check, str, 44, state, results):
             break
 
 
@@ -285,23 +273,37 @@ def child_check(variants: list[str], state: str) -> None:
     results = {}
     for variant, dtype, d, mask in ((v, *c) for v in variants for c in _cases(v)):
         name = f"{variant} {str(dtype)[6:]} d{d} {mask}"
-        fails, passed, t0 = [], 0, time.time()
-        for sq, sk in SEQLENS:
-            try:
-                _check_case(dtype, d, mask, variant, sq, sk)
-                passed += 1
-            except Exception as exc:  # one bad case must not stop the rest
-                fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
-                if len(fails) <= 3:  # the first few say enough; the JSON keeps them all
-                    print(f"  FAIL {name} sq={sq} sk={sk}: {_short(exc)[:160]}", flush=True)
-                if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
-                    break  # every case of this variant would fail the same way (or the context is gone)
-        print(f"{name:26} {passed}/{len(SEQLENS)} passed ({time.time() - t0:.1f}s)", flush=True)
-        results[name] = dict(passed=passed, total=len(SEQLENS), fails=fails)
-        _save(state, results)
-        if any("CUDA error" in f or "illegal" in f for f in fails):
-            print("  CUDA context is broken; stopping this part", flush=True)
+        check = lambda case, dtype=dtype, d=d, mask=mask, variant=variant: _check_case(dtype, d, mask, variant, *case)
+        if not _run_configuration(name, SEQLENS, check, _seqlens_label, 26, state, results):
             break
+
+
+def _run_configuration(name: str, cases: list, check, label, width: int, state: str, results: dict) -> bool:
+    """Runs check(case) for every case of one configuration, records passes and failures under `name` in
+    `results` (saved to `state` at once, so a time-out keeps what ran); label(case) names a case. Returns
+    False when the CUDA context is broken and the part must stop."""
+    fails, passed, t0 = [], 0, time.time()
+    for case in cases:
+        try:
+            check(case)
+            passed += 1
+        except Exception as exc:  # one bad case must not stop the rest
+            fails.append(f"{label(case)}: {_short(exc)}")
+            if len(fails) <= 3:  # the first few say enough; the JSON keeps them all
+                print(f"  FAIL {name} {label(case)}: {_short(exc)[:160]}", flush=True)
+            if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
+                break  # every case of this configuration would fail the same way (or the context is gone)
+    print(f"{name:{width}} {passed}/{len(cases)} passed ({time.time() - t0:.1f}s)", flush=True)
+    results[name] = dict(passed=passed, total=len(cases), fails=fails)
+    _save(state, results)
+    if any("CUDA error" in f or "illegal" in f for f in fails):
+        print("  CUDA context is broken; stopping this part", flush=True)
+        return False
+    return True
+
+
+def _seqlens_label(case) -> str:
+    return f"sq={case[0]} sk={case[1]}"
 
 
 def _save(path: str, result: dict) -> None:
@@ -483,22 +485,10 @@ def child_check_bwd(state: str, gluon_dq: bool = False, fused: bool = False) -> 
     results = {}
     for dtype, d, mask in BWD_CONFIGS:
         name = f"{'bwd-fused' if fused else 'bwd-dq' if gluon_dq else 'bwd'} {dtype} d{d} {mask}"
-        fails, passed, t0 = [], 0, time.time()
-        for sq, sk in BWD_SEQLENS:
-            try:
-                _check_bwd_case(getattr(torch, dtype), d, mask, sq, sk, calls, dq_calls, fused)
-                passed += 1
-            except Exception as exc:  # one bad case must not stop the rest
-                fails.append(f"sq={sq} sk={sk}: {_short(exc)}")
-                if len(fails) <= 3:
-                    print(f"  FAIL {name} sq={sq} sk={sk}: {_short(exc)[:160]}", flush=True)
-                if type(exc).__name__ in ("CompilationError", "OutOfResources") or "CUDA error" in str(exc):
-                    break
-        print(f"{name:26} {passed}/{len(BWD_SEQLENS)} passed ({time.time() - t0:.1f}s)", flush=True)
-        results[name] = dict(passed=passed, total=len(BWD_SEQLENS), fails=fails)
-        _save(state, results)
-        if any("CUDA error" in f or "illegal" in f for f in fails):
-            print("  CUDA context is broken; stopping this part", flush=True)
+        check = lambda case, dtype=dtype, d=d, mask=mask: _check_bwd_case(
+            getattr(torch, dtype), d, mask, *case, calls, dq_calls, fused
+        )
+        if not _run_configuration(name, BWD_SEQLENS, check, _seqlens_label, 26, state, results):
             break
 
 
