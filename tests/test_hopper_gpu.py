@@ -12,18 +12,28 @@ from attention_cases import check_attention
 pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
 
 
-@pytest.fixture
-def gluon_forward(monkeypatch):
-    """Routes covered forwards to the Gluon kernel and counts the calls that took it."""
+def _count_launches(monkeypatch, launcher: str, **env) -> list:
+    """Skips off sm_90; sets FLASHTRON_BACKEND=gluon and env (a None value unsets the variable); wraps
+    launch_hopper.<launcher> so that each call that takes it appends to the returned list."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon forward is sm_90 only")
+        pytest.skip("the Gluon kernels are sm_90 only")
     from flashtron import launch_hopper
 
     calls = []
-    original = launch_hopper.attention_forward
-    monkeypatch.setattr(launch_hopper, "attention_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    monkeypatch.setenv("FLASHTRON_BACKEND", "gluon")
+    original = getattr(launch_hopper, launcher)
+    monkeypatch.setattr(launch_hopper, launcher, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    for name, value in {"FLASHTRON_BACKEND": "gluon", **env}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     return calls
+
+
+@pytest.fixture
+def gluon_forward(monkeypatch):
+    """Routes covered forwards to the Gluon kernel and counts the calls that took it."""
+    return _count_launches(monkeypatch, "attention_forward")
 
 
 CASES = [
@@ -54,17 +64,7 @@ def test_uncovered_calls_stay_on_triton(gluon_forward):
 @pytest.fixture
 def gluon_backward(monkeypatch):
     """Routes covered backwards' dK/dV to the Gluon kernel and counts the calls that took it."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon kernels are sm_90 only")
-    from flashtron import launch_hopper
-
-    calls = []
-    original = launch_hopper.attention_backward_dkdv
-    monkeypatch.setattr(
-        launch_hopper, "attention_backward_dkdv", lambda *a, **kw: calls.append(1) or original(*a, **kw)
-    )
-    monkeypatch.setenv("FLASHTRON_BACKEND", "gluon")
-    return calls
+    return _count_launches(monkeypatch, "attention_backward_dkdv")
 
 
 BWD_CASES = [
@@ -103,16 +103,7 @@ def test_gluon_backward_is_deterministic(gluon_backward):
 @pytest.fixture
 def gluon_dq(monkeypatch):
     """Routes covered backwards' dK/dV and dQ to the Gluon kernels and counts the dQ calls."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon kernels are sm_90 only")
-    from flashtron import launch_hopper
-
-    calls = []
-    original = launch_hopper.attention_backward_dq
-    monkeypatch.setattr(launch_hopper, "attention_backward_dq", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    monkeypatch.setenv("FLASHTRON_BACKEND", "gluon")
-    monkeypatch.setenv("FLASHTRON_GLUON_DQ", "1")
-    return calls
+    return _count_launches(monkeypatch, "attention_backward_dq", FLASHTRON_GLUON_DQ="1")
 
 
 @pytest.mark.gluon_unverified
@@ -160,18 +151,7 @@ def test_gluon_dq_needs_the_switch(gluon_backward, monkeypatch):
 @pytest.fixture
 def gluon_fused(monkeypatch):
     """Routes covered backwards with deterministic=False to the FUSED_DQ dK/dV kernel and counts its calls."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon kernels are sm_90 only")
-    from flashtron import launch_hopper
-
-    calls = []
-    original = launch_hopper.attention_backward_fused
-    monkeypatch.setattr(
-        launch_hopper, "attention_backward_fused", lambda *a, **kw: calls.append(1) or original(*a, **kw)
-    )
-    monkeypatch.setenv("FLASHTRON_BACKEND", "gluon")
-    monkeypatch.setenv("FLASHTRON_GLUON_FUSED_DQ", "1")
-    return calls
+    return _count_launches(monkeypatch, "attention_backward_fused", FLASHTRON_GLUON_FUSED_DQ="1")
 
 
 @pytest.mark.gluon_unverified
@@ -275,15 +255,9 @@ def test_gluon_forward_varlen_through_api(gluon_forward, case):
 def test_unverified_features_stay_on_triton_by_default(monkeypatch):
     """With FLASHTRON_BACKEND unset, softcap and varlen calls at head dim 128 (where covered dense calls take the
     Gluon forward by default) run on the Triton forward: only verified code runs in the gpu tier."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon forward is sm_90 only")
     import flashtron
-    from flashtron import launch_hopper
 
-    calls = []
-    original = launch_hopper.attention_forward
-    monkeypatch.setattr(launch_hopper, "attention_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    monkeypatch.delenv("FLASHTRON_BACKEND", raising=False)
+    calls = _count_launches(monkeypatch, "attention_forward", FLASHTRON_BACKEND=None)
     check_attention(1, 129, 129, 2, 2, 128, 128, torch.bfloat16, "cuda", causal=True, softcap=30.0)
     q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
     cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
