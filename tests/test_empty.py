@@ -88,7 +88,7 @@ def check_rows_outside_sequences(device):
     dout = torch.randn(total_q, H, DV, generator=gen)
     results = {}
     for dev in dict.fromkeys(["cpu", device]):
-        q, k, v = (t.to(dev).requires_grad_() for t in leaves)
+        q, k, v = (t.to(dev).detach().requires_grad_() for t in leaves)  # fresh leaves per device
         i32 = lambda c, dev=dev: torch.tensor(c, dtype=torch.int32, device=dev)
         out, lse = flashtron.flash_attn_varlen_func(q, k, v, i32(cu_q), i32(cu_k), 15, 18, causal=True, return_lse=True)
         out.backward(dout.to(dev))
