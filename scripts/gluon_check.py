@@ -22,9 +22,11 @@ mbarrier, an illegal address) costs only that part:
      softcap and varlen on the dispatched tiles (HOPPER_TILES), gated until this part passes
      (launch_hopper.GLUON_UNVERIFIED_FEATURES, docs/perf-notes.md 2026-12-02 "softcap and varlen"): softcap
      on dense calls at SEQLENS; varlen batches (VARLEN_BATCHES: sequences of length 0 and 1, lengths not
-     multiples of the block, sq > sk with empty rows, seqused_k, one of 0) with and without softcap; GQA 4:1,
-     NaN-poisoned outputs, the tolerance rule against the fp32 reference, two runs bitwise equal. If every
-     case passes, the next session deletes the feature names from GLUON_UNVERIFIED_FEATURES.
+     multiples of the block, sq > sk with empty rows, seqused_k, one of 0, a last sequence with queries and no
+     key) with and without softcap, K NaN and V Inf in every K/V row no query may read (past seqused_k, of
+     sequences without queries, NaN padding after cu_seqlens_k[-1]), which a sequence's last, partial key block
+     loads; GQA 4:1, NaN-poisoned outputs, the tolerance rule against the fp32 reference, two runs bitwise
+     equal. If every case passes, the next session deletes the feature names from GLUON_UNVERIFIED_FEATURES.
   3. with --api, if 30 s are left: a few calls through the public flash_attn_func with
      FLASHTRON_BACKEND=gluon, backward included (the Triton backward on the Gluon forward's out and lse).
 Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
@@ -188,13 +190,22 @@ FEATURE_CONFIGS = [
     ("bfloat16", 128, "window", 20.0, True), ("float16", 128, "causal", 10.0, True),
     ("bfloat16", 64, "none", 30.0, True),
 ]  # fmt: skip
-# varlen batches: (lengths_q, lengths_k, seqused_k or None)
+# varlen batches: (lengths_q, lengths_k, seqused_k or None, rows of NaN padding after cu_seqlens_k[-1]); the K/V
+# rows no query may read hold K NaN and V Inf (tests/attention_cases.poison_unread_keys): a sequence's last,
+# partial key block loads the rows after it, and P V must not see them (0 x Inf is NaN; review, 2026-12-02)
 VARLEN_BATCHES = [
-    ([300, 0, 1, 129, 257], [257, 5, 0, 1000, 129], None),  # empty sequences, sk = 0 with sq > 0
-    ([17, 128, 1000, 1], [129, 128, 1, 1], None),  # sq > sk: empty rows under causal
-    ([129, 40, 513], [200, 300, 700], [100, 0, 700]),  # seqused_k, one of 0
-    ([4096, 1000], [1000, 4096], None),
-    ([1], [1], None),
+    ([300, 0, 1, 129, 257], [257, 5, 0, 1000, 129], None, 0),  # empty sequences, sk = 0 with sq > 0
+    ([17, 128, 1000, 1], [129, 128, 1, 1], None, 0),  # sq > sk: empty rows under causal
+    ([129, 40, 513], [200, 300, 700], [100, 0, 700], 0),  # seqused_k, one of 0: rows past it poisoned
+    ([4096, 1000], [1000, 4096], None, 0),
+    ([1], [1], None, 0),
+    # 257 and 1000 keys (not multiples of the block) followed by a sequence without queries (its rows Inf) and
+    # by the NaN padding
+    ([300, 0, 129, 513], [257, 60, 1000, 129], None, 77),
+    # the last sequence has queries and no key: its K/V box lies wholly past the tensor (TMA zero-fills it and
+    # must complete the byte count), out 0 and lse -inf there; then the same on the padding
+    ([200, 77], [131, 0], None, 0),
+    ([200, 77], [131, 0], None, 20),
 ]
 FEATURE_CHECK_LIMIT = 120.0  # seconds the features part may take (a guess: 10 compiles and small cases)
 
@@ -204,6 +215,7 @@ def _check_feature_case(dtype, d, mask, softcap, case):
     the -inf pattern, two runs bitwise equal. case: (sq, sk) dense, a VARLEN_BATCHES entry varlen."""
     import torch
 
+    from attention_cases import poison_unread_keys
     from flashtron import launch_hopper
     from flashtron.options import AttnOptions
     from flashtron.reference import attention_ref, attention_varlen_ref
@@ -220,12 +232,13 @@ def _check_feature_case(dtype, d, mask, softcap, case):
         varlen, extra = False, {}
         ref = lambda upcast: attention_ref(q, k, v, upcast=upcast, reorder_ops=not upcast, **kw)[:2]  # noqa: E731
     else:
-        lens_q, lens_k, used = case
+        lens_q, lens_k, used, pad = case
         cu_q, cu_k = (torch.tensor([0, *n], device="cuda").cumsum(0).to(torch.int32) for n in (lens_q, lens_k))
         seqused = None if used is None else torch.tensor(used, dtype=torch.int32, device="cuda")
         g = torch.Generator(device="cuda").manual_seed(sum(lens_q) * 7919 + sum(lens_k) + d)
         q = torch.randn(sum(lens_q), NHEADS, d, device="cuda", generator=g).to(dtype)
         k, v = (torch.randn(sum(lens_k), NHEADS_K, d, device="cuda", generator=g).to(dtype) for _ in "kv")
+        k, v = poison_unread_keys(k, v, cu_q, cu_k, seqused, pad)
         varlen = True
         extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), seqused_k=seqused)
         ref = lambda upcast: attention_varlen_ref(  # noqa: E731

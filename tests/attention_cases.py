@@ -101,3 +101,20 @@ def check_attention(
 
 def default_scale(d):
     return 1.0 / math.sqrt(d)
+
+
+def poison_unread_keys(k, v, cu_seqlens_q, cu_seqlens_k, seqused_k=None, pad=0):
+    """Varlen k, v (total_k, nheads_k, d) with the rows that no query may read poisoned, K NaN and V Inf (0 x
+    Inf is NaN): the rows past seqused_k and every row of a sequence without queries; and `pad` rows of NaN
+    appended (padding after cu_seqlens_k[-1]). A kernel that lets such a key into the softmax, or its V row into
+    P V even with P = 0, puts NaN into out. The reference slices each sequence and never sees them."""
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    unread = torch.zeros(k.shape[0], dtype=torch.bool)
+    for b in range(len(cu_q) - 1):
+        used = cu_k[b + 1] - cu_k[b] if seqused_k is None else int(seqused_k[b])
+        unread[cu_k[b] + (used if cu_q[b + 1] > cu_q[b] else 0) : cu_k[b + 1]] = True
+    unread = unread.to(k.device)
+    k = k.masked_fill(unread[:, None, None], float("nan"))
+    v = v.masked_fill(unread[:, None, None], float("inf"))
+    padding = torch.full((pad, *k.shape[1:]), float("nan"), dtype=k.dtype, device=k.device)
+    return torch.cat([k, padding]), torch.cat([v, padding])

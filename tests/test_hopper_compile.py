@@ -193,12 +193,28 @@ def test_hopper_forward_softcap_varlen_compile(d, dtype, window, softcap, varlen
     # softcap: tanh by exp (hopper_fwd._tanh, kernels/common.tanh's formula), not tanh.approx
     assert "tanh.approx" not in ptx
     assert ("ld.global" in ptx) == varlen  # cu_seqlens (and seqused_k) are the only global loads
+    # varlen: V rows past the sequence zeroed in the slot by consumer 0 alone, before the last P V (_zero_v_tail)
+    assert ptx.count("fence.proxy.async") == (1 if varlen else 0)
     assert compiled.metadata.shared <= SMEM_LIMIT
     assert _spill_bytes(compiled) in (0, None)
     # ping-pong consumers each sync only themselves (_check_barriers' first half; its wgmma count compares with
     # a dense compile, and varlen's code has a different number of wgmma copies: 84 against 72 at d64)
     syncs = {(int(i), int(n)) for i, n in re.findall(r"bar\.sync\s+(\d+),\s*(\d+);", ptx)}
     assert syncs and all(n == 128 for _, n in syncs) and len({i for i, _ in syncs}) >= 2
+
+
+@pytest.mark.parametrize("warp_specialize, overlap", [(True, True), (True, False), (False, False)])
+def test_hopper_forward_varlen_lock_step_variants_compile(warp_specialize, overlap):
+    # varlen (with seqused_k) on the 8-warp tile and its simpler forms, which no dispatch sends it to: without the
+    # overlap a block's P V follows its softmax, so the V tail is zeroed in the peeled block and the masked
+    # segments (_zero_v_tail's other call sites), by all the consumer warps
+    tile = dataclasses.replace(launch_hopper.CANDIDATE_TILES["ws-ov"][128], warp_specialize=warp_specialize,
+                               overlap=overlap)  # fmt: skip
+    compiled = _compile_features(128, torch.bfloat16, (-1, 0), False, True, True, tile=tile)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "fence.proxy.async" in ptx
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -229,9 +245,9 @@ def test_unverified_features_are_gated(monkeypatch):
         gated = backend != "gluon"
         assert launch_hopper.covers(q, q, q, capped, varlen=False, backend=backend) != gated
         assert launch_hopper.covers(q, q, q, plain, varlen=True, backend=backend) != gated
-        # seqused_k stays on Triton whatever the backend: V rows past it would reach the P V wgmma unmasked
-        assert not launch_hopper.covers(q, q, q, plain, varlen=True, seqused_k=q, backend=backend)
-    assert not launch_hopper.covers(q, q, q, plain, varlen=False, seqused_k=q, backend="gluon")
+        # seqused_k as varlen: the kernel zeroes the V rows past it (hopper_fwd._zero_v_tail)
+        assert launch_hopper.covers(q, q, q, plain, varlen=True, seqused_k=q, backend=backend) != gated
+    assert not launch_hopper.covers(q, q, q, plain, varlen=False, seqused_k=q, backend="gluon")  # varlen only
     assert launch_hopper.covers_backward(q, q, q, q, plain, varlen=False)
     assert not launch_hopper.covers_backward(q, q, q, q, capped, varlen=False)
     assert not launch_hopper.covers_backward(q, q, q, q, plain, varlen=True)

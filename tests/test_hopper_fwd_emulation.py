@@ -11,9 +11,12 @@ over max_seqlen_q with a program past its sequence's end returning, the reversed
 bound, at least one block with block lo peeled and masked, the three segments clipped to start after it and
 the keys of step t at lo + t * BLOCK_N (what the loader loads), each ping-pong consumer's Q box (a consumer
 wholly past the sequence reads the last row's box), TMA boxes that read the next sequence's rows (zero-filled
-only past the whole tensor), stores masked to the sequence's rows, out 0 / lse -inf for rows that see no key.
-Outputs start NaN-poisoned: a row the walk forgot to store, or a key of the next sequence left unmasked,
-makes out or lse differ from the reference.
+only past the whole tensor), the tile's last V block zeroed past the sequence's end by `hopper_fwd._zero_v_tail`
+(run from its source on a stand-in for the shared-memory slot), stores masked to the sequence's rows, out 0 /
+lse -inf for rows that see no key. Outputs start NaN-poisoned: a row the walk forgot to store, or a key of the
+next sequence left unmasked, makes out or lse differ from the reference. The rows no query may read (past
+seqused_k, of a sequence without queries, padding after cu_seqlens_k[-1]) hold K NaN and V Inf
+(attention_cases.poison_unread_keys): a V row past the end that reaches P V unzeroed makes out NaN (0 x Inf).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon (3.6+)")
 
+from attention_cases import poison_unread_keys  # noqa: E402
 from flashtron import launch_hopper  # noqa: E402
 from flashtron.kernels import hopper_common, hopper_fwd  # noqa: E402
 from flashtron.reference import attention_varlen_ref  # noqa: E402
@@ -64,6 +68,10 @@ GL = types.SimpleNamespace(
     sum=lambda x, dim: x.sum(dim),
     exp=torch.exp,
     exp2=torch.exp2,
+    static_assert=lambda cond, msg="": None,
+    BlockedLayout=lambda *args: None,
+    num_warps=lambda: 4,
+    zeros_like=torch.zeros_like,
 )
 
 
@@ -77,6 +85,20 @@ SEQUENCE_BOUNDS = _emulated(hopper_common.sequence_bounds)
 KV_RANGE = _emulated(hopper_common.kv_range)
 BOX_COORDS = _emulated(hopper_common.box_coords)
 SOFTMAX_STEP = _emulated(hopper_fwd._softmax_step, _tanh=_emulated(hopper_fwd._tanh))
+ZERO_V_TAIL = _emulated(hopper_fwd._zero_v_tail, fence_async_shared=lambda: None)
+
+
+class _Slot:
+    """A shared-memory slot holding one box: load and store as _zero_v_tail uses them."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def load(self, layout):
+        return self.t.clone()
+
+    def store(self, value):
+        self.t.copy_(value)
 
 
 def _box(t: torch.Tensor, desc, off_b: int, row: int, off_h: int, n: int) -> torch.Tensor:
@@ -129,6 +151,9 @@ def emulate_varlen_forward(q, k, v, cu_q, cu_k, seqused, max_seqlen_q, scale, wi
                                          (max(full_hi, first), max(hi, first), True)):  # fmt: skip
                     steps += [(n, mask) for n in range(start, end, block_n)]
                 assert [n for n, _ in steps] == [lo + t * block_n for t in range(n_blocks)]  # the loader's order
+                slot = _Slot(_box(v, desc, k_start, steps[-1][0], off_hk, block_n))  # the tile's last V block
+                # _consume_tile: consumer 0 zeroes its rows past the end before anyone's last P V
+                ZERO_V_TAIL(slot, seqlen_k - (lo + (n_blocks - 1) * block_n), block_n, d)
                 for cid in range(consumers):
                     row = start_m + cid * rows
                     if cid > 0:
@@ -138,9 +163,9 @@ def emulate_varlen_forward(q, k, v, cu_q, cu_k, seqused, max_seqlen_q, scale, wi
                     m_i = torch.full((rows,), float("-inf"), dtype=q.dtype)
                     l_i = torch.zeros(rows, dtype=q.dtype)
                     acc = torch.zeros(rows, d, dtype=q.dtype)
-                    for start_n, mask in steps:
+                    for step, (start_n, mask) in enumerate(steps):
                         kt = _box(k, desc, k_start, start_n, off_hk, block_n)
-                        vt = _box(v, desc, k_start, start_n, off_hk, block_n)
+                        vt = slot.t if step == n_blocks - 1 else _box(v, desc, k_start, start_n, off_hk, block_n)
                         if not mask:  # the unmasked middle: every stored row sees every key of the block
                             cols = start_n + torch.arange(block_n)[None, :]
                             diag = offs_m[offs_m < seqlen_q][:, None] + (seqlen_k - seqlen_q)
@@ -161,22 +186,26 @@ def emulate_varlen_forward(q, k, v, cu_q, cu_k, seqused, max_seqlen_q, scale, wi
     return out, lse
 
 
-# (q lengths, k lengths, seqused_k or None, nheads, nheads_k, window): causal is (-1, 0)
+# (q lengths, k lengths, seqused_k or None, nheads, nheads_k, window, NaN rows of padding after the last key):
+# causal is (-1, 0)
 CASES = [
-    ([300, 1, 129], [257, 64, 1], None, 4, 2, (-1, -1)),
-    ([300, 1, 129], [257, 64, 1], None, 4, 2, (-1, 0)),  # sq > sk in the last: empty rows
-    ([0, 17, 256, 5], [3, 0, 300, 129], None, 2, 1, (-1, 0)),  # empty sequences, sk = 0 with sq > 0
-    ([200, 131], [513, 140], None, 4, 4, (64, 32)),
-    ([129, 40], [200, 300], [100, 0], 4, 2, (-1, 0)),  # seqused_k, one of 0
-    ([128, 127, 1], [128, 129, 255], [128, 7, 255], 2, 2, (-1, -1)),
-    ([250, 33], [70, 400], None, 2, 1, (0, 100)),
+    ([300, 1, 129], [257, 64, 1], None, 4, 2, (-1, -1), 37),
+    ([300, 1, 129], [257, 64, 1], None, 4, 2, (-1, 0), 0),  # sq > sk in the last: empty rows
+    ([0, 17, 256, 5], [3, 0, 300, 129], None, 2, 1, (-1, 0), 200),  # empty sequences, sk = 0 with sq > 0
+    ([200, 131], [513, 140], None, 4, 4, (64, 32), 5),
+    ([129, 40], [200, 300], [100, 0], 4, 2, (-1, 0), 0),  # seqused_k, one of 0
+    ([128, 127, 1], [128, 129, 255], [128, 7, 255], 2, 2, (-1, -1), 1),
+    ([250, 33], [70, 400], None, 2, 1, (0, 100), 0),
+    ([300, 0, 129], [257, 50, 3], None, 2, 1, (-1, -1), 130),  # 257 = 2 x 128 + 1: its last block reads Inf
+    ([100, 40], [129, 0], None, 2, 1, (-1, 0), 0),  # the last sequence has no key: its box is past the tensor
+    ([100, 40], [129, 0], None, 2, 2, (-1, -1), 20),  # ... or reads the NaN padding
 ]
 
 
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 @pytest.mark.parametrize("d", sorted(launch_hopper.HOPPER_TILES))
-@pytest.mark.parametrize("lens_q, lens_k, used, h, hk, window", CASES)
-def test_varlen_block_walk_matches_reference(lens_q, lens_k, used, h, hk, window, d, softcap):
+@pytest.mark.parametrize("lens_q, lens_k, used, h, hk, window, pad", CASES)
+def test_varlen_block_walk_matches_reference(lens_q, lens_k, used, h, hk, window, pad, d, softcap):
     tile = launch_hopper.HOPPER_TILES[d]  # the dispatched tile's blocks and consumers; 8 columns stand in for d
     g = torch.Generator().manual_seed(sum(lens_q) * 131 + sum(lens_k))
     cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0).to(torch.int32)
@@ -186,6 +215,7 @@ def test_varlen_block_walk_matches_reference(lens_q, lens_k, used, h, hk, window
     q = 3 * torch.randn(int(cu_q[-1]), h, 8, generator=g, dtype=torch.float64)
     k = 3 * torch.randn(int(cu_k[-1]), hk, 8, generator=g, dtype=torch.float64)
     v = torch.randn(int(cu_k[-1]), hk, 8, generator=g, dtype=torch.float64)
+    k, v = poison_unread_keys(k, v, cu_q, cu_k, seqused, pad)
     scale = d**-0.5
     out_ref, lse_ref = attention_varlen_ref(
         q, k, v, cu_q, cu_k, seqused_k=seqused, softmax_scale=scale, window_size=window, softcap=softcap

@@ -251,6 +251,51 @@ def test_gluon_forward_varlen_through_api(gluon_forward, case):
         assert_fa_close(a, r, p, factor=3.0, name="d" + n)
 
 
+# Keys outside their sequence (review, 2026-12-02): a sequence's last, partial key block reads the next sequence's
+# rows or the padding's into the K/V slot. Here the rows no query may read hold K NaN and V Inf (rows past
+# seqused_k, sequences without queries, NaN padding after cu_seqlens_k[-1]: attention_cases.poison_unread_keys), so
+# a V row that reaches the P V wgmma unzeroed (0 x Inf) or a key score added to the mask instead of replaced by it
+# makes out NaN. And a last sequence with queries but no key, whose K/V box lies wholly past the tensor (TMA
+# zero-fills it, and must still complete the byte count, or the consumers hang) or on the padding: out 0 and lse
+# -inf there, as the reference and the Triton forward give.
+VARLEN_POISON_CASES = [
+    # (lengths_q, lengths_k, seqused_k or None, padding rows, nheads, nheads_k, d, dtype, causal, softcap)
+    ([300, 0, 129, 1], [257, 50, 200, 1], None, 37, 4, 2, 128, torch.bfloat16, False, 0.0),  # 257: 1 row of a block
+    ([129, 40, 513], [200, 300, 700], [100, 0, 650], 64, 4, 1, 64, torch.float16, True, 0.0),
+    ([200, 77], [131, 0], None, 0, 2, 2, 128, torch.bfloat16, True, 0.0),  # no key: box past the tensor
+    ([200, 77], [131, 0], None, 20, 2, 1, 64, torch.bfloat16, False, 10.0),  # no key: box on the padding
+]
+
+
+@pytest.mark.gluon_unverified
+@pytest.mark.parametrize("case", VARLEN_POISON_CASES)
+def test_gluon_forward_varlen_keys_outside_sequences(gluon_forward, case):
+    """flash_attn_varlen_func's forward on the Gluon kernel with NaN / Inf in every K/V row outside the
+    sequences' used keys: out and lse against the reference, which slices the sequences (NaN-poisoned outputs)."""
+    import flashtron
+    from attention_cases import poison_unread_keys
+    from flashtron.reference import attention_varlen_ref
+    from tolerance import assert_fa_close
+
+    lens_q, lens_k, used, pad, h, hk, d, dtype, causal, softcap = case
+    cu_q, cu_k = (torch.tensor([0, *lens], device="cuda").cumsum(0).to(torch.int32) for lens in (lens_q, lens_k))
+    seqused_k = None if used is None else torch.tensor(used, dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(sum(lens_k) + pad)
+    q = torch.randn(sum(lens_q), h, d, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(sum(lens_k), hk, d, device="cuda", generator=g).to(dtype) for _ in "kv")
+    k, v = poison_unread_keys(k, v, cu_q, cu_k, seqused_k, pad)
+    kw = dict(causal=causal, softcap=softcap, seqused_k=seqused_k)
+    out, lse = flashtron.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_lse=True, **kw)
+    assert gluon_forward, "the forward did not take the Gluon kernel"
+    assert not out.isnan().any(), "NaN in out: a key outside its sequence reached the kernel's sums"
+    out_ref, lse_ref = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=True, **kw)
+    out_pt, lse_pt = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=False, reorder_ops=True, **kw)
+    assert_fa_close(out, out_ref, out_pt, name="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "lse: -inf pattern differs"
+    finite = torch.isfinite(lse_ref)
+    assert_fa_close(lse[finite], lse_ref[finite], lse_pt.float()[finite], name="lse")
+
+
 @pytest.mark.gpu
 def test_unverified_features_stay_on_triton_by_default(monkeypatch):
     """With FLASHTRON_BACKEND unset, softcap and varlen calls at head dim 128 (where covered dense calls take the

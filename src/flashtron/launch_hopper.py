@@ -138,9 +138,9 @@ HOPPER_BWD_FUSED_TILES = {
 # FLASHTRON_BACKEND=gluon, never by default, whatever the head dim. A session that has run scripts/gluon_check.py
 # and `pytest -m gluon_unverified tests/test_hopper_gpu.py` on an H100/H200 with every case passing deletes the
 # name here (and moves those tests' marker to gpu). "softcap": softcap > 0; "varlen": cu_seqlens (and seqused_k).
-# Before "varlen" goes: the last, partial key block of a sequence reads the next sequence's (or the padding's)
-# V rows into the P V wgmma with P = 0, so a NaN or Inf there leaks into out (0 x NaN); flash_attn and the
-# Triton forward load those rows masked to 0. Zero them in the slot (or mask P V) first (review, 2026-12-02).
+# The review's finding against "varlen" (V rows of the next sequence, the padding or past seqused_k reached the
+# P V wgmma with P = 0, so a NaN or Inf there leaked into out) is fixed: the consumers zero those rows in the slot
+# (hopper_fwd._zero_v_tail); the GPU cases with NaN there (gluon_check, test_hopper_gpu) have not run yet.
 GLUON_UNVERIFIED_FEATURES = frozenset({"softcap", "varlen"})
 
 
@@ -156,10 +156,8 @@ def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None, backend:
     GLUON_UNVERIFIED_FEATURES are covered only when backend (env.backend()) is "gluon"."""
     if forward_features(opts, varlen=varlen) & GLUON_UNVERIFIED_FEATURES and backend != "gluon":
         return False
-    if seqused_k is not None:
-        # refused even under "gluon": rows of V past seqused_k (a cache's unwritten slots) reach the P V wgmma
-        # as loaded, P = 0 there, and 0 x NaN is NaN (review, docs/perf-notes.md, 2026-12-02); the Triton
-        # forward loads them masked to 0
+    if seqused_k is not None and not varlen:
+        # the kernel zeroes V rows past seqused_k (a cache's unwritten slots: 0 x NaN) under varlen only
         return False
     return _kernel_takes(q, k, v, opts)
 

@@ -8,9 +8,10 @@ Q, K and V arrive as 4-D TMA descriptors over (batch, seqlen, nheads, headdim) w
 [1, BLOCK, 1, HEAD_DIM]: rows past seqlen are zero-filled per batch entry, so no block reads into the
 next sequence. Keys past seqlen_k still have to be masked to -inf in the scores. IS_VARLEN (one-tile grid
 only): 3-D descriptors over the packed (total, nheads, headdim) with [BLOCK, 1, HEAD_DIM] boxes placed at the
-sequence's first row (hopper_common.box_coords); rows past the sequence's end belong to the next one, so keys
-there are masked (kv_range's masked edges) and query rows there are not stored. HAS_SOFTCAP: scores capped
-by tanh before the mask, as the Triton forward (_softmax_step, _tanh).
+sequence's first row (hopper_common.box_coords); rows past the sequence's end belong to the next one (or to
+the padding), so keys there are masked (kv_range's masked edges), their V rows are zeroed in the slot before
+the P V wgmma of the tile's last block (_zero_v_tail: 0 x NaN would reach out), and query rows there are not
+stored. HAS_SOFTCAP: scores capped by tanh before the mask, as the Triton forward (_softmax_step, _tanh).
 
 K/V ring: STAGES slots, each with a ready barrier for K and one for V (TMA arrives with the byte count)
 and, with WARP_SPECIALIZE, an empty barrier the consumers arrive on when both matmuls on the slot are
@@ -34,7 +35,13 @@ current one; ring positions and ping-pong turns count over all of a program's ti
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from flashtron.kernels.hopper_common import (
     box_coords,
@@ -104,6 +111,28 @@ def _tanh(x):
 
 
 @gluon.jit
+def _zero_v_tail(v_tile, n_valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Varlen: zero rows [n_valid, BLOCK_N) of the V block v_tile [BLOCK_N, HEAD_DIM] in shared memory before
+    a P V wgmma reads it; nothing when the block is whole (n_valid >= BLOCK_N). Those rows are the ones of a
+    sequence's last, partial key block that lie past its end (or past seqused_k): the next sequence's, or the
+    padding's after cu_seqlens_k[-1], since TMA zero-fills only past the whole packed tensor. P is 0 there,
+    but 0 x NaN (or Inf) is NaN, which would reach out; the Triton forward loads those rows masked to 0. Keys
+    there need nothing: their scores go through a `where` to -inf (_softmax_step).
+    The whole block in one load and one store (d128, 4 warps: 64 registers a thread for the moment; in 16-row
+    chunks ptxas spilled 8 bytes at d64 with softcap, and Triton put two bar.syncs around each chunk). The
+    fence orders these generic-proxy stores before the async proxy's (wgmma's) reads; the bar.sync that
+    Triton puts between the stores and the next wgmma on the slot makes every warp of the partition see them."""
+    if n_valid < BLOCK_N:
+        COLS: gl.constexpr = HEAD_DIM // 8  # threads along a row, 8 elements (16 bytes) each
+        gl.static_assert(COLS <= 32)
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // COLS, COLS], [gl.num_warps(), 1], [1, 0])
+        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        v = v_tile.load(layout)  # [BLOCK_N, HEAD_DIM]
+        v_tile.store(gl.where(gl.expand_dims(rows < n_valid, 1), v, gl.zeros_like(v)))
+        fence_async_shared()  # the generic-proxy stores, before the async proxy (wgmma) reads the slot
+
+
+@gluon.jit
 def _softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2,
                   s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr,
                   HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr):  # fmt: skip
@@ -147,7 +176,7 @@ def _attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, 
             STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
             HAS_SOFTCAP: gl.constexpr,
             WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
-            CONSUMERS: gl.constexpr):  # fmt: skip
+            CONSUMERS: gl.constexpr, IS_VARLEN: gl.constexpr):  # fmt: skip
     """Fold KV blocks [start, end) into (acc, m_i, l_i); t is the ring position of the first of them, and
     t + tb a ping-pong turn count (tb: the tiles this program finished before, each one turn more than
     blocks; 0 without the persistent grid).
@@ -156,7 +185,9 @@ def _attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, 
     overlap) block t's P V is not issued yet on entry (p_op holds its P): each step issues S(t+1) = Q K^T
     and O += P(t) V(t) together, waits for S only, runs the softmax of t+1 while the P V matmul runs,
     then waits for it and rescales O. The caller issues the last block's P V. With ping-pong the two
-    matmuls of a step are this consumer's t-th turn."""
+    matmuls of a step are this consumer's t-th turn. IS_VARLEN: in plain order a masked block may be the
+    sequence's last, partial one, whose V rows past the end are zeroed (_zero_v_tail) before its P V; with
+    OVERLAP no block whose P V is issued here is the tile's last."""
     dtype: gl.constexpr = k_desc.dtype
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     zero_s = gl.zeros([offs_m.shape[0], BLOCK_N], gl.float32, s_layout)
@@ -188,6 +219,8 @@ def _attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, 
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         if not OVERLAP:
             mbarrier.wait(bars.index(STAGES + s), (t // STAGES) & 1)
+            if IS_VARLEN and MASK:
+                _zero_v_tail(v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), seqlen_k - start_n, BLOCK_N, HEAD_DIM)
             acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # [BLOCK_M, HEAD_DIM]
             _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
@@ -201,7 +234,8 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
               qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
-              OVERLAP: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr):  # fmt: skip
+              OVERLAP: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr,
+              IS_VARLEN: gl.constexpr):  # fmt: skip
     """A math partition of the one-tile-per-program kernel: rows [CID * ROWS, (CID + 1) * ROWS) of the
     block (ROWS = BLOCK_M / CONSUMERS), see _consume_tile. Without the loader partition it also issues
     the first STAGES K/V loads."""
@@ -218,7 +252,7 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
         stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k,
         window_left, window_right, qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks, t, tb,
         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, CID,
-        CONSUMERS, False,
+        CONSUMERS, False, IS_VARLEN,
     )  # fmt: skip
 
 
@@ -231,7 +265,7 @@ def _consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_bu
                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                   WARP_SPECIALIZE: gl.constexpr,
                   OVERLAP: gl.constexpr, CID: gl.constexpr, CONSUMERS: gl.constexpr,
-                  RELEASE_Q: gl.constexpr):  # fmt: skip
+                  RELEASE_Q: gl.constexpr, IS_VARLEN: gl.constexpr):  # fmt: skip
     """Both matmuls, the online softmax and the epilogue of one work tile, for this consumer's rows
     [CID * ROWS, (CID + 1) * ROWS) of the block (ROWS = BLOCK_M / CONSUMERS), its Q in q_tile once q_ready
     completes phase q_phase. Visits n_blocks >= 1 KV blocks from lo (the same for every consumer: the
@@ -270,6 +304,8 @@ def _consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_bu
     p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
     if not OVERLAP:
         mbarrier.wait(bars.index(STAGES + s0), (t // STAGES) & 1)
+        if IS_VARLEN:
+            _zero_v_tail(v_bufs.index(s0).reshape([BLOCK_N, HEAD_DIM]), seqlen_k - lo, BLOCK_N, HEAD_DIM)
         acc = warpgroup_mma(p_op, v_bufs.index(s0).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         _v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
@@ -289,7 +325,7 @@ def _consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_bu
             off_b, off_hk, offs_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2, s_layout,
             o_layout,
             BLOCK_N, HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, CID,
-            CONSUMERS,
+            CONSUMERS, IS_VARLEN,
         )  # fmt: skip
     if RELEASE_Q:
         # every S of the tile has been waited for: the loader may put a later tile's Q into this buffer
@@ -298,6 +334,12 @@ def _consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_bu
         # the last block's P V (the tile's turn n_blocks)
         s = t % STAGES
         mbarrier.wait(bars.index(STAGES + s), (t // STAGES) & 1)
+        if IS_VARLEN and CID == 0:
+            # the tile's last block may be the sequence's last, partial one. Consumer 0 zeroes the slot for all:
+            # the others read it in their turn n_blocks, which begins when consumer 0 passes its own, after the
+            # stores and their fence (its own previous turn read another V slot: none of them reads this one yet)
+            _zero_v_tail(v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), seqlen_k - (lo + (n_blocks - 1) * BLOCK_N),
+                         BLOCK_N, HEAD_DIM)  # fmt: skip
         _turn_wait(bars, t + 1 + tb, STAGES, CID, CONSUMERS)
         acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         _turn_pass(bars, STAGES, CID, CONSUMERS)
@@ -385,6 +427,7 @@ def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, O
             seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2, lo, full_lo, full_hi, hi,
             n_blocks, t, i,
             BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, True, OVERLAP, CID, CONSUMERS, True,
+            False,
         )  # fmt: skip
 
 
@@ -416,8 +459,9 @@ def attention_fwd_hopper_kernel(
     give each sequence; seqlen_q / seqlen_k are total_q / total_k (sequence_bounds clamps into them); the
     grid's first axis covers max_seqlen_q, and a program past its sequence's end returns at once. Out is
     (total_q, nheads, headdim) with stride_ob 0, LSE (nheads, total_q) with stride_lb 0. Rows past the
-    sequence's end read the next sequence's queries and are not stored; keys past it are masked (the last,
-    partial key block is in kv_range's masked right edge). Otherwise the Cu*/Seqused pointers are None."""
+    sequence's end read the next sequence's queries and are not stored; keys past it (or past seqused_k) are
+    masked (the last, partial key block is in kv_range's masked right edge) and their V rows zeroed in the slot
+    (_zero_v_tail). Otherwise the Cu*/Seqused pointers are None."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[-1]
     gl.static_assert(q_desc.block_type.shape[-3] * CONSUMERS == BLOCK_M)
     gl.static_assert(k_desc.block_type.shape[-3] == BLOCK_N)
@@ -425,6 +469,8 @@ def attention_fwd_hopper_kernel(
     # three 64-row consumers (FA3's d64 tile) spilled at their 160 registers and were dropped (perf-notes)
     gl.static_assert(CONSUMERS <= 2, "one or two consumers")
     gl.static_assert(len(q_desc.block_type.shape) == (3 if IS_VARLEN else 4), "varlen: 3-D descriptors")
+    # V rows past seqused_k are zeroed under IS_VARLEN only (_zero_v_tail)
+    gl.static_assert(IS_VARLEN or not HAS_SEQUSED_K, "seqused_k needs varlen")
     if IS_VARLEN:
         gl.static_assert(not PERSISTENT, "varlen runs on the one-tile grid only")
         q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(
@@ -529,14 +575,14 @@ def attention_fwd_hopper_kernel(
                     stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
                     qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    0, CONSUMERS,
+                    0, CONSUMERS, IS_VARLEN,
                 )),
                 (_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
                     stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
                     qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    1, CONSUMERS,
+                    1, CONSUMERS, IS_VARLEN,
                 )),
                 (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
             ], [4, 1], [240, 24])  # fmt: skip
@@ -547,7 +593,7 @@ def attention_fwd_hopper_kernel(
                     stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
                     qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    0, 1,
+                    0, 1, IS_VARLEN,
                 )),
                 (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
             ], [1], [24])  # fmt: skip
@@ -557,4 +603,5 @@ def attention_fwd_hopper_kernel(
                 stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
                 qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, 0, 1,
+                IS_VARLEN,
             )  # fmt: skip
