@@ -176,6 +176,7 @@ def _compile_features(d, dtype, window, softcap, varlen, seqused, tile=None):
             max_seqlen_q=300,
             seqused_k=torch.tensor([100, 257], dtype=torch.int32) if seqused else None,
         )
+    tile = tile or launch_hopper.dispatched_tile(d, 300, opts, varlen=varlen)
     kernel, grid, args, kwargs = launch_hopper.kernel_launch(q, k, torch.empty_like(k), torch.empty_like(q), lse, opts,
                                                              tile, **kw)  # fmt: skip
     # varlen: cdiv(max_seqlen_q, BLOCK_M) query blocks, as the dense grid
@@ -260,7 +261,8 @@ def test_covers_only_cuda_dense_supported_calls():
     assert not launch_hopper.covers(q, q, q, opts, varlen=False)  # CPU tensors never
     assert launch_hopper.chosen("gluon", 64) and not launch_hopper.chosen("triton", 128)
     # by default, only the head dims where it measured faster than the Triton forward
-    assert launch_hopper.chosen("auto", 128) and not launch_hopper.chosen("auto", 64)
+    assert launch_hopper.chosen("auto", 128) and launch_hopper.chosen("auto", 64)
+    assert not launch_hopper.chosen("auto", 96) and not launch_hopper.chosen("auto", 256)
 
 
 # The Gluon dK/dV kernel (kernels/hopper_bwd.py), every head dim and mask kind that covers_backward takes,

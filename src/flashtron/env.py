@@ -29,7 +29,7 @@ def backend() -> str:
     """FLASHTRON_BACKEND: "triton" keeps every call on the portable Triton kernels; "gluon" sends the calls
     the Gluon Hopper forward covers (launch_hopper.covers) to it, and the dK/dV part of covered backwards to
     the Gluon dK/dV kernel (launch_hopper.covers_backward); unset or "auto" is the default choice
-    (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 128 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: the
+    (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 64 and 128 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: the
     dK/dV of head dim 128 backwards). Forward features not yet verified on a GPU (softcap and varlen:
     launch_hopper.GLUON_UNVERIFIED_FEATURES) take the Gluon forward only with "gluon"; their backwards stay on
     the Triton kernels. Other values raise, so that a typo does not silently change nothing."""
@@ -77,9 +77,9 @@ VARIABLES = {
     "FLASHTRON_AUTOTUNE": "1 times the candidate tiles of a kernel on first use and keeps the fastest (GPU).",
     "FLASHTRON_BACKEND": (
         "triton forces the Triton kernels; gluon sends every covered sm_90 forward, and the dK/dV part of "
-        "every covered backward, to the Gluon kernels (default: head dim 128 forwards and the dK/dV of their "
-        "backwards); softcap and varlen forwards take the Gluon forward only with gluon (not yet verified on a "
-        "GPU), and their backwards stay on Triton."
+        "every covered backward, to the Gluon kernels (default: head dim 64 and 128 forwards, and the dK/dV of "
+        "head dim 128 backwards); softcap and varlen forwards take the Gluon forward only with gluon (not yet "
+        "verified on a GPU), and their backwards stay on Triton."
     ),
     "FLASHTRON_GLUON_DQ": (
         "1 runs the dQ of backwards whose dK/dV takes the Gluon kernel on the Gluon dQ kernel too (opt-in, "

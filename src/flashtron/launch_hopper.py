@@ -23,12 +23,11 @@ from flashtron.options import AttnOptions
 LOG2E = math.log2(math.e)
 
 # Head dims whose covered calls take the Gluon forward by default (FLASHTRON_BACKEND unset or "auto"), where
-# it measured correct and faster than the Triton forward at every size. H200, 2026-12-02,
-# scripts/gluon_check.py (every case passed: fp16/bf16, none/causal/window, seqlens 1-4096, GQA 4), TFLOP/s
-# at PERF.md's grid, peers in the same run: the ping-pong tile at d128 1.14-1.33x Triton (16k: 652 / 490
-# full, 622 / 490 causal; cuDNN 687 / 627). At d64 it is 1.02-1.06x Triton from 4k up without a mask but
-# 0.81-0.97x at 1k and causal 4k, so d64 stays on Triton by default.
-GLUON_DEFAULT_HEAD_DIMS = frozenset({128})
+# it measured correct and faster than the Triton forward at every size. H200, 2026-12-02, scripts/gluon_check.py
+# --variants persist,pp (every case passed: fp16/bf16, none/causal/window, seqlens 1-4096, GQA 4), TFLOP/s at
+# PERF.md's grid, peers in the same run: with `dispatched_tile`'s choice, d128 1.19-1.37x Triton (16k: 648 /
+# 474 full, 593 / 455 causal; cuDNN 630 / 632), d64 1.04-1.09x (16k: 439 / 404 full, 421 / 391 causal).
+GLUON_DEFAULT_HEAD_DIMS = frozenset({64, 128})
 
 
 def chosen(backend: str, head_dim: int) -> bool:
@@ -71,14 +70,31 @@ CANDIDATE_TILES = {
     "ws-ov": {64: HopperTile(128, 128, 3), 128: HopperTile(128, 128, 2)},
     "pp-256x64": {64: HopperTile(256, 64, 4, num_warps=4, consumers=2)},
     "ov-128x64": {64: HopperTile(128, 64, 4)},
-    # the dispatched ping-pong tiles on the persistent grid, Q double-buffered (one Q box more per consumer:
-    # d64 128K, d128 192K of shared memory); compiled for sm_90 only, never run (docs/perf-notes.md,
-    # 2026-12-02, "a persistent, longest-first Gluon forward")
+    # the ping-pong tiles on the persistent grid, Q double-buffered (one Q box more per consumer: d64 128K,
+    # d128 192K of shared memory); dispatched by `dispatched_tile` for dense calls
     "persist": {
         64: HopperTile(128, 128, 3, num_warps=4, consumers=2, persistent=True),
         128: HopperTile(128, 128, 2, num_warps=4, consumers=2, persistent=True),
     },
 }
+
+# Masked (causal or windowed) d128 calls with more query rows than this take the one-tile grid: there the
+# persistent longest-first schedule measured slower (H200, 2026-12-02, gluon_check.py --variants persist,pp,
+# same run, TFLOP/s persist / pp: causal 1k 326 / 308, 4k 475 / 479, 16k 526 / 593). At d64 the persistent
+# grid was ahead in every cell (causal 16k 421 / 399), and without a mask at d128 too (16k 648 / 603).
+PERSISTENT_MASKED_MAX_SEQLEN = {64: 1 << 30, 128: 2048}
+
+
+def dispatched_tile(d: int, seqlen_q: int, opts: AttnOptions, *, varlen: bool) -> HopperTile:
+    """The forward tile a covered call takes: the persistent grid for dense calls (see
+    PERSISTENT_MASKED_MAX_SEQLEN for the masked exception), the one-tile ping-pong grid for varlen (the
+    persistent schedule needs every sequence's length on the host) and softcap (the persistent d128 softcap
+    kernel spills 8 bytes; the softcap checks on the GPU ran on the one-tile grid)."""
+    masked = opts.window_left >= 0 or opts.window_right >= 0  # causal is window_right 0
+    if varlen or opts.softcap > 0 or (masked and seqlen_q > PERSISTENT_MASKED_MAX_SEQLEN[d]):
+        return HOPPER_TILES[d]
+    return CANDIDATE_TILES["persist"][d]
+
 
 # The persistent grid's program count where kernel_launch gets no GPU to ask (CPU tensors, for compile_sm90):
 # an H100 SXM's or H200's 132 SMs. The grid is not part of the compiled kernel, so this changes no code.
@@ -223,7 +239,7 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
-    tile = tile or HOPPER_TILES[d]
+    tile = tile or dispatched_tile(d, max_seqlen_q if varlen else q.shape[1], opts, varlen=varlen)
     if varlen:
         if tile.persistent:
             raise ValueError("the persistent Gluon forward has no varlen variant (its schedule needs the lengths)")
