@@ -285,8 +285,8 @@ def unchecked(monkeypatch):
 
 # name: (paged, the bad metadata, the same repaired for a reference run, bad row, effect). Effects:
 # "skipped": nothing written for the row, out 0, lse -inf; "no-keys": its keys are appended but it
-# attends nothing; "page0": a bad entry over old keys reads page 0 in its place (the reference puts 0
-# there); "unwritten": a bad entry where the new keys go: they are dropped (the row's output is
+# attends nothing; "last-page": a bad entry over old keys reads the cache's last page, 6, in its place (the
+# reference puts 6 there); "unwritten": a bad entry where the new keys go: they are dropped (the row's output is
 # meaningless and not compared).
 KV_GUARD = {
     "dense-overflow": (False, dict(cache_seqlens=(5, 11)), dict(cache_seqlens=(5, 9)), 1, "skipped"),
@@ -297,10 +297,10 @@ KV_GUARD = {
     "leftpad-negative": (True, dict(cache_leftpad=(-4, 0)), dict(cache_leftpad=(7, 0)), 0, "no-keys"),
     "paged-overflow": (True, dict(cache_seqlens=(5, 11)), dict(cache_seqlens=(5, 9)), 1, "skipped"),
     "paged-int-max": (True, dict(cache_seqlens=(5, 2**31 - 1)), dict(cache_seqlens=(5, 9)), 1, "skipped"),
-    "entry-past-pages": (True, dict(block_table=(6, 0, -1, 3, 99, 5)), dict(block_table=(6, 0, -1, 3, 0, 5)), 1,
-                         "page0"),
-    "entry-negative": (True, dict(block_table=(-7, 0, -1, 3, 1, 5)), dict(block_table=(0, 0, -1, 3, 1, 5)), 0,
-                       "page0"),
+    "entry-past-pages": (True, dict(block_table=(6, 0, -1, 3, 99, 5)), dict(block_table=(6, 0, -1, 3, 6, 5)), 1,
+                         "last-page"),
+    "entry-negative": (True, dict(block_table=(-7, 0, -1, 3, 1, 5)), dict(block_table=(6, 0, -1, 3, 1, 5)), 0,
+                       "last-page"),
     "entry-negative-append": (True, dict(block_table=(6, 0, -1, 3, 1, -2)), None, 1, "unwritten"),
 }  # fmt: skip
 
@@ -349,11 +349,11 @@ def check_kvcache_guard(device, name, num_splits):
     assert_poison_intact(vbuf, vpad, pristine[1].numel(), "v_cache")
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "a read outside the caches (NaN poison)"
     good = 1 - row
-    if fixed is not None:  # the good row (and a page0 row) as a run with repaired metadata gives them
+    if fixed is not None:  # the good row (and a last-page row) as a run with repaired metadata gives them
         ref = _with(base, fixed, device)
         ref["k_cache"], ref["v_cache"] = pristine[0].clone(), pristine[1].clone()
         ref_out, ref_lse = flashtron.flash_attn_with_kvcache(**ref, num_splits=num_splits, return_softmax_lse=True)
-        compared = [good, row] if effect == "page0" else [good]
+        compared = [good, row] if effect == "last-page" else [good]
         assert torch.equal(out[compared], ref_out[compared]) and torch.equal(lse[compared], ref_lse[compared])
     if effect in ("skipped", "no-keys"):
         assert torch.equal(out[row], torch.zeros_like(out[row])) and torch.isneginf(lse[row]).all()
@@ -482,7 +482,7 @@ def test_varlen_guard_gpu():
 def test_kvcache_guard_cuda_graph(bad, splits):
     """A paged decode step captured in a CUDA graph (no check can run there), replayed with bad
     metadata copied into the captured tensors: no access leaves the poisoned caches, the bad row is
-    skipped or reads page 0, and the good row is unaffected."""
+    skipped or reads the last page, and the good row is unaffected."""
     args = _kv_base("cuda", paged=True)
     args["cache_leftpad"] = i32(0, 0, device="cuda")
     pristine = args["k_cache"].clone(), args["v_cache"].clone()

@@ -19,7 +19,7 @@ cache_seqlens is negative or leaves no room for seqlen_new within `capacity`, or
 cache_batch_idx is not a row of the cache (`cache_rows`), is skipped: nothing is written, its output
 is 0 and its lse -inf. A cache_leftpad outside [0, cache_seqlens + seqlen_new] leaves the row with
 no keys. A block_table entry outside [0, cache_rows) is never dereferenced: the append does not
-write through it and the attention reads page 0 in its place, so that row's output is meaningless
+write through it and the attention reads the cache's last page in its place, so that row's output is meaningless
 but every access stays inside the caches.
 
 Rotary: feature i < rotary_dim pairs with feature i ^ 1 (interleaved, GPT-J) or i +- rotary_dim / 2
@@ -62,12 +62,17 @@ def rotate(
 def _cache_slots(BlockTable, pos, valid, page_size, num_pages, PAGED: tl.constexpr):
     """(page, slot, exists) of cache positions pos [N] of one cache row: the page through the row's
     block table (int64) and the slot within it, or (0, pos) in a dense row; `exists` is valid where
-    the entry is a page of the cache, [0, num_pages). Any other entry reads as page 0 (the Bounds
-    guard in the module docstring). K and V share one lookup."""
+    the entry is a page of the cache, [0, num_pages). Any other entry reads as the last page (the
+    Bounds guard in the module docstring). K and V share one lookup."""
     if PAGED:
         page = tl.load(BlockTable + pos // page_size, mask=valid, other=0)
-        exists = valid & (page >= 0) & (page < num_pages)
-        return tl.where(exists, page, 0).to(tl.int64), (pos % page_size).to(tl.int64), exists
+        as_unsigned = page.to(tl.uint32, bitcast=True)  # a negative entry becomes one past every page
+        exists = valid & (as_unsigned < num_pages.to(tl.uint32))
+        # an unsigned min, not where(exists, page, 0): the compiler recomputes this for every row copy of
+        # the K and V address tiles, and the compare + select cost the paged sm_90 loop 19% more
+        # instructions than no guard, the min 5% (docs/perf-notes.md, 2026-12-02, paged decode)
+        page = tl.minimum(as_unsigned, (num_pages - 1).to(tl.uint32)).to(tl.int32, bitcast=True)
+        return page.to(tl.int64), (pos % page_size).to(tl.int64), exists
     return pos.to(tl.int64) * 0, pos.to(tl.int64), valid
 
 
