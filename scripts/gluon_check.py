@@ -20,13 +20,13 @@ mbarrier, an illegal address) costs only that part:
      SDPA's cuDNN and flash. Rows are saved as they come: a time-out keeps the rows done.
   features (after the variants' checks, before the timing; its own time limit and its own summary line):
      softcap and varlen on the dispatched tiles (HOPPER_TILES), gated until this part passes
-     (launch_hopper.GLUON_UNVERIFIED_FEATURES, docs/perf-notes.md 2026-12-02 "softcap and varlen"): softcap
+     (launch_hopper.GLUON_UNTIMED_FEATURES, docs/perf-notes.md 2026-12-02 "softcap and varlen"): softcap
      on dense calls at SEQLENS; varlen batches (VARLEN_BATCHES: sequences of length 0 and 1, lengths not
      multiples of the block, sq > sk with empty rows, seqused_k, one of 0, a last sequence with queries and no
      key) with and without softcap, K NaN and V Inf in every K/V row no query may read (past seqused_k, of
      sequences without queries, NaN padding after cu_seqlens_k[-1]), which a sequence's last, partial key block
      loads; GQA 4:1, NaN-poisoned outputs, the tolerance rule against the fp32 reference, two runs bitwise
-     equal. If every case passes, the next session deletes the feature names from GLUON_UNVERIFIED_FEATURES.
+     equal. If every case passes, the next session deletes the feature names from GLUON_UNTIMED_FEATURES.
   3. with --api, if 30 s are left: a few calls through the public flash_attn_func with
      FLASHTRON_BACKEND=gluon, backward included (the Triton backward on the Gluon forward's out and lse).
 Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
@@ -247,7 +247,7 @@ def _check_feature_case(dtype, d, mask, softcap, case):
     args = dict(varlen=varlen, seqused_k=extra.get("seqused_k"))
     assert launch_hopper.covers(q, k, v, opts, backend="gluon", **args), "covers() refuses this case"
     assert not launch_hopper.covers(q, k, v, opts, backend="auto", **args) or not (
-        launch_hopper.forward_features(opts, varlen=varlen) & launch_hopper.GLUON_UNVERIFIED_FEATURES
+        launch_hopper.forward_features(opts, varlen=varlen) & launch_hopper.GLUON_UNTIMED_FEATURES
     ), "the gate lets an unverified feature through by default"
     out, lse = launch_hopper.attention_forward(q, k, v, opts, **extra)
     out2, lse2 = launch_hopper.attention_forward(q, k, v, opts, **extra)
@@ -804,7 +804,7 @@ def main() -> None:
         print(f"check-features (softcap, varlen; gated): {sum(r['passed'] for r in res.values())}/"
               f"{sum(r['total'] for r in res.values())} cases passed, {len(res)}/{len(FEATURE_CONFIGS)} "
               f"configurations ran" + (f"; failing: {', '.join(bad)}" if bad else "")
-              + ("; all passed: ungate (launch_hopper.GLUON_UNVERIFIED_FEATURES)" if ran_all else ""))  # fmt: skip
+              + ("; all passed: ungate (launch_hopper.GLUON_UNTIMED_FEATURES)" if ran_all else ""))  # fmt: skip
     if report.get("check-api"):
         res = report["check-api"]
         print(f"check-api: {sum(r['passed'] for r in res.values())}/{len(res)} passed")

@@ -146,8 +146,8 @@ def test_hopper_persistent_forward_compiles_for_sm90(d, window):
     _check_barriers(tile, d, torch.bfloat16, window, ptx)
 
 
-# Softcap and varlen in the forward (issue 15), gated: launch_hopper.GLUON_UNVERIFIED_FEATURES keeps them off the
-# default dispatch until a GPU run has verified them. Every head dim and mask kind with softcap on/off x varlen
+# Softcap and varlen in the forward (issue 15), gated: launch_hopper.GLUON_UNTIMED_FEATURES keeps them off the
+# default dispatch until a GPU run has timed them. Every head dim and mask kind with softcap on/off x varlen
 # on/off, bf16 (the dense no-softcap ones are VARIANTS above), and fp16 twice; one varlen variant with seqused_k.
 FEATURE_VARIANTS = [
     (d, torch.bfloat16, window, softcap, varlen, False)
@@ -234,7 +234,7 @@ def test_persistent_forward_softcap_compiles_and_refuses_varlen(d):
 def test_unverified_features_are_gated(monkeypatch):
     """softcap and varlen reach the Gluon forward only with FLASHTRON_BACKEND=gluon (covers' backend argument),
     never by default; the Gluon backward kernels never take them, whatever the backend."""
-    assert {"softcap", "varlen"} <= launch_hopper.GLUON_UNVERIFIED_FEATURES
+    assert {"softcap", "varlen"} <= launch_hopper.GLUON_UNTIMED_FEATURES
     q = torch.empty(1, 8, 2, 128, dtype=torch.bfloat16)
     plain, capped = AttnOptions(softmax_scale=0.125), AttnOptions(softmax_scale=0.125, softcap=30.0)
     assert launch_hopper.forward_features(plain, varlen=False) == frozenset()

@@ -106,23 +106,19 @@ def gluon_dq(monkeypatch):
     return _count_launches(monkeypatch, "attention_backward_dq", FLASHTRON_GLUON_DQ="1")
 
 
-@pytest.mark.gluon_unverified
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", BWD_CASES)
 def test_gluon_dq_through_api(gluon_dq, case):
-    """The Gluon dQ kernel (FLASHTRON_GLUON_DQ=1) inside the public backward, against the reference.
-
-    Marked gluon_unverified, not gpu: the kernel has only been compiled for sm_90 on a CPU, so the GPU tier
-    (`-m gpu`) does not run it. Once a GPU run (`pytest -m gluon_unverified tests/test_hopper_gpu.py`, and
-    scripts/gluon_check.py --backward) has passed it, its marker becomes gpu."""
+    """The Gluon dQ kernel (FLASHTRON_GLUON_DQ=1) inside the public backward, against the reference. First passed
+    on an H200 on 2026-12-02 (with scripts/gluon_check.py --backward's check-dq, 84/84)."""
     batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
     check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
     assert gluon_dq, "the backward did not take the Gluon dQ kernel"
 
 
-@pytest.mark.gluon_unverified
+@pytest.mark.gpu
 def test_gluon_dq_is_deterministic(gluon_dq):
-    """Two backwards with the Gluon dQ agree bit for bit (no atomics). gluon_unverified until a GPU run has
-    passed it (see test_gluon_dq_through_api)."""
+    """Two backwards with the Gluon dQ agree bit for bit (no atomics)."""
     import flashtron
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -154,19 +150,18 @@ def gluon_fused(monkeypatch):
     return _count_launches(monkeypatch, "attention_backward_fused", FLASHTRON_GLUON_FUSED_DQ="1")
 
 
-@pytest.mark.gluon_unverified
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", BWD_CASES)
 def test_gluon_fused_dq_through_api(gluon_fused, case):
     """dQ added inside the Gluon dK/dV kernel (FLASHTRON_GLUON_FUSED_DQ=1, deterministic=False, flash_attn's
-    default) through the public backward, against the reference by the tests' rule. gluon_unverified: compiled
-    for sm_90 on a CPU only; its marker becomes gpu once `pytest -m gluon_unverified tests/test_hopper_gpu.py`
-    and scripts/gluon_check.py --backward have passed it on a GPU."""
+    default) through the public backward, against the reference by the tests' rule. First passed on an H200 on
+    2026-12-02 (with gluon_check.py --backward's check-fused, 84/84)."""
     batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
     check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
     assert gluon_fused, "the backward did not take the fused dQ"
 
 
-@pytest.mark.gluon_unverified
+@pytest.mark.gpu
 def test_gluon_fused_dq_never_deterministic(gluon_fused, monkeypatch):
     """deterministic=True keeps the deterministic kernels even with the switch set: two runs bit for bit."""
     import flashtron
@@ -186,11 +181,9 @@ def test_gluon_fused_dq_never_deterministic(gluon_fused, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-# Softcap and varlen in the Gluon forward (issue 15): compiled for sm_90 and emulated on a CPU
-# (test_hopper_fwd_emulation.py), never run on a GPU, so gated (launch_hopper.GLUON_UNVERIFIED_FEATURES: taken only
-# with FLASHTRON_BACKEND=gluon) and marked gluon_unverified, not gpu: `-m gpu` does not run them. Once a GPU run
-# (`pytest -m gluon_unverified tests/test_hopper_gpu.py` and scripts/gluon_check.py --variants pp-features) has
-# passed them, their marker becomes gpu and the feature leaves GLUON_UNVERIFIED_FEATURES.
+# Softcap and varlen in the Gluon forward (issue 15), forced with FLASHTRON_BACKEND=gluon: they passed on an H200 on
+# 2026-12-02 (these tests and gluon_check.py's check-features, 76/76 cases), but are not yet timed against the
+# Triton forward, so the default dispatch still leaves them on Triton (launch_hopper.GLUON_UNTIMED_FEATURES).
 SOFTCAP_CASES = [
     # (batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype, causal, window, softcap)
     (2, 257, 257, 4, 2, 128, torch.bfloat16, False, (-1, -1), 30.0),
@@ -199,7 +192,7 @@ SOFTCAP_CASES = [
 ]
 
 
-@pytest.mark.gluon_unverified
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", SOFTCAP_CASES)
 def test_gluon_forward_softcap_through_api(gluon_forward, case):
     """softcap on the Gluon forward, the backward on the Triton kernels (covers_backward refuses softcap)."""
@@ -217,7 +210,7 @@ VARLEN_CASES = [
 ]
 
 
-@pytest.mark.gluon_unverified
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", VARLEN_CASES)
 def test_gluon_forward_varlen_through_api(gluon_forward, case):
     """flash_attn_varlen_func on the Gluon forward (out and lse against the reference, NaN-poisoned outputs,
@@ -267,7 +260,7 @@ VARLEN_POISON_CASES = [
 ]
 
 
-@pytest.mark.gluon_unverified
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", VARLEN_POISON_CASES)
 def test_gluon_forward_varlen_keys_outside_sequences(gluon_forward, case):
     """flash_attn_varlen_func's forward on the Gluon kernel with NaN / Inf in every K/V row outside the

@@ -30,8 +30,8 @@ def backend() -> str:
     the Gluon Hopper forward covers (launch_hopper.covers) to it, and the dK/dV part of covered backwards to
     the Gluon dK/dV kernel (launch_hopper.covers_backward); unset or "auto" is the default choice
     (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 64 and 128 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: the
-    dK/dV of head dim 128 backwards). Forward features not yet verified on a GPU (softcap and varlen:
-    launch_hopper.GLUON_UNVERIFIED_FEATURES) take the Gluon forward only with "gluon"; their backwards stay on
+    dK/dV of head dim 128 backwards). Forward features verified on a GPU but not yet timed (softcap and varlen:
+    launch_hopper.GLUON_UNTIMED_FEATURES) take the Gluon forward only with "gluon"; their backwards stay on
     the Triton kernels. Other values raise, so that a typo does not silently change nothing."""
     value = os.environ.get("FLASHTRON_BACKEND", "auto").strip().lower() or "auto"
     if value not in ("auto", "triton", "gluon"):
@@ -41,8 +41,9 @@ def backend() -> str:
 
 def gluon_dq() -> bool:
     """FLASHTRON_GLUON_DQ=1: a backward whose dK/dV takes the Gluon kernel (see backend()) runs its dQ on the
-    Gluon dQ kernel too (launch_hopper.attention_backward_dq) instead of the Triton one. Opt-in: that kernel
-    has been compiled for sm_90 but not yet verified on a GPU. Without the Gluon dK/dV it changes nothing."""
+    Gluon dQ kernel too (launch_hopper.attention_backward_dq) instead of the Triton one. Opt-in: correct on an
+    H200 (2026-12-02) but 0.91-1.07x the Triton dQ's whole backward there, so not the default. Without the Gluon
+    dK/dV it changes nothing."""
     return _flag("FLASHTRON_GLUON_DQ")
 
 
@@ -50,7 +51,8 @@ def gluon_fused_dq() -> bool:
     """FLASHTRON_GLUON_FUSED_DQ=1: a backward with deterministic=False whose dK/dV takes the Gluon kernel (see
     backend()) adds dQ from inside that kernel by TMA reduce-add into an fp32 buffer (FA3's design;
     launch_hopper.attention_backward_fused), with no separate dQ pass. Not bit-reproducible from run to run.
-    Opt-in: compiled for sm_90 but not yet verified on a GPU. deterministic=True never takes it; it takes
+    Opt-in: correct on an H200 (2026-12-02) but slower there (0.75-0.98x the default backward).
+    deterministic=True never takes it; it takes
     precedence over FLASHTRON_GLUON_DQ where both apply."""
     return _flag("FLASHTRON_GLUON_FUSED_DQ")
 
@@ -79,15 +81,15 @@ VARIABLES = {
         "triton forces the Triton kernels; gluon sends every covered sm_90 forward, and the dK/dV part of "
         "every covered backward, to the Gluon kernels (default: head dim 64 and 128 forwards, and the dK/dV of "
         "head dim 128 backwards); softcap and varlen forwards take the Gluon forward only with gluon (not yet "
-        "verified on a GPU), and their backwards stay on Triton."
+        "timed on a GPU), and their backwards stay on Triton."
     ),
     "FLASHTRON_GLUON_DQ": (
-        "1 runs the dQ of backwards whose dK/dV takes the Gluon kernel on the Gluon dQ kernel too (opt-in, "
-        "not yet verified on a GPU)."
+        "1 runs the dQ of backwards whose dK/dV takes the Gluon kernel on the Gluon dQ kernel too (opt-in: "
+        "not measured faster)."
     ),
     "FLASHTRON_GLUON_FUSED_DQ": (
         "1 adds dQ from inside the Gluon dK/dV kernel (fp32 TMA reduce-add, no dQ pass) for backwards with "
-        "deterministic=False whose dK/dV takes the Gluon kernel (opt-in, not yet verified on a GPU)."
+        "deterministic=False whose dK/dV takes the Gluon kernel (opt-in: measured slower)."
     ),
     "FLASHTRON_CACHE_DIR": "where the autotune cache lives (default $XDG_CACHE_HOME/flashtron or ~/.cache/flashtron).",
 }

@@ -25,7 +25,7 @@ LOG2E = math.log2(math.e)
 # Head dims whose covered calls take the Gluon forward by default (FLASHTRON_BACKEND unset or "auto"), where
 # it measured correct and faster than the Triton forward at every size. H200, 2026-12-02, scripts/gluon_check.py
 # --variants persist,pp (every case passed: fp16/bf16, none/causal/window, seqlens 1-4096, GQA 4), TFLOP/s at
-# PERF.md's grid, peers in the same run: with `dispatched_tile`'s choice, d128 1.19-1.37x Triton (16k: 648 /
+# PERF.md's grid, peers in the same run: with `dispatched_tile`'s choice, d128 1.19-1.40x Triton (16k: 648 /
 # 474 full, 593 / 455 causal; cuDNN 630 / 632), d64 1.04-1.09x (16k: 439 / 404 full, 421 / 391 causal).
 GLUON_DEFAULT_HEAD_DIMS = frozenset({64, 128})
 
@@ -149,19 +149,17 @@ HOPPER_BWD_FUSED_TILES = {
 }
 
 
-# Features the Gluon forward implements but no GPU run has verified yet (docs/perf-notes.md, 2026-12-02,
-# "softcap and varlen in the Gluon forward, gated"): `covers` takes calls that use one of them only when
-# FLASHTRON_BACKEND=gluon, never by default, whatever the head dim. A session that has run scripts/gluon_check.py
-# and `pytest -m gluon_unverified tests/test_hopper_gpu.py` on an H100/H200 with every case passing deletes the
-# name here (and moves those tests' marker to gpu). "softcap": softcap > 0; "varlen": cu_seqlens (and seqused_k).
-# The review's finding against "varlen" (V rows of the next sequence, the padding or past seqused_k reached the
-# P V wgmma with P = 0, so a NaN or Inf there leaked into out) is fixed: the consumers zero those rows in the slot
-# (hopper_fwd._zero_v_tail); the GPU cases with NaN there (gluon_check, test_hopper_gpu) have not run yet.
-GLUON_UNVERIFIED_FEATURES = frozenset({"softcap", "varlen"})
+# Features of the Gluon forward that passed on a GPU but are not yet timed against the Triton forward: `covers`
+# takes calls that use one of them only when FLASHTRON_BACKEND=gluon, never by default, whatever the head dim.
+# "softcap": softcap > 0; "varlen": cu_seqlens (and seqused_k). H200, 2026-12-02: gluon_check.py check-features
+# 76/76 cases (softcap dense; varlen with K NaN / V Inf in every row no query may read, seqused_k, a last
+# sequence with no key) and the tier's test_hopper_gpu.py cases. A session that times them faster than the Triton
+# forward (scripts/gluon_check.py --time-features) deletes the name here.
+GLUON_UNTIMED_FEATURES = frozenset({"softcap", "varlen"})
 
 
 def forward_features(opts: AttnOptions, *, varlen: bool) -> frozenset:
-    """The GLUON_UNVERIFIED_FEATURES-style names of the Gluon forward's optional features this call uses."""
+    """The GLUON_UNTIMED_FEATURES-style names of the Gluon forward's optional features this call uses."""
     return frozenset(name for name, on in (("softcap", opts.softcap > 0), ("varlen", varlen)) if on)
 
 
@@ -169,8 +167,8 @@ def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None, backend:
     """Whether the Gluon forward handles this call: sm_90 fp16/bf16, head dim 64 or 128 for q, k and v,
     window/causal, softcap, dense or varlen (cu_seqlens, seqused_k), no ALiBi, dropout or sinks, and
     TMA-legal tensors (16-byte aligned base and strides). Calls that use a feature of
-    GLUON_UNVERIFIED_FEATURES are covered only when backend (env.backend()) is "gluon"."""
-    if forward_features(opts, varlen=varlen) & GLUON_UNVERIFIED_FEATURES and backend != "gluon":
+    GLUON_UNTIMED_FEATURES are covered only when backend (env.backend()) is "gluon"."""
+    if forward_features(opts, varlen=varlen) & GLUON_UNTIMED_FEATURES and backend != "gluon":
         return False
     if seqused_k is not None and not varlen:
         # the kernel zeroes V rows past seqused_k (a cache's unwritten slots: 0 x NaN) under varlen only
