@@ -182,7 +182,7 @@ def test_gluon_fused_dq_never_deterministic(gluon_fused, monkeypatch):
 
 
 # Softcap and varlen in the Gluon forward (issue 15), forced with FLASHTRON_BACKEND=gluon: they passed on an H200 on
-# 2026-12-02 (these tests and gluon_check.py's check-features, 76/76 cases), but are not yet timed against the
+# 2026-12-02 (these tests and gluon_check.py's check-features, 100/100 cases), but are not yet timed against the
 # Triton forward, so the default dispatch still leaves them on Triton (launch_hopper.GLUON_UNTIMED_FEATURES).
 SOFTCAP_CASES = [
     # (batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype, causal, window, softcap)

@@ -152,7 +152,7 @@ HOPPER_BWD_FUSED_TILES = {
 # Features of the Gluon forward that passed on a GPU but are not yet timed against the Triton forward: `covers`
 # takes calls that use one of them only when FLASHTRON_BACKEND=gluon, never by default, whatever the head dim.
 # "softcap": softcap > 0; "varlen": cu_seqlens (and seqused_k). H200, 2026-12-02: gluon_check.py check-features
-# 76/76 cases (softcap dense; varlen with K NaN / V Inf in every row no query may read, seqused_k, a last
+# 100/100 cases (softcap dense; varlen with K NaN / V Inf in every row no query may read, seqused_k, a last
 # sequence with no key) and the tier's test_hopper_gpu.py cases. A session that times them faster than the Triton
 # forward (scripts/gluon_check.py --time-features) deletes the name here.
 GLUON_UNTIMED_FEATURES = frozenset({"softcap", "varlen"})
