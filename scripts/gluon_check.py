@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 scripts/gluon_check.py [--budget 220] [--variants pp,ws-ov,...] [--api]
     PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 540]    # issue 16: the backward
+    PYTHONPATH=src python3 scripts/gluon_check.py --time-features [--budget 150]    # softcap, varlen: speed
 
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
 mbarrier, an illegal address) costs only that part:
@@ -26,7 +27,8 @@ mbarrier, an illegal address) costs only that part:
      key) with and without softcap, K NaN and V Inf in every K/V row no query may read (past seqused_k, of
      sequences without queries, NaN padding after cu_seqlens_k[-1]), which a sequence's last, partial key block
      loads; GQA 4:1, NaN-poisoned outputs, the tolerance rule against the fp32 reference, two runs bitwise
-     equal. If every case passes, the next session deletes the feature names from GLUON_UNTIMED_FEATURES.
+     equal. Every case passed on an H200 on 2026-12-02 (100/100); whether the features leave
+     GLUON_UNTIMED_FEATURES is now --time-features' verdict.
   3. with --api, if 30 s are left: a few calls through the public flash_attn_func with
      FLASHTRON_BACKEND=gluon, backward included (the Triton backward on the Gluon forward's out and lse).
 Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
@@ -58,12 +60,30 @@ and 150 s of timing: --budget 540 lets every part run to its limit):
      kernel on its own ("gluon-dq", S, dP and dQ: also 1.5x the forward's FLOPs); if every check-fused case
      passed, the whole backward with FLASHTRON_GLUON_FUSED_DQ=1 ("gluon+fused": preprocess, zeroing, the fused
      kernel, the cast) and attention_backward_fused on its own ("gluon-fused": all 5 matmuls, 2.5x).
+
+With --time-features the run times the gated forward features instead (launch_hopper.GLUON_UNTIMED_FEATURES:
+softcap and varlen, correct on the GPU, taken only under FLASHTRON_BACKEND=gluon), one part, time-features, in
+its own child within --budget (an estimate, never run: about 24 compiles and 56 timings, 80-120 s on an H200):
+forward TFLOP/s, bf16, 16384 tokens, nheads = 2048 / headdim, causal halving the FLOPs, of the Gluon forward
+on the tile that covers(..., backend="gluon") sends the call to (launch_hopper.dispatched_tile: the one-tile
+ping-pong grid) against the Triton forward (launch.attention_forward under FLASHTRON_BACKEND=triton), same
+tensors and options, FEATURE_TIME_CELLS in order: softcap 30 dense at TIME_SEQLENS, d128 and d64, full and
+causal; varlen without softcap on TIME_VARLEN_BATCHES ("packed": 4 x 4096; "mixed": 4096, 1000, 17, 2900, 8192,
+179), d128 and d64, full and causal, FLOPs summed over the sequences; softcap 30 varlen once (mixed, causal, d128
+and d64). Each row also keeps max |out - Triton's out| as a sanity check. Last, informational (never run on a
+GPU, so a hang there costs no other row): the dense softcap cells on the persistent grid ("gluon-persist"),
+which dispatched_tile does not give softcap. Rows are saved as they come. Prints a line per cell, then a table
+with gluon/triton per cell and a verdict per feature from its own cells (softcap: the dense ones; varlen: those
+without softcap; softcap+varlen matters only if both leave): the feature leaves GLUON_UNTIMED_FEATURES when every
+cell is >= 1.0x, or none is below FEATURE_FLOOR (0.97x) and the geometric mean is >= FEATURE_CLEARLY_FASTER
+(1.05x). Writes $OUT/gluon_check_features_time.json (rows and verdicts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -415,6 +435,202 @@ def child_time(variants: list[str], state: str) -> None:
                 _save(state, dict(rows=rows))
 
 
+# --time-features: the gated features' speed (launch_hopper.GLUON_UNTIMED_FEATURES), Gluon against Triton.
+# (softcap, batch, head dim, causal): batch a dense seqlen (batch * seqlen = 16384, as TIME_SEQLENS) or a
+# TIME_VARLEN_BATCHES name; softcap+varlen once (mixed, causal: a packed training batch)
+FEATURE_SOFTCAP = 30.0
+TIME_VARLEN_BATCHES = {
+    "packed": [4096] * 4,  # equal lengths: the dense 4k cell's work, packed
+    "mixed": [4096, 1000, 17, 2900, 8192, 179],  # 16384 tokens, short and unaligned sequences among long ones
+}
+FEATURE_TIME_CELLS = (
+    [(FEATURE_SOFTCAP, s, d, c) for s in TIME_SEQLENS for d in (128, 64) for c in (False, True)]
+    + [(0.0, b, d, c) for b in TIME_VARLEN_BATCHES for d in (128, 64) for c in (False, True)]
+    + [(FEATURE_SOFTCAP, "mixed", d, True) for d in (128, 64)]
+)
+# A feature leaves GLUON_UNTIMED_FEATURES when every one of its cells is at least 1.0x Triton, or when none is
+# below FEATURE_FLOOR and the geometric mean of its cells is at least FEATURE_CLEARLY_FASTER
+FEATURE_FLOOR, FEATURE_CLEARLY_FASTER = 0.97, 1.05
+
+
+def _feature_name(softcap: float, batch) -> str:
+    """The cell's GLUON_UNTIMED_FEATURES names, "+"-joined."""
+    return "+".join(n for n, on in (("softcap", softcap > 0), ("varlen", isinstance(batch, str))) if on)
+
+
+def _tile_name(d: int, tile) -> str:
+    from flashtron import launch_hopper
+
+    if tile == launch_hopper.HOPPER_TILES[d]:
+        return "pp"
+    return next((n for n, tiles in launch_hopper.CANDIDATE_TILES.items() if tiles.get(d) == tile), str(tile))
+
+
+def _time_feature_cell(softcap: float, batch, d: int, causal: bool, persist: bool = False) -> dict:
+    """TFLOP/s of one --time-features cell, bf16, nheads = 2048 / d: "gluon", the Gluon forward on the tile that
+    covers(..., backend="gluon") sends the call to (launch_hopper.dispatched_tile), and "triton", the Triton
+    forward (launch.attention_forward under FLASHTRON_BACKEND=triton), same tensors and options; with persist
+    instead "gluon-persist", the dense call on the persistent grid (not dispatched with softcap). Dense (batch
+    a seqlen s): q, k, v (16384 // s, s, nheads, d); varlen (a TIME_VARLEN_BATCHES name): the sequences packed,
+    q, k, v (16384, nheads, d), seqlen_q = seqlen_k in each, FLOPs summed over the sequences. "<label>-diff":
+    max |out - Triton's out|, a sanity check (check-features is the correctness check)."""
+    import torch
+    import triton
+
+    from flashtron import launch, launch_hopper
+    from flashtron.options import AttnOptions
+
+    h = 2048 // d
+    opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1, softcap=softcap)
+    varlen = isinstance(batch, str)
+    if varlen:
+        lengths = TIME_VARLEN_BATCHES[batch]
+        shape, seqlen, pairs = (sum(lengths), h, d), max(lengths), sum(n * n for n in lengths)
+        cu = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
+        extra = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seqlen)
+        triton_extra = dict(extra, max_seqlen_k=seqlen)
+    else:
+        shape, seqlen, pairs = (16384 // batch, batch, h, d), batch, 16384 * batch
+        extra = triton_extra = {}
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert launch_hopper.covers(q, k, v, opts, varlen=varlen, backend="gluon"), "covers() refuses this cell"
+    if persist:
+        tile, label = launch_hopper.CANDIDATE_TILES["persist"][d], "gluon-persist"
+    else:
+        tile, label = launch_hopper.dispatched_tile(d, seqlen, opts, varlen=varlen), "gluon"
+    fns = {label: lambda: launch_hopper.attention_forward(q, k, v, opts, tile, **extra)[0]}
+    triton_fn = lambda: launch.attention_forward(q, k, v, opts, **triton_extra)[0]  # noqa: E731
+    if not persist:
+        fns["triton"] = triton_fn
+    flops = 4 * h * d * pairs / (2 if causal else 1)
+    row = dict(feature=_feature_name(softcap, batch), batch="dense" if not varlen else batch, seqlen=seqlen, d=d,
+               causal=causal)  # fmt: skip
+    row["persist-tile" if persist else "tile"] = _tile_name(d, tile)
+    out_triton = triton_fn()
+    for name, fn in fns.items():
+        try:
+            if name != "triton":
+                row[f"{name}-diff"] = (fn().float() - out_triton.float()).abs().max().item()
+            row[name] = flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e9
+        except Exception as exc:
+            row[name] = None
+            print(f"  time-features {name} {row['feature']} {row['batch']} d{d} causal={causal}: {_short(exc)}",
+                  flush=True)  # fmt: skip
+    return row
+
+
+def _feature_line(row: dict) -> str:
+    return "  " + " ".join(f"{k}={v:.3g}" if k.endswith("-diff") else f"{k}={v:.0f}" if isinstance(v, float)
+                           else f"{k}={v}" for k, v in row.items())  # fmt: skip
+
+
+def child_time_features(state: str) -> None:
+    """Times FEATURE_TIME_CELLS, saving the rows after each cell (a time-out keeps those done); then, last (never
+    run on a GPU, so a hang there loses nothing else), the dense softcap cells on the persistent grid, which
+    dispatched_tile does not give softcap (its d128 kernel spills 8 bytes): would it be faster?"""
+    os.environ["FLASHTRON_BACKEND"] = "triton"  # launch.attention_forward is then the Triton forward
+    rows = []
+    for softcap, batch, d, causal in FEATURE_TIME_CELLS:
+        try:
+            rows.append(_time_feature_cell(softcap, batch, d, causal))
+        except Exception as exc:  # e.g. out of memory: the other cells still run
+            print(f"  time-features {_feature_name(softcap, batch)} {batch} d{d} causal={causal}: {_short(exc)}",
+                  flush=True)  # fmt: skip
+            continue
+        print(_feature_line(rows[-1]), flush=True)
+        _save(state, dict(rows=rows))
+    for row in rows:
+        if row["batch"] == "dense" and row["tile"] != "persist":
+            try:
+                row.update(_time_feature_cell(FEATURE_SOFTCAP, row["seqlen"], row["d"], row["causal"], persist=True))
+            except Exception as exc:
+                print(f"  time-features gluon-persist d{row['d']} causal={row['causal']} s={row['seqlen']}: "
+                      f"{_short(exc)}", flush=True)  # fmt: skip
+                continue
+            keys = ("feature", "seqlen", "d", "causal", "persist-tile", "gluon-persist-diff", "gluon-persist", "triton")
+            print(_feature_line({k: row.get(k) for k in keys}), flush=True)
+            _save(state, dict(rows=rows))
+
+
+def _feature_verdicts(rows: list[dict]) -> dict:
+    """Per feature of FEATURE_TIME_CELLS: its cells' gluon/triton ratios, their minimum and geometric mean (also
+    per head dim), and whether it leaves GLUON_UNTIMED_FEATURES (None: not every cell was timed)."""
+    verdicts = {}
+    for feature in dict.fromkeys(_feature_name(c[0], c[1]) for c in FEATURE_TIME_CELLS):
+        expected = sum(_feature_name(c[0], c[1]) == feature for c in FEATURE_TIME_CELLS)
+        mine = [r for r in rows if r["feature"] == feature and r.get("gluon") and r.get("triton")]
+        v = dict(cells=len(mine), expected=expected, leaves=None)
+        for key, part in [("all", mine)] + [(f"d{d}", [r for r in mine if r["d"] == d]) for d in (128, 64)]:
+            ratios = [r["gluon"] / r["triton"] for r in part]
+            if ratios:
+                geomean = 2 ** (sum(math.log2(x) for x in ratios) / len(ratios))
+                v[key] = dict(min=min(ratios), geomean=geomean)
+        persist = [r["gluon-persist"] / r["triton"] for r in mine if r.get("gluon-persist")]
+        if persist:  # informational: softcap on the persistent grid, which dispatched_tile does not give it
+            v["persist"] = dict(min=min(persist), geomean=2 ** (sum(math.log2(x) for x in persist) / len(persist)))
+        if len(mine) == expected:
+            lo, geomean = v["all"]["min"], v["all"]["geomean"]
+            v["leaves"] = lo >= 1.0 or (lo >= FEATURE_FLOOR and geomean >= FEATURE_CLEARLY_FASTER)
+        verdicts[feature] = v
+    return verdicts
+
+
+def _features_table(rows: list[dict]) -> str:
+    persist = any(r.get("gluon-persist") for r in rows)
+    head = f"{'feature':>14} {'batch':>6} {'seqlen':>6} {'d':>4} {'mask':>6} {'tile':>5} {'gluon':>6} {'triton':>6}"
+    head += "  gluon/triton" + ("  persist /triton" if persist else "")
+    out = [f"forward TFLOP/s of the gated features, bf16, softcap {FEATURE_SOFTCAP:g} where named, 16384 tokens, "
+           "nheads=2048/d (median of do_bench; varlen: FLOPs summed over the sequences, seqlen = the longest)",
+           head]  # fmt: skip
+    for r in rows:
+        cells = " ".join(f"{r[c]:6.0f}" if r.get(c) else f"{'-':>6}" for c in ("gluon", "triton"))
+        ratio = f"{r['gluon'] / r['triton']:.2f}x" if r.get("gluon") and r.get("triton") else "-"
+        line = f"{r['feature']:>14} {r['batch']:>6} {r['seqlen']:>6} {r['d']:>4} "
+        line += f"{'causal' if r['causal'] else 'full':>6} {r['tile']:>5} {cells}  {ratio:>12}"
+        if r.get("gluon-persist"):
+            line += f"  {r['gluon-persist']:7.0f}"
+            line += f" {r['gluon-persist'] / r['triton']:.2f}x" if r.get("triton") else ""
+        out.append(line)
+    return "\n".join(out)
+
+
+def main_time_features(budget: float) -> None:
+    """The --time-features run: the time-features part within the budget, its table, a verdict per feature;
+    writes $OUT/gluon_check_features_time.json."""
+    import torch
+
+    from flashtron import launch_hopper
+
+    start = time.time()
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
+    else:
+        print("no CUDA device: every cell will fail (this only exercises the script)", flush=True)
+    out_dir = os.environ.get("OUT") or "."
+    left = budget - (time.time() - start)
+    timing = _run_child("time-features", [], left - 3, os.path.join(out_dir, ".time-features.json"))
+    rows = (timing or {}).get("rows", [])
+    verdicts = _feature_verdicts(rows)
+    with open(os.path.join(out_dir, "gluon_check_features_time.json"), "w") as f:
+        json.dump({"time": timing, "verdicts": verdicts}, f, indent=1)
+    print("\n== summary (gated features: Gluon forward against Triton)")
+    print(_features_table(rows) if rows else "no cell timed")
+    print(f"launch_hopper.GLUON_UNTIMED_FEATURES now: {sorted(launch_hopper.GLUON_UNTIMED_FEATURES)}; a feature "
+          f"leaves when every cell is >= 1.00x, or none is below {FEATURE_FLOOR:.2f}x and the geometric mean is "
+          f">= {FEATURE_CLEARLY_FASTER:.2f}x")  # fmt: skip
+    for feature, v in verdicts.items():
+        stats = "; ".join(f"{key} min {v[key]['min']:.2f}x geomean {v[key]['geomean']:.2f}x"
+                          for key in ("all", "d128", "d64", "persist") if key in v)  # fmt: skip
+        if v["leaves"] is None:
+            verdict = f"undecided ({v['cells']}/{v['expected']} cells timed)"
+        elif "+" in feature:  # the calls that use both move only when both names leave
+            verdict = "fine for both to leave" if v["leaves"] else "keep one of the two names gated"
+        else:
+            verdict = "leaves GLUON_UNTIMED_FEATURES" if v["leaves"] else "stays in GLUON_UNTIMED_FEATURES"
+        print(f"{feature}: {verdict}" + (f" ({stats})" if stats else ""))
+    print(f"total {time.time() - start:.0f}s")
+
+
 # The backward's check: every head dim, both dtypes, each mask kind at least once (every one is a fresh
 # compile of the Gluon dK/dV kernel, and of the Triton dQ kernel).
 BWD_CONFIGS = [("bfloat16", 128, "none"), ("bfloat16", 128, "causal"), ("bfloat16", 128, "window"),
@@ -723,6 +939,7 @@ def main() -> None:
     ap.add_argument("--with-dq", action="store_true", help="time-bwd child: also time the Gluon dQ")
     ap.add_argument("--with-fused", action="store_true", help="time-bwd child: also time the fused dQ")
     ap.add_argument("--no-features", action="store_true", help="skip the softcap / varlen check")
+    ap.add_argument("--time-features", action="store_true", help="time softcap / varlen (Gluon vs Triton) instead")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -744,10 +961,15 @@ def main() -> None:
         child_check_bwd(args.state, fused=True)
     elif args.child == "time-bwd":
         child_time_bwd(args.state, args.with_dq, args.with_fused)
+    elif args.child == "time-features":
+        child_time_features(args.state)
     if args.child:
         return
     if args.backward:
         main_backward(args.budget)
+        return
+    if args.time_features:
+        main_time_features(args.budget)
         return
 
     import torch
@@ -804,7 +1026,7 @@ def main() -> None:
         print(f"check-features (softcap, varlen; gated): {sum(r['passed'] for r in res.values())}/"
               f"{sum(r['total'] for r in res.values())} cases passed, {len(res)}/{len(FEATURE_CONFIGS)} "
               f"configurations ran" + (f"; failing: {', '.join(bad)}" if bad else "")
-              + ("; all passed: ungate (launch_hopper.GLUON_UNTIMED_FEATURES)" if ran_all else ""))  # fmt: skip
+              + ("; all passed (--time-features decides GLUON_UNTIMED_FEATURES)" if ran_all else ""))  # fmt: skip
     if report.get("check-api"):
         res = report["check-api"]
         print(f"check-api: {sum(r['passed'] for r in res.values())}/{len(res)} passed")
