@@ -13,7 +13,8 @@ mbarrier, an illegal address) costs only that part:
      launch_hopper.CANDIDATE_TILES["ws-ov"]), the same-run baseline, checked on the bf16 configurations that
      the timing compiles (it passed the full matrix on 2026-12-02); `pp-256x64` and `ov-128x64` are d64-only tiles
      (launch_hopper.CANDIDATE_TILES), checked on three d64 configurations; `persist` gets the full matrix, each
-     case also on a 3-program grid (bitwise equal to the full grid). The checks share the budget
+     case also on a 3-program grid (bitwise equal to the full grid); `persist-1sec` is the same kernel with one
+     L2 section (ONE_SECTION; scripts/persistent_balance.py says why). The checks share the budget
      less TIME_RESERVE seconds, which the timing always keeps; a variant cut off by its time limit counts
      as failed and is not timed.
   2. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim,
@@ -122,6 +123,9 @@ VARIANTS = {
     # the dispatched tiles on the persistent grid, never run before: the full matrix, each case a second time on
     # a 3-program grid with 3-pair L2 sections (many tiles per program), bitwise equal; time limit a guess
     "persist": (lambda lh, d: lh.CANDIDATE_TILES["persist"][d], FULL, 120),
+    # the same kernel with every (head, batch) pair in one L2 section (ONE_SECTION below): the static schedule
+    # balanced (scripts/persistent_balance.py: d128 causal 1.03-1.06 max/mean against 1.17-1.21); nothing compiles
+    "persist-1sec": (lambda lh, d: lh.CANDIDATE_TILES["persist"][d], TIMED, 30),
     # the first run's other variants (2026-12-02), for --variants
     "plain": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], warp_specialize=False, overlap=False), OLD, 45),
     "ws": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], overlap=False), OLD, 45),
@@ -132,6 +136,26 @@ VARIANTS = {
     ),
 }
 DEFAULT_VARIANTS = "pp,ws-ov,pp-256x64,ov-128x64"
+# Variants run with launch_hopper.L2_SECTION_BYTES so large that the persistent schedule has one section
+# (heads_per_section is a runtime argument of the same compiled kernel).
+ONE_SECTION = {"persist-1sec"}
+
+
+def _forward(q, k, v, opts, variant: str):
+    """launch_hopper.attention_forward on the variant's tile, with its L2 sectioning."""
+    from flashtron import launch_hopper
+
+    tile = _tile(q.shape[-1], variant)
+    if variant not in ONE_SECTION:
+        return launch_hopper.attention_forward(q, k, v, opts, tile)
+    saved = launch_hopper.L2_SECTION_BYTES
+    launch_hopper.L2_SECTION_BYTES = 1 << 62
+    try:
+        return launch_hopper.attention_forward(q, k, v, opts, tile)
+    finally:
+        launch_hopper.L2_SECTION_BYTES = saved
+
+
 TIME_RESERVE = 55.0  # seconds the timing keeps whatever the checks take (about 40 s on 2026-12-02's H200)
 API_RESERVE = 30.0
 
@@ -168,8 +192,8 @@ def _check_case(dtype, d, mask, variant, sq, sk):
     opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
     assert launch_hopper.covers(q, k, v, opts, varlen=False), "covers() refuses this case"
     tile = _tile(d, variant)
-    out, lse = launch_hopper.attention_forward(q, k, v, opts, tile)
-    out2, lse2 = launch_hopper.attention_forward(q, k, v, opts, tile)
+    out, lse = _forward(q, k, v, opts, variant)
+    out2, lse2 = _forward(q, k, v, opts, variant)
     torch.cuda.synchronize()
     kw = dict(causal=False, window_size=window)
     out_ref, lse_ref, _ = attention_ref(q, k, v, upcast=True, **kw)
@@ -388,7 +412,7 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from flashtron import launch, launch_hopper
+    from flashtron import launch
     from flashtron.options import AttnOptions
 
     b, h = 16384 // s, 2048 // d
@@ -397,9 +421,8 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
     opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
     fns = {}
     for name in variants:
-        tile = _tile(d, name)
-        if tile is not None:  # d64-only tiles have no d128 cell
-            fns[f"gluon-{name}"] = lambda tile=tile: launch_hopper.attention_forward(q, k, v, opts, tile)
+        if _tile(d, name) is not None:  # d64-only tiles have no d128 cell
+            fns[f"gluon-{name}"] = lambda name=name: _forward(q, k, v, opts, name)
     fns["triton"] = lambda: launch.attention_forward(q, k, v, opts)  # FLASHTRON_BACKEND=triton in this process
     for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
 
