@@ -4,7 +4,9 @@ flash_attn_with_kvcache and a short forward+backward. Run it once per source tre
 Prints microseconds per call: the least of 15 repeats of 200 back-to-back calls (launch-bound), and
 of 200 calls each followed by a synchronize (end-to-end latency). --profile NAME then prints cProfile's
 top host functions over 500 calls of that case (where the host time goes: our Python, Triton's launcher,
-torch's allocator or autograd engine)."""
+torch's allocator or autograd engine). The fwd+bwd case is also timed with the autograd engine's device threads
+off (torch.autograd.set_multithreading_enabled(False): the backward runs on the calling thread), which says
+what handing our Python backward to the engine's CUDA thread and back costs per call."""
 
 import argparse
 import cProfile
@@ -60,8 +62,14 @@ def main():
         flashtron.flash_attn_func(q, k, v, causal=True).sum().backward()
 
     cases["fwd+bwd 256x8x64"] = fwd_bwd
+
+    def fwd_bwd_one_thread():
+        with torch.autograd.set_multithreading_enabled(False):
+            fwd_bwd()
+
+    cases["fwd+bwd 256x8x64 1 thread"] = fwd_bwd_one_thread
     for name, fn in cases.items():
-        print(f"{label:>8}  {name:<24} {per_call_us(fn, False):8.1f} us/call  {per_call_us(fn, True):8.1f} us synced")
+        print(f"{label:>8}  {name:<26} {per_call_us(fn, False):8.1f} us/call  {per_call_us(fn, True):8.1f} us synced")
     if parsed.profile:
         fn = cases[parsed.profile]
         profile = cProfile.Profile()
