@@ -14,7 +14,9 @@ mbarrier, an illegal address) costs only that part:
      the timing compiles (it passed the full matrix on 2026-12-02); `pp-256x64` and `ov-128x64` are d64-only tiles
      (launch_hopper.CANDIDATE_TILES), checked on three d64 configurations; `persist` gets the full matrix, each
      case also on a 3-program grid (bitwise equal to the full grid); `persist-1sec` is the same kernel with one
-     L2 section (ONE_SECTION; scripts/persistent_balance.py says why). The checks share the budget
+     L2 section (ONE_SECTION; scripts/persistent_balance.py says why); `persist-snake` (full matrix) and
+     `persist-snake-1sec` run odd rounds of the grid backwards (launch_hopper.CANDIDATE_TILES["persist-snake"]).
+     The checks share the budget
      less TIME_RESERVE seconds, which the timing always keeps; a variant cut off by its time limit counts
      as failed and is not timed.
   2. time: TFLOP/s at ../shared/PERF.md's grid (bf16, batch * seqlen = 16384, nheads = 2048 / headdim,
@@ -126,6 +128,9 @@ VARIANTS = {
     # the same kernel with every (head, batch) pair in one L2 section (ONE_SECTION below): the static schedule
     # balanced (scripts/persistent_balance.py: d128 causal 1.03-1.06 max/mean against 1.17-1.21); nothing compiles
     "persist-1sec": (lambda lh, d: lh.CANDIDATE_TILES["persist"][d], TIMED, 30),
+    # odd rounds of the grid reversed (hopper_common.snake_order), never run: with its sections, and with one
+    "persist-snake": (lambda lh, d: lh.CANDIDATE_TILES["persist-snake"][d], FULL, 120),
+    "persist-snake-1sec": (lambda lh, d: lh.CANDIDATE_TILES["persist-snake"][d], TIMED, 30),
     # the first run's other variants (2026-12-02), for --variants
     "plain": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], warp_specialize=False, overlap=False), OLD, 45),
     "ws": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], overlap=False), OLD, 45),
@@ -138,7 +143,7 @@ VARIANTS = {
 DEFAULT_VARIANTS = "pp,ws-ov,pp-256x64,ov-128x64"
 # Variants run with launch_hopper.L2_SECTION_BYTES so large that the persistent schedule has one section
 # (heads_per_section is a runtime argument of the same compiled kernel).
-ONE_SECTION = {"persist-1sec"}
+ONE_SECTION = {"persist-1sec", "persist-snake-1sec"}
 
 
 def _forward(q, k, v, opts, variant: str):

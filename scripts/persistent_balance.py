@@ -4,8 +4,9 @@ head, batch) by the kernel's own tile_coords (its undecorated .fn, plain Python 
 launch_hopper._heads_per_section's size. A tile's work is its KV block count. Prints
 max / mean work per program, the kernel's time over a perfectly balanced one, for the PERF.md grid (batch * seqlen
 16384, nheads 2048 / d), beside list scheduling of the one-tile grid's programs in launch order (what the
-hardware's block scheduler does for the ping-pong grid, to a first approximation) and the same static schedule
-with a single section (heads_per_section = every pair).
+hardware's block scheduler does for the ping-pong grid, to a first approximation), the same static schedule
+with a single section (heads_per_section = every pair), and that with odd rounds reversed (snake_order, the
+"persist-snake" candidate).
     python scripts/persistent_balance.py [--d 128] [--sms 132]"""
 
 import argparse
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from flashtron import launch_hopper  # noqa: E402
-from flashtron.kernels.hopper_common import tile_coords  # noqa: E402
+from flashtron.kernels.hopper_common import snake_order, tile_coords  # noqa: E402
 
 
 def tile_blocks(pid_m, s, causal, block):
@@ -28,12 +29,14 @@ def tile_blocks(pid_m, s, causal, block):
     return -(-keys // block)
 
 
-def static_imbalance(s, batch, nheads, causal, sms, per_section, block=128):
+def static_imbalance(s, batch, nheads, causal, sms, per_section, snake=False, block=128):
     n_m = -(-s // block)
     n_pairs = batch * nheads
-    loads = [0] * min(sms, n_m * n_pairs)
-    for t in range(n_m * n_pairs):
-        pid_m, _, _ = tile_coords.fn(t, n_m, n_pairs, nheads, per_section, causal)
+    n_tiles = n_m * n_pairs
+    loads = [0] * min(sms, n_tiles)
+    for t in range(n_tiles):
+        order = snake_order.fn(t, n_tiles, len(loads)) if snake else t
+        pid_m, _, _ = tile_coords.fn(order, n_m, n_pairs, nheads, per_section, causal)
         loads[t % len(loads)] += tile_blocks(pid_m, s, causal, block)
     return max(loads) / (sum(loads) / len(loads))
 
@@ -56,7 +59,8 @@ def main():
     args = ap.parse_args()
     nheads = 2048 // args.d
     print(f"d{args.d}, {nheads} heads, {args.sms} SMs: max / mean KV blocks per program")
-    print(f"{'seqlen':>6} {'mask':>6} {'sections':>8} {'static':>7} {'1 section':>9} {'one-tile grid':>13}")
+    print(f"{'seqlen':>6} {'mask':>6} {'sections':>8} {'static':>7} {'1 section':>9} {'snake, 1 sec':>12} "
+          f"{'one-tile grid':>13}")  # fmt: skip
     for s in (1024, 2048, 4096, 8192, 16384):
         batch = 16384 // s
         k = torch.empty(batch, s, nheads, args.d, dtype=torch.bfloat16)
@@ -64,9 +68,10 @@ def main():
         for causal in (False, True):
             row = (static_imbalance(s, batch, nheads, causal, args.sms, per_section),
                    static_imbalance(s, batch, nheads, causal, args.sms, batch * nheads),
+                   static_imbalance(s, batch, nheads, causal, args.sms, batch * nheads, snake=True),
                    dynamic_imbalance(s, batch, nheads, causal, args.sms))  # fmt: skip
             mask = "causal" if causal else "full"
-            print(f"{s:>6} {mask:>6} {per_section:>8} {row[0]:>7.3f} {row[1]:>9.3f} {row[2]:>13.3f}")
+            print(f"{s:>6} {mask:>6} {per_section:>8} {row[0]:>7.3f} {row[1]:>9.3f} {row[2]:>12.3f} {row[3]:>13.3f}")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,19 @@ def test_hopper_persistent_forward_compiles_for_sm90(d, window):
     _check_barriers(tile, d, torch.bfloat16, window, ptx)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_hopper_persistent_snake_compiles_for_sm90(d):
+    # the snake-order candidate (odd rounds of the grid reversed: hopper_common.snake_order), causal, where it
+    # matters: no spill, the same shared memory as the persistent tile it reorders
+    tile = launch_hopper.CANDIDATE_TILES["persist-snake"][d]
+    assert tile.snake and dataclasses.replace(tile, snake=False) == launch_hopper.CANDIDATE_TILES["persist"][d]
+    compiled = _compile(d, torch.bfloat16, (-1, 0), tile=tile)
+    plain = _compile(d, torch.bfloat16, (-1, 0), tile=launch_hopper.CANDIDATE_TILES["persist"][d])
+    assert compiled.metadata.shared == plain.metadata.shared
+    assert _spill_bytes(compiled) in (0, None)
+    _check_barriers(tile, d, torch.bfloat16, (-1, 0), compiled.asm["ptx"])
+
+
 # Softcap and varlen in the forward (issue 15), gated: launch_hopper.GLUON_UNTIMED_FEATURES keeps them off the
 # default dispatch until a GPU run has timed them. Every head dim and mask kind with softcap on/off x varlen
 # on/off, bf16 (the dense no-softcap ones are VARIANTS above), and fp16 twice; one varlen variant with seqused_k.

@@ -49,6 +49,9 @@ class HopperTile:
     # a persistent grid of min(work tiles, SMs) programs looping over (query block, head, batch) tiles, the
     # heaviest first under a causal mask (hopper_common.tile_coords); needs warp_specialize, consumers <= 2
     persistent: bool = False
+    # persistent only: every other round of the grid in reverse (hopper_common.snake_order), to balance the
+    # heaviest-first order's work over the programs
+    snake: bool = False
 
 
 # The dispatched tiles: ping-pong, two one-warpgroup consumers of 64 rows taking turns on the tensor cores
@@ -75,6 +78,12 @@ CANDIDATE_TILES = {
     "persist": {
         64: HopperTile(128, 128, 3, num_warps=4, consumers=2, persistent=True),
         128: HopperTile(128, 128, 2, num_warps=4, consumers=2, persistent=True),
+    },
+    # the persistent tiles with odd rounds reversed (snake_order): compiled for sm_90 only, never run;
+    # scripts/persistent_balance.py's model puts the busiest program at 1.00-1.06x the mean with one L2 section
+    "persist-snake": {
+        64: HopperTile(128, 128, 3, num_warps=4, consumers=2, persistent=True, snake=True),
+        128: HopperTile(128, 128, 2, num_warps=4, consumers=2, persistent=True, snake=True),
     },
 }
 
@@ -281,6 +290,7 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         OVERLAP=tile.overlap,
         CONSUMERS=tile.consumers,
         PERSISTENT=tile.persistent,
+        SNAKE=tile.snake,
         HAS_SOFTCAP=has_softcap,
         IS_VARLEN=varlen,
         HAS_SEQUSED_K=seqused_k is not None,

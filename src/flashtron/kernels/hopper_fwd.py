@@ -382,7 +382,8 @@ def _load_q(q_desc, q_smem, bar, first, start_m, off_b, off_h, seqlen_q, BLOCK_M
 def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k,
                        group_size, window_left, window_right, nheads, batch, heads_per_section,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr):  # fmt: skip
+                       HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SNAKE: gl.constexpr,
+                       CONSUMERS: gl.constexpr):  # fmt: skip
     """The load partition of the persistent grid: per work tile, its Q into Q buffer i % 2 (once the
     consumers have released that buffer, two tiles back), then its K/V blocks into the ring, the ring
     position counting on across tiles. The next tile's Q and first K/V blocks go out while the consumers
@@ -392,7 +393,7 @@ def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_b
     for i in range(n_work):
         start_m, off_h, off_b, off_hk, lo, _, _, hi, n_blocks = tile_work(
             first + i * stride, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch,
-            heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+            heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SNAKE,
         )  # fmt: skip
         qb = i % 2
         mbarrier.wait(q_bars.index(2 + qb), ((i // 2) & 1) ^ 1)  # free: the first lap passes (fresh barrier)
@@ -406,8 +407,8 @@ def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, O
                          stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
                          qk_scale, softcap_log2, nheads, batch, heads_per_section,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                         OVERLAP: gl.constexpr, CID: gl.constexpr,
+                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SNAKE: gl.constexpr,
+                         HAS_SOFTCAP: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
                          CONSUMERS: gl.constexpr):  # fmt: skip
     """A math partition of the persistent grid: _consume_tile over this program's work tiles, in the
     loader's order, with the K/V ring position t and the tile count i (ping-pong turns: each tile takes
@@ -417,7 +418,7 @@ def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, O
     for i in range(n_work):
         start_m, off_h, off_b, off_hk, lo, full_lo, full_hi, hi, n_blocks = tile_work(
             first + i * stride, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch,
-            heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+            heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SNAKE,
         )  # fmt: skip
         qb = i % 2
         q_tile = q_smem.index(qb * CONSUMERS + CID).reshape([BLOCK_M // CONSUMERS, HEAD_DIM])
@@ -443,7 +444,7 @@ def attention_fwd_hopper_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr,
     CONSUMERS: gl.constexpr = 1, PERSISTENT: gl.constexpr = False, HAS_SOFTCAP: gl.constexpr = False,
-    IS_VARLEN: gl.constexpr = False, HAS_SEQUSED_K: gl.constexpr = False,
+    IS_VARLEN: gl.constexpr = False, HAS_SEQUSED_K: gl.constexpr = False, SNAKE: gl.constexpr = False,
 ):  # fmt: skip
     """q_desc, k_desc, v_desc: TMA descriptors over (batch, seqlen, nheads, headdim), boxes
     [1, BLOCK_M / CONSUMERS or BLOCK_N, 1, HEAD_DIM]. Out: like q (last stride 1); LSE: (batch, nheads,
@@ -452,7 +453,8 @@ def attention_fwd_hopper_kernel(
     nheads_k. seqlen_k > 0. CONSUMERS 1: one math partition of num_warps warps; 2 or 3: ping-pong, one
     warpgroup each (launch with num_warps = 4). PERSISTENT (warp-specialized, 1 or 2 consumers, not varlen):
     a 1-D grid of at most cdiv(seqlen_q, BLOCK_M) * nheads * batch programs, each looping over its work tiles
-    (tile_coords); otherwise the grid is (query blocks, nheads, batch) and those three arguments are not read.
+    (tile_coords; with SNAKE, every other round of the grid in reverse: snake_order); otherwise the grid is
+    (query blocks, nheads, batch) and those three arguments are not read.
 
     IS_VARLEN: the descriptors are 3-D over the packed (total, nheads, headdim) with boxes [BLOCK, 1,
     HEAD_DIM]; CuSeqlensQ / CuSeqlensK (batch + 1, int32) and, with HAS_SEQUSED_K, SequsedK (batch, int32)
@@ -471,6 +473,7 @@ def attention_fwd_hopper_kernel(
     gl.static_assert(len(q_desc.block_type.shape) == (3 if IS_VARLEN else 4), "varlen: 3-D descriptors")
     # V rows past seqused_k are zeroed under IS_VARLEN only (_zero_v_tail)
     gl.static_assert(IS_VARLEN or not HAS_SEQUSED_K, "seqused_k needs varlen")
+    gl.static_assert(PERSISTENT or not SNAKE, "snake order is a persistent-grid schedule")
     if IS_VARLEN:
         gl.static_assert(not PERSISTENT, "varlen runs on the one-tile grid only")
         q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(
@@ -511,18 +514,18 @@ def attention_fwd_hopper_kernel(
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
                     stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
                     qk_scale, softcap_log2, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, OVERLAP, 0, CONSUMERS,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, CONSUMERS,
                 )),
                 (_persistent_consumer, (
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
                     stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
                     qk_scale, softcap_log2, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, OVERLAP, 1, CONSUMERS,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 1, CONSUMERS,
                 )),
                 (_persistent_loader, (
                     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
                     window_left, window_right, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, CONSUMERS,
+                    BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, CONSUMERS,
                 )),
             ], [4, 1], [240, 24])  # fmt: skip
         else:
@@ -531,12 +534,12 @@ def attention_fwd_hopper_kernel(
                     q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
                     stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
                     qk_scale, softcap_log2, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, OVERLAP, 0, 1,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, 1,
                 )),
                 (_persistent_loader, (
                     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
                     window_left, window_right, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1,
+                    BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, 1,
                 )),
             ], [1], [24])  # fmt: skip
     else:
