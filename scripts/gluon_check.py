@@ -100,6 +100,7 @@ SEQLENS = [(1, 1), (17, 17), (127, 127), (128, 128), (129, 129), (1000, 1000), (
            (17, 129), (129, 17), (127, 1000), (1000, 127), (1, 1000), (4096, 1000)]  # fmt: skip
 MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (256, 32)}
 BATCH, NHEADS, NHEADS_K = 2, 8, 2  # GQA 4:1
+WINDOW_LEFT = 1024  # the timed sliding window, (1024, 0), as PERF.md's window target
 TIME_SEQLENS = [16384, 4096, 1024]  # the largest first: the rows that matter most come first
 
 
@@ -412,7 +413,9 @@ def _check_api() -> dict:
     return results
 
 
-def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
+def _time_cell(d: int, causal: bool, s: int, variants: list[str], window_left: int = -1) -> dict:
+    """TFLOP/s of each variant, the Triton forward and SDPA's cuDNN and flash at one cell; window_left >= 0 (with
+    causal): the sliding window (window_left, 0), flops over the pairs it keeps, no SDPA peer (none takes one)."""
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -423,13 +426,14 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
     b, h = 16384 // s, 2048 // d
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    opts = AttnOptions(softmax_scale=d**-0.5, window_right=0 if causal else -1)
+    opts = AttnOptions(softmax_scale=d**-0.5, window_left=window_left, window_right=0 if causal else -1)
     fns = {}
     for name in variants:
         if _tile(d, name) is not None:  # d64-only tiles have no d128 cell
             fns[f"gluon-{name}"] = lambda name=name: _forward(q, k, v, opts, name)
     fns["triton"] = lambda: launch.attention_forward(q, k, v, opts)  # FLASHTRON_BACKEND=triton in this process
-    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+    peers = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION))
+    for label, backend in peers if window_left < 0 else ():
 
         def sdpa(backend=backend):
             with sdpa_kernel([backend]):
@@ -437,7 +441,10 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str]) -> dict:
 
         fns[label] = sdpa
     flops = 4 * b * h * s * s * d / (2 if causal else 1)
-    row = dict(d=d, causal=causal, seqlen=s)
+    if window_left >= 0:  # query i keeps min(i + 1, window_left + 1) keys
+        w = min(window_left, s - 1)
+        flops = 4 * b * h * d * ((w + 1) * s - w * (w + 1) // 2)
+    row = dict(d=d, causal=causal, seqlen=s, window=window_left)
     for label, fn in fns.items():
         try:
             row[label] = flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e9
@@ -461,6 +468,16 @@ def child_time(variants: list[str], state: str) -> None:
                 print("  " + " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in rows[-1].items()), flush=True)  # fmt: skip
                 _save(state, dict(rows=rows))
+    # the sliding window (1024, 0) at 16k, whose time over the causal cell's is one of the targets (PERF.md)
+    for d in (128, 64):
+        try:
+            rows.append(_time_cell(d, True, 16384, variants, window_left=WINDOW_LEFT))
+        except Exception as exc:
+            print(f"  time d{d} window s=16384: {_short(exc)}", flush=True)
+            continue
+        print("  " + " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in rows[-1].items()), flush=True)  # fmt: skip
+        _save(state, dict(rows=rows))
 
 
 # --time-features: the gated features' speed (launch_hopper.GLUON_UNTIMED_FEATURES), Gluon against Triton.
@@ -938,7 +955,8 @@ def _table(rows: list[dict], variants: list[str]) -> str:
     head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>{width[c]}}" for c in cols)
     out = ["TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench)",
            head + "  best gluon: /triton /cudnn /ws-ov"]  # fmt: skip
-    for r in sorted(rows, key=lambda r: (r["d"], r["causal"], r["seqlen"])):
+    windowed = lambda r: r.get("window", -1) >= 0  # noqa: E731
+    for r in sorted(rows, key=lambda r: (r["d"], r["causal"], windowed(r), r["seqlen"])):
         cells = " ".join(f"{r[c]:{width[c]}.0f}" if r.get(c) else f"{'-':>{width[c]}}" for c in cols)
         best, name = max(((r.get(f"gluon-{v}") or 0), v) for v in variants)
         ratio = ""
@@ -946,7 +964,19 @@ def _table(rows: list[dict], variants: list[str]) -> str:
             ratio = f"  {name} {best / r['triton']:.2f}x {best / r['cudnn']:.2f}x"
             if r.get("gluon-ws-ov"):
                 ratio += f" {best / r['gluon-ws-ov']:.2f}x"
-        out.append(f"{r['d']:>4} {'causal' if r['causal'] else 'full':>6} {r['seqlen']:>6} {cells}{ratio}")
+        mask = "window" if windowed(r) else "causal" if r["causal"] else "full"
+        out.append(f"{r['d']:>4} {mask:>6} {r['seqlen']:>6} {cells}{ratio}")
+    # the window target: the window's time over the causal cell's at the same seqlen (time, not TFLOP/s)
+    for r in rows:
+        causal = [c for c in rows if c["d"] == r["d"] and c["seqlen"] == r["seqlen"] and c["causal"]
+                  and not windowed(c)]  # fmt: skip
+        if not windowed(r) or not causal:
+            continue
+        w, s = min(r["window"], r["seqlen"] - 1), r["seqlen"]
+        work = ((w + 1) * s - w * (w + 1) // 2) / (s * s / 2)  # the window's flops over the causal cell's
+        ratios = [f"{c.removeprefix('gluon-')} {work * causal[0][c] / r[c]:.3f}" for c in cols
+                  if r.get(c) and causal[0].get(c)]  # fmt: skip
+        out.append(f"d{r['d']} window ({r['window']}, 0) / causal time at {s}: " + ", ".join(ratios))
     return "\n".join(out)
 
 
