@@ -343,8 +343,22 @@ def test_readme_torchrun_example(tmp_path):
     (block,) = re.findall(r"```bash\n(cat > cp_example.py.*?)```", readme, flags=re.S)
     block = block.replace("torchrun ", f"{sys.executable} -m torch.distributed.run ")
     src = str(Path(flashtron.__file__).resolve().parents[1])  # the flashtron under test
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    result = subprocess.run(["bash", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # unbuffered: a rank that aborts still leaves the lines it printed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")  # fmt: skip
+
+    def run():
+        return subprocess.run(["bash", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    def errors(result):
+        return [float(e) for e in re.findall(r"max \|ring - single process\| over the ranks = (\S+)", result.stdout)]
+
+    result = run()
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr and errors(result):
+        # Once on CI (torch 2.13, gloo, 2026-12-02), both ranks aborted at exit, after destroy_process_group:
+        # std::terminate on a still-joinable thread in gloo's teardown; never reproduced in 12 runs alone or
+        # 6 at once. The example had finished (its line is above); one more run must pass whole.
+        assert errors(result)[0] < 1e-5, result.stdout
+        result = run()
     assert result.returncode == 0, result.stderr[-3000:]
-    errors = [float(e) for e in re.findall(r"max \|ring - single process\| over the ranks = (\S+)", result.stdout)]
-    assert len(errors) == 1 and errors[0] < 1e-5, result.stdout
+    assert len(errors(result)) == 1 and errors(result)[0] < 1e-5, result.stdout
