@@ -109,26 +109,82 @@ def test_strided_inputs_interpret(kernel_device):
 
 
 def _check_kvcache_variants(device):
-    """flash_attn_with_kvcache with strided new keys, a transposed block table, numpy ints and a
-    negative softcap: the same output and the same caches as the canonical call."""
+    """flash_attn_with_kvcache with strided new keys, a transposed block table, numpy ints, a negative softcap,
+    a 0-d tensor cache_seqlens (an int-like, API.md), window sides at least the capacity (unbounded, as
+    flash_attn resets them) and return_lse instead of return_softmax_lse: the same output, lse and caches as
+    the canonical call."""
     gen = torch.Generator().manual_seed(11)
     rn = lambda *s: torch.randn(*s, generator=gen).to(device)
     q, k_new, v_new = rn(2, 1, 4, 16), rn(2, 2, 2, 16), rn(2, 2, 2, 16)
     k_cache, v_cache = rn(6, 4, 2, 16), rn(6, 4, 2, 16)
     table = torch.tensor([[3, 0, 5], [1, 4, 2]], dtype=torch.int32, device=device)
-    canonical = dict(cache_seqlens=5, block_table=table, window_size=(-1, -1), softcap=0.0, num_splits=1)
+    canonical = dict(cache_seqlens=5, block_table=table, window_size=(-1, -1), softcap=0.0, num_splits=1,
+                     return_softmax_lse=True)  # fmt: skip
     variant = dict(
         cache_seqlens=np.int64(5), block_table=table.t().contiguous().t(), window_size=torch.tensor([-3, -2]),
-        softcap=-1.0, num_splits=torch.tensor(1),
+        softcap=-1.0, num_splits=torch.tensor(1), return_softmax_lse=True,
     )  # fmt: skip
+    int_like = dict(cache_seqlens=torch.tensor(5, device=device), block_table=table, window_size=[12, 100],
+                    num_splits=1, return_lse=True)  # fmt: skip
     caches = []
     outs = []
-    for kw, kn, vn in ((canonical, k_new, v_new), (variant, strided(k_new), strided(v_new))):
+    for kw, kn, vn in ((canonical, k_new, v_new), (variant, strided(k_new), strided(v_new)), (int_like, k_new, v_new)):
         kc, vc = k_cache.clone(), v_cache.clone()
-        outs.append(flashtron.flash_attn_with_kvcache(q, kc, vc, kn, vn, return_softmax_lse=True, **kw))
+        outs.append(flashtron.flash_attn_with_kvcache(q, kc, vc, kn, vn, **kw))
         caches.append((kc, vc))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    for (out, lse), (kc, vc) in zip(outs[1:], caches[1:]):
+        assert torch.equal(outs[0][0], out) and torch.equal(outs[0][1], lse)
+        assert torch.equal(caches[0][0], kc) and torch.equal(caches[0][1], vc)
+
+
+def _check_kvcache_window_past_capacity_rotary(device):
+    """flash_attn resets a window side >= the cache capacity to -1 before choosing how q is rotated: with
+    (capacity, capacity) every new query is rotated at cache_seqlens as without a window, while a window
+    inside the capacity rotates each at its own position (seqlen_q 3, so the two differ)."""
+    gen = torch.Generator().manual_seed(5)
+    rn = lambda *s: torch.randn(*s, generator=gen).to(device)
+    q, k_new, v_new = rn(2, 3, 4, 16), rn(2, 3, 2, 16), rn(2, 3, 2, 16)
+    k_cache, v_cache = rn(2, 10, 2, 16), rn(2, 10, 2, 16)
+    angles = torch.rand(10, 8, generator=gen).to(device) * 3
+    cos, sin = angles.cos(), angles.sin()
+    outs = {}
+    for window in ((-1, -1), (10, 10), (9, 9)):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs[window] = flashtron.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cos, sin, cache_seqlens=4,
+                                                         window_size=window)  # fmt: skip
+    assert torch.equal(outs[(10, 10)], outs[(-1, -1)])
+    assert not torch.allclose(outs[(9, 9)], outs[(-1, -1)])  # per-token rotation of q: another result
+
+
+def test_kvcache_window_past_capacity_rotary_cpu():
+    _check_kvcache_window_past_capacity_rotary("cpu")
+
+
+@pytest.mark.interpret
+def test_kvcache_window_past_capacity_rotary_interpret(kernel_device):
+    _check_kvcache_window_past_capacity_rotary(kernel_device)
+
+
+def _check_kvcache_records_no_autograd(device):
+    """flash_attn_with_kvcache has no backward: the output carries no grad_fn even when q requires grad, and
+    appending new keys that require grad leaves the caller's caches out of any graph."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 4, 16, generator=gen).to(device).requires_grad_()
+    k_new, v_new = (torch.randn(2, 1, 2, 16, generator=gen).to(device).requires_grad_() for _ in "kv")
+    k_cache, v_cache = (torch.randn(2, 10, 2, 16, generator=gen).to(device) for _ in "kv")
+    out = flashtron.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=4)
+    assert out.grad_fn is None and not out.requires_grad
+    assert not k_cache.requires_grad and not v_cache.requires_grad
+    assert torch.equal(k_cache[:, 4], k_new.detach()[:, 0])  # the append still happened
+
+
+def test_kvcache_records_no_autograd_cpu():
+    _check_kvcache_records_no_autograd("cpu")
+
+
+@pytest.mark.interpret
+def test_kvcache_records_no_autograd_interpret(kernel_device):
+    _check_kvcache_records_no_autograd(kernel_device)
 
 
 def test_kvcache_variants_cpu():
@@ -150,3 +206,5 @@ def test_equivalent_arguments_gpu(name):
 def test_strided_and_kvcache_variants_gpu():
     _check_strided("cuda")
     _check_kvcache_variants("cuda")
+    _check_kvcache_window_past_capacity_rotary("cuda")
+    _check_kvcache_records_no_autograd("cuda")

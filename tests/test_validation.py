@@ -881,7 +881,7 @@ EXTRAS = {
     "flash_attn_varlen_func": [("seqused_k", None)] + _TRAIN_EXTRAS,
     "flash_attn_varlen_qkvpacked_func": [("seqused_k", None)] + _TRAIN_EXTRAS,
     "flash_attn_varlen_kvpacked_func": [("seqused_k", None)] + _TRAIN_EXTRAS,
-    "flash_attn_with_kvcache": [("learnable_sink", None)],
+    "flash_attn_with_kvcache": [("learnable_sink", None), ("return_lse", False)],
     "flash_attn_combine": [],
 }
 

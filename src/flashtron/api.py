@@ -19,6 +19,8 @@ softmax_lse is fp32, natural log.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from flashtron import autograd, checks, inference
@@ -376,6 +378,7 @@ def flash_attn_with_kvcache(
     return_softmax_lse=False,
     *,
     learnable_sink=None,
+    return_lse=False,
 ):
     """Attention of q over a KV cache, optionally appending new keys/values to it first. No backward.
 
@@ -402,7 +405,9 @@ def flash_attn_with_kvcache(
     (torch.backends.cuda.matmul.fp32_precision = "tf32", or the older allow_tf32 = True).
 
     Returns out: (batch_size, seqlen, nheads, headdim_v), or (out, softmax_lse) with
-    return_softmax_lse=True, softmax_lse (batch_size, nheads, seqlen) fp32.
+    return_softmax_lse=True or return_lse=True (keyword, as on the other functions), softmax_lse
+    (batch_size, nheads, seqlen) fp32. As in flash_attn, a window side at least the cache capacity is
+    unbounded (-1): it masks nothing there, and it decides whether q is rotated per token.
     """
     fn = "flash_attn_with_kvcache"
     q, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table = (
@@ -430,8 +435,18 @@ def flash_attn_with_kvcache(
         fn, q, nheads, q.shape[0], dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink, deterministic=False,
     )  # fmt: skip
+    # flash_attn (mha_fwd_kvcache) resets a window side >= the cache capacity to -1 before anything else: the
+    # same mask over at most that many keys, but no longer a window, so q is rotated at cache_seqlens, not per
+    # token (rotary), as without one
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    opts = dataclasses.replace(
+        opts,
+        window_left=-1 if opts.window_left >= capacity else opts.window_left,
+        window_right=-1 if opts.window_right >= capacity else opts.window_right,
+    )
     rotary_interleaved = checks.check_bool(fn, "rotary_interleaved", rotary_interleaved)
     return_softmax_lse = checks.check_bool(fn, "return_softmax_lse", return_softmax_lse)
+    return_lse = checks.check_bool(fn, "return_lse", return_lse)
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     out, lse = inference.kvcache_attention(
@@ -450,7 +465,7 @@ def flash_attn_with_kvcache(
         rotary_interleaved=rotary_interleaved,
         num_splits=num_splits,
     )
-    return (out, lse) if return_softmax_lse else out
+    return (out, lse) if return_softmax_lse or return_lse else out
 
 
 def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):

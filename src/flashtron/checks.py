@@ -345,7 +345,8 @@ def check_kvcache(
     nheads, nheads_k, _, dv = check_qkv(fn, q, k_cache, v_cache, paged=paged, names=names, same_batch=False)
     capacity = _check_cache_rows(fn, q, k_cache, block_table, cache_batch_idx, cache_leftpad)
     seqlen_new = _check_new_kv(fn, q, k, v, nheads_k, dv, cache_seqlens)
-    if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
+    if cache_seqlens is not None and not (isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dim() > 0):
+        # an int-like: an int, a numpy int or a 0-d tensor (API.md), one length for every row
         cache_seqlens = check_int(fn, "cache_seqlens", cache_seqlens, minimum=0)
         # An int is checked here; a tensor's values are checked by check_kvcache_values
         if cache_seqlens + seqlen_new > capacity:
@@ -381,7 +382,10 @@ def _check_cache_rows(fn, q, k_cache, block_table, cache_batch_idx, cache_leftpa
         return k_cache.shape[1]
     check_block_table(fn, block_table, batch=batch, device=dev)
     if cache_batch_idx is not None:
-        raise InputValueError(f"{fn}: cache_batch_idx must be None with a paged cache (block_table maps rows)")
+        raise InputValueError(
+            f"{fn}: cache_batch_idx must be None with a paged cache (block_table maps rows), got "
+            f"{_describe(cache_batch_idx)}"
+        )
     return block_table.shape[1] * k_cache.shape[1]
 
 
@@ -399,7 +403,7 @@ def _check_new_kv(fn, q, k, v, nheads_k, headdim_v, cache_seqlens) -> int:
         if tuple(t.shape) != want:
             raise InputValueError(f"{fn}: {name} must have shape {want} {layout}, got {tuple(t.shape)}")
     if cache_seqlens is None:
-        raise InputValueError(f"{fn}: cache_seqlens is required when k and v are given (where to write them)")
+        raise InputValueError(f"{fn}: cache_seqlens is required when k and v are given (where to write them), got None")
     return k.shape[1]
 
 
@@ -411,7 +415,7 @@ def _check_rotary(fn, q, rotary_cos, rotary_sin, *, has_new_kv, capacity):
     if rotary_cos is None:
         return
     if not has_new_kv:  # as in flash_attn: rotary is applied while appending new keys
-        raise InputValueError(f"{fn}: rotary_cos/rotary_sin need the new k and v to be given")
+        raise InputValueError(f"{fn}: rotary_cos/rotary_sin need the new k and v to be given, got k=None")
     layout = "(seqlen_ro, rotary_dim / 2)"
     for name, t, shape in (("rotary_cos", rotary_cos, None), ("rotary_sin", rotary_sin, rotary_cos.shape)):
         check_tensor(fn, name, t, ndim=2, layout=layout, shape=shape, dtype=q.dtype, like="q", device=q.device)

@@ -100,11 +100,15 @@ def _kvcache_attention(
         rotary_interleaved=rotary_interleaved,
     )
     cache = cache_layout(k_cache, block_table)
-    if uses_triton(q):
-        from flashtron import launch  # imports triton: only where the Triton kernels run
+    # no backward here (flash_attn's has none): autograd must not record the PyTorch ops (the CPU path, rotary
+    # and bookkeeping on the Triton one), or the output would carry a grad_fn and the in-place append would
+    # make the caller's cache part of a graph
+    with torch.no_grad():
+        if uses_triton(q):
+            from flashtron import launch  # imports triton: only where the Triton kernels run
 
-        return launch.kvcache_forward(q, k_cache, v_cache, opts, cache, num_splits=num_splits, **args)
-    return cpu.kvcache_forward(q, k_cache, v_cache, opts, cache, **args)
+            return launch.kvcache_forward(q, k_cache, v_cache, opts, cache, num_splits=num_splits, **args)
+        return cpu.kvcache_forward(q, k_cache, v_cache, opts, cache, **args)
 
 
 def combine(out_partial, lse_partial, out=None, out_dtype=None):
