@@ -117,3 +117,71 @@ def test_bad_input(case):
     build, exc, match = BAD[case]
     with pytest.raises(exc, match=match):
         build()
+
+
+def test_index_first_axis_and_put_by_hand():
+    """flash_attn.bert_padding's index helpers: a row gather and its inverse scatter into zeros, with their
+    gradients (rows go back where they came from; rows not gathered get 0)."""
+    from flashtron.padding import index_first_axis, index_put_first_axis
+
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    indices = torch.tensor([4, 0, 5], dtype=torch.int32)
+    rows = index_first_axis(x, indices)
+    assert torch.equal(rows, torch.stack([x[4], x[0], x[5]]))
+    grad = torch.randn(3, 2, 3)
+    rows.backward(grad)
+    expected = torch.zeros(6, 2, 3)
+    expected[4], expected[0], expected[5] = grad[0], grad[1], grad[2]
+    assert torch.equal(x.grad, expected)
+
+    values = torch.randn(3, 4, requires_grad=True)
+    put = index_put_first_axis(values, indices.long(), 6)
+    assert put.shape == (6, 4) and torch.equal(put[[4, 0, 5]], values.detach())
+    assert torch.equal(put[[1, 2, 3]], torch.zeros(3, 4))
+    put.backward(torch.arange(24.0).reshape(6, 4))
+    assert torch.equal(values.grad, torch.arange(24.0).reshape(6, 4)[[4, 0, 5]])
+    assert torch.equal(index_first_axis(put.detach(), indices), values.detach())  # the two are inverses
+
+
+def test_unpad_concatenated_sequences_by_hand():
+    """Rows that pack several sequences from the left ([[2, 3, 0, 0, 0, 0], [3, 2, 0, 0, 0, 0]]): the
+    first 5 tokens of each row, and cu_seqlens over the four sequences."""
+    from flashtron.padding import unpad_input_for_concatenated_sequences
+
+    x = torch.randn(2, 6, 4)
+    lengths = torch.tensor([[2, 3, 0, 0, 0, 0], [3, 2, 0, 0, 0, 0]])
+    hidden, indices, cu_seqlens, max_seqlen = unpad_input_for_concatenated_sequences(x, lengths)
+    assert indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 2, 5, 8, 10]
+    assert max_seqlen == 3 and isinstance(max_seqlen, int)
+    assert torch.equal(hidden, torch.cat([x[0, :5], x[1, :5]]))
+    empty = unpad_input_for_concatenated_sequences(x, torch.zeros(2, 6, dtype=torch.int64))
+    assert empty[0].shape == (0, 4) and empty[2].tolist() == [0] and empty[3] == 0
+
+
+def test_bert_padding_module_names():
+    """`from flash_attn.bert_padding import ...` works as `from flashtron.bert_padding import ...`."""
+    from flashtron import bert_padding, padding
+
+    for name in ("unpad_input", "pad_input", "index_first_axis", "index_put_first_axis",
+                 "unpad_input_for_concatenated_sequences"):  # fmt: skip
+        assert getattr(bert_padding, name) is getattr(padding, name)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: __import__("flashtron").padding.index_first_axis(torch.randn(4), torch.tensor([0])), "input"),
+        (lambda: __import__("flashtron").padding.index_first_axis(torch.randn(4, 2), torch.tensor([0.0])), "indices"),
+        (lambda: __import__("flashtron").padding.index_put_first_axis(torch.randn(2, 2), torch.tensor([0]), 4),
+         "indices"),
+        (lambda: __import__("flashtron").padding.unpad_input_for_concatenated_sequences(
+            torch.randn(2, 3, 4), torch.ones(2, 3)), "attention_mask_in_length"),
+        (lambda: __import__("flashtron").padding.unpad_input_for_concatenated_sequences(
+            torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.int64)), "attention_mask_in_length"),
+    ],
+)  # fmt: skip
+def test_index_helpers_bad_input(call, match):
+    with pytest.raises(RuntimeError, match=match) as info:
+        call()
+    assert isinstance(info.value, (ValueError, TypeError))

@@ -1,7 +1,9 @@
-"""unpad_input / pad_input: between padded (batch, seqlen, ...) tensors and the varlen layout.
+"""unpad_input / pad_input: between padded (batch, seqlen, ...) tensors and the varlen layout, and the rest of
+flash_attn's `bert_padding` (2.8): index_first_axis, index_put_first_axis and
+unpad_input_for_concatenated_sequences (flashtron.bert_padding has them under that module's name).
 
-Same results as flash_attn's `bert_padding` (2.8). Both directions are differentiable: unpad is a
-row gather, pad is a scatter of the rows into zeros, and autograd differentiates each as the other.
+Same results as flash_attn's. Every direction is differentiable: unpad is a row gather, pad is a scatter of
+the rows into zeros, and autograd differentiates each as the other.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import torch
 
 from flashtron import checks
 
-__all__ = ["unpad_input", "pad_input"]
+__all__ = [
+    "unpad_input",
+    "pad_input",
+    "index_first_axis",
+    "index_put_first_axis",
+    "unpad_input_for_concatenated_sequences",
+]
 
 
 def _check_mask(fn, name, mask, shape, device):
@@ -56,6 +64,79 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
     flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
     return torch.index_select(flat, 0, indices), indices, cu_seqlens, max_seqlen, seqused
+
+
+def _check_indices(fn, indices, device):
+    checks.check_tensor(fn, "indices", indices, ndim=1, layout="(n,)", device=device, unit_stride=False)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise checks.InputTypeError(f"{fn}: indices must have dtype int64 or int32, got {indices.dtype}")
+
+
+def index_first_axis(input, indices):
+    """input[indices] along the first axis: input (first_axis_dim, ...), indices (n,) int64 / int32; returns
+    (n, ...). The gradient goes back to the rows it came from (summed where an index repeats)."""
+    fn = "index_first_axis"
+    checks.check_tensor(fn, "input", input, unit_stride=False)
+    if input.dim() < 2:
+        raise checks.InputValueError(f"{fn}: input must have at least 2 dimensions, got shape {tuple(input.shape)}")
+    _check_indices(fn, indices, input.device)
+    return torch.index_select(input, 0, indices.long())
+
+
+def index_put_first_axis(values, indices, first_axis_dim):
+    """The rows of values at positions indices of a zero tensor of first_axis_dim rows: values (n, ...),
+    indices (n,) int64 / int32, distinct; returns (first_axis_dim, ...), differentiable in values."""
+    fn = "index_put_first_axis"
+    checks.check_tensor(fn, "values", values, unit_stride=False)
+    if values.dim() < 2:
+        raise checks.InputValueError(f"{fn}: values must have at least 2 dimensions, got shape {tuple(values.shape)}")
+    _check_indices(fn, indices, values.device)
+    if indices.shape[0] != values.shape[0]:
+        raise checks.InputValueError(
+            f"{fn}: indices must have one entry per row of values ({values.shape[0]}), got shape {tuple(indices.shape)}"
+        )
+    first_axis_dim = checks.check_int(fn, "first_axis_dim", first_axis_dim, minimum=0)
+    zeros = values.new_zeros((first_axis_dim, *values.shape[1:]))
+    return zeros.index_copy(0, indices.long(), values)
+
+
+def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_length):
+    """unpad_input for rows that each pack several sequences back to back (flash_attn's "concatenated"
+    form). attention_mask_in_length: (batch, seqlen) int, row b lists the lengths of its sequences from the
+    left, then zeros: [[2, 3, 0, 0, 0, 0], [3, 2, 0, 0, 0, 0]] is sequences of 2 and 3 tokens at the start of
+    row 0 and of 3 and 2 at the start of row 1.
+
+    Returns (hidden_states, indices, cu_seqlens, max_seqlen_in_batch): hidden_states (total_nnz, ...) the
+    first sum(lengths) tokens of each row; indices (total_nnz,) int64 in the flattened (batch * seqlen) input;
+    cu_seqlens (number of sequences + 1,) int32 over every sequence of every row; max_seqlen_in_batch an int
+    (read back to the host, as in flash_attn).
+    """
+    fn = "unpad_input_for_concatenated_sequences"
+    checks.check_tensor(fn, "hidden_states", hidden_states, unit_stride=False)
+    if hidden_states.dim() < 2:
+        raise checks.InputValueError(
+            f"{fn}: hidden_states must be (batch, seqlen, ...), got shape {tuple(hidden_states.shape)}"
+        )
+    lengths = attention_mask_in_length
+    checks.check_tensor(fn, "attention_mask_in_length", lengths, ndim=2, layout="(batch, seqlen)",
+                        device=hidden_states.device, unit_stride=False)  # fmt: skip
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise checks.InputTypeError(f"{fn}: attention_mask_in_length must be an integer tensor, got {lengths.dtype}")
+    if tuple(lengths.shape) != tuple(hidden_states.shape[:2]):
+        raise checks.InputValueError(
+            f"{fn}: attention_mask_in_length must have shape (batch, seqlen) = {tuple(hidden_states.shape[:2])}, "
+            f"got {tuple(lengths.shape)}"
+        )
+    seqlen = lengths.shape[1]
+    per_row = lengths.sum(dim=-1)  # the tokens each row holds, from its left end
+    kept = torch.arange(seqlen, device=lengths.device)[None, :] < per_row[:, None]
+    seqlens = lengths.flatten()
+    seqlens = seqlens[seqlens != 0]  # the sequences, row after row, in order
+    indices = torch.nonzero(kept.flatten()).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
+    return torch.index_select(flat, 0, indices), indices, cu_seqlens, max_seqlen
 
 
 def pad_input(hidden_states, indices, batch, seqlen):
