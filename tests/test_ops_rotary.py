@@ -278,3 +278,60 @@ def test_gpu_varlen(interleaved):
 @pytest.mark.gpu
 def test_gpu_inplace():
     check_inplace("cuda")
+
+
+def test_flash_attn_layers_rotary_path():
+    """flash_attn.layers.rotary's functions under flashtron.layers.rotary: the packed helpers rotate q and k
+    in place (k by cos_k/sin_k when given) exactly as apply_rotary_emb does on those slices, leave v alone,
+    and pass gradients through (qkv a non-leaf, as a projection's output is)."""
+    from flashtron.layers import rotary as layers_rotary
+    from flashtron.ops import apply_rotary_emb
+
+    assert layers_rotary.apply_rotary_emb is apply_rotary_emb is layers_rotary.apply_rotary_emb_func
+    gen = torch.Generator().manual_seed(7)
+    b, s, h, d = 2, 9, 3, 16
+    angles = torch.rand(12, 6, generator=gen) * 4
+    cos, sin, cos_k, sin_k = angles.cos(), angles.sin(), (angles / 2).cos(), (angles / 2).sin()
+    for interleaved in (False, True):
+        base = torch.randn(b, s, 3, h, d, generator=gen)
+        want_q = apply_rotary_emb(base[:, :, 0], cos, sin, interleaved, seqlen_offsets=2)
+        want_k = apply_rotary_emb(base[:, :, 1], cos_k, sin_k, interleaved, seqlen_offsets=2)
+        qkv = base.clone()
+        assert layers_rotary.apply_rotary_emb_qkv_(qkv, cos, sin, cos_k, sin_k, interleaved, 2) is qkv
+        assert torch.equal(qkv[:, :, 0], want_q) and torch.equal(qkv[:, :, 1], want_k)
+        assert torch.equal(qkv[:, :, 2], base[:, :, 2])
+        # GQA form: 4 query heads, then 1 key head and 1 value head
+        flat = torch.randn(b, s, 6, d, generator=gen)
+        packed = flat.clone()
+        layers_rotary.apply_rotary_emb_qkv_(packed, cos, sin, interleaved=interleaved, num_heads_q=4)
+        assert torch.equal(packed[:, :, :4], apply_rotary_emb(flat[:, :, :4], cos, sin, interleaved))
+        assert torch.equal(packed[:, :, 4:5], apply_rotary_emb(flat[:, :, 4:5], cos, sin, interleaved))
+        assert torch.equal(packed[:, :, 5:], flat[:, :, 5:])
+        kv = base[:, :, :2].clone()
+        layers_rotary.apply_rotary_emb_kv_(kv, cos, sin, interleaved)
+        assert torch.equal(kv[:, :, 0], apply_rotary_emb(base[:, :, 0], cos, sin, interleaved))
+        assert torch.equal(kv[:, :, 1], base[:, :, 1])
+    leaf = torch.randn(b, s, 3, h, d, generator=gen, requires_grad=True)
+    out = layers_rotary.apply_rotary_emb_qkv_(leaf * 1.0, cos, sin)
+    grad = torch.randn(b, s, 3, h, d, generator=gen)
+    out.backward(grad)
+    ref = leaf.detach().clone().requires_grad_()
+    parts = [apply_rotary_emb(ref[:, :, 0], cos, sin), apply_rotary_emb(ref[:, :, 1], cos, sin), ref[:, :, 2]]
+    torch.stack(parts, dim=2).backward(grad)
+    assert torch.allclose(leaf.grad, ref.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda r, c: r.apply_rotary_emb_qkv_(torch.randn(2, 3, 2, 4, 8), c, c), "qkv"),
+        (lambda r, c: r.apply_rotary_emb_qkv_(torch.randn(2, 3, 5, 8), c, c, num_heads_q=2), "qkv"),
+        (lambda r, c: r.apply_rotary_emb_kv_(torch.randn(2, 3, 3, 4, 8), c, c), "kv"),
+    ],
+)
+def test_flash_attn_layers_rotary_bad_input(call, match):
+    from flashtron.layers import rotary as layers_rotary
+
+    with pytest.raises(RuntimeError, match=match) as info:
+        call(layers_rotary, torch.ones(8, 4))
+    assert isinstance(info.value, (ValueError, TypeError))
