@@ -280,20 +280,20 @@ def test_gpu_inplace():
     check_inplace("cuda")
 
 
-def test_flash_attn_layers_rotary_path():
+def _check_layers_rotary(device):
     """flash_attn.layers.rotary's functions under flashtron.layers.rotary: the packed helpers rotate q and k
     in place (k by cos_k/sin_k when given) exactly as apply_rotary_emb does on those slices, leave v alone,
     and pass gradients through (qkv a non-leaf, as a projection's output is)."""
     from flashtron.layers import rotary as layers_rotary
-    from flashtron.ops import apply_rotary_emb
 
     assert layers_rotary.apply_rotary_emb is apply_rotary_emb is layers_rotary.apply_rotary_emb_func
     gen = torch.Generator().manual_seed(7)
+    rn = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
     b, s, h, d = 2, 9, 3, 16
-    angles = torch.rand(12, 6, generator=gen) * 4
+    angles = (torch.rand(12, 6, generator=gen) * 4).to(device)
     cos, sin, cos_k, sin_k = angles.cos(), angles.sin(), (angles / 2).cos(), (angles / 2).sin()
     for interleaved in (False, True):
-        base = torch.randn(b, s, 3, h, d, generator=gen)
+        base = rn(b, s, 3, h, d)
         want_q = apply_rotary_emb(base[:, :, 0], cos, sin, interleaved, seqlen_offsets=2)
         want_k = apply_rotary_emb(base[:, :, 1], cos_k, sin_k, interleaved, seqlen_offsets=2)
         qkv = base.clone()
@@ -301,7 +301,7 @@ def test_flash_attn_layers_rotary_path():
         assert torch.equal(qkv[:, :, 0], want_q) and torch.equal(qkv[:, :, 1], want_k)
         assert torch.equal(qkv[:, :, 2], base[:, :, 2])
         # GQA form: 4 query heads, then 1 key head and 1 value head
-        flat = torch.randn(b, s, 6, d, generator=gen)
+        flat = rn(b, s, 6, d)
         packed = flat.clone()
         layers_rotary.apply_rotary_emb_qkv_(packed, cos, sin, interleaved=interleaved, num_heads_q=4)
         assert torch.equal(packed[:, :, :4], apply_rotary_emb(flat[:, :, :4], cos, sin, interleaved))
@@ -311,14 +311,23 @@ def test_flash_attn_layers_rotary_path():
         layers_rotary.apply_rotary_emb_kv_(kv, cos, sin, interleaved)
         assert torch.equal(kv[:, :, 0], apply_rotary_emb(base[:, :, 0], cos, sin, interleaved))
         assert torch.equal(kv[:, :, 1], base[:, :, 1])
-    leaf = torch.randn(b, s, 3, h, d, generator=gen, requires_grad=True)
+    leaf = rn(b, s, 3, h, d).requires_grad_()
     out = layers_rotary.apply_rotary_emb_qkv_(leaf * 1.0, cos, sin)
-    grad = torch.randn(b, s, 3, h, d, generator=gen)
+    grad = rn(b, s, 3, h, d)
     out.backward(grad)
     ref = leaf.detach().clone().requires_grad_()
     parts = [apply_rotary_emb(ref[:, :, 0], cos, sin), apply_rotary_emb(ref[:, :, 1], cos, sin), ref[:, :, 2]]
     torch.stack(parts, dim=2).backward(grad)
     assert torch.allclose(leaf.grad, ref.grad, atol=1e-6)
+
+
+def test_flash_attn_layers_rotary_path():
+    _check_layers_rotary("cpu")
+
+
+@pytest.mark.interpret
+def test_flash_attn_layers_rotary_path_interpret(kernel_device):
+    _check_layers_rotary(kernel_device)
 
 
 @pytest.mark.parametrize(
