@@ -432,6 +432,138 @@ def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, O
         )  # fmt: skip
 
 
+@gluon.jit
+def _persistent_grid(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                     stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale,
+                     softcap_log2, nheads, batch, heads_per_section,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SNAKE: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr):  # fmt: skip
+    """The PERSISTENT kernel body: the Q buffers' barriers, then the loader and the consumers over this
+    program's work tiles."""
+    gl.static_assert(WARP_SPECIALIZE and CONSUMERS <= 2, "persistent: the loader partition, 1 or 2 consumers")
+    # ping-pong turns count n_blocks + 1 per tile, which only the overlapped step takes (_consume_tile)
+    gl.static_assert(CONSUMERS == 1 or OVERLAP, "persistent ping-pong needs the overlap")
+    # Q buffer b: ready (b), free (2 + b), completing when every consumer has released it; the Q ready
+    # barrier of `bars` is not used
+    q_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(q_bars.index(2 + i), count=CONSUMERS)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_persistent_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, CONSUMERS,
+            )),
+            (_persistent_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 1, CONSUMERS,
+            )),
+            (_persistent_loader, (
+                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
+                window_left, window_right, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, CONSUMERS,
+            )),
+        ], [4, 1], [240, 24])  # fmt: skip
+    else:
+        gl.warp_specialize([
+            (_persistent_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, 1,
+            )),
+            (_persistent_loader, (
+                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
+                window_left, window_right, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, 1,
+            )),
+        ], [1], [24])  # fmt: skip
+
+
+@gluon.jit
+def _one_tile_grid(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                   stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale,
+                   softcap_log2, q_start, k_start,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                   WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
+                   IS_VARLEN: gl.constexpr):  # fmt: skip
+    """The kernel body of the (query blocks, nheads, batch) grid: this program's query block, its KV range,
+    its Q, then the consumers (with WARP_SPECIALIZE, and the KV loader partition) over the blocks; q_start and
+    k_start: the sequence's first rows with IS_VARLEN (else unused)."""
+    pid_m = gl.program_id(0)
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+    if HAS_RIGHT:
+        # with a right bound the last query blocks see the most keys: launch them first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_hk = off_h // group_size
+    # the boxes' batch coordinates (box_coords): the batch entry, or with varlen the sequence's first row
+    q_b = off_b
+    kv_b = off_b
+    if IS_VARLEN:
+        q_b = q_start
+        kv_b = k_start
+        # Out and LSE at the sequence's first row; their batch strides are 0
+        Out += q_start.to(gl.int64) * stride_om
+        LSE += q_start.to(gl.int64)
+    lo, full_lo, full_hi, hi = kv_range(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    # at least one block, also for rows that see no key: block lo is in range (lo < seqlen_k) and fully
+    # masked, so they come out as out 0 / lse -inf without a separate path
+    n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)
+
+    _load_q(q_desc, q_smem, bars.index(4 * STAGES), 0, start_m, q_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
+
+    # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
+    if CONSUMERS == 2:
+        # consumer 0 is the default partition (4 warps), consumer 1 a 4-warp worker
+        gl.warp_specialize([
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                0, CONSUMERS, IS_VARLEN,
+            )),
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                1, CONSUMERS, IS_VARLEN,
+            )),
+            (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
+        ], [4, 1], [240, 24])  # fmt: skip
+    elif WARP_SPECIALIZE:
+        gl.warp_specialize([
+            (_consumer, (
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+                0, 1, IS_VARLEN,
+            )),
+            (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
+        ], [1], [24])  # fmt: skip
+    else:
+        _consumer(
+            q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
+            stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
+            qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
+            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, 0, 1,
+            IS_VARLEN,
+        )  # fmt: skip
+
+
 # seqlens and the LSE strides that follow them are runtime values: no recompile per sequence length; nor
 # per GQA group size (1 would be a specialization of its own, for one integer division per program)
 # nheads, batch and heads_per_section (read by the persistent grid only) likewise
@@ -474,6 +606,8 @@ def attention_fwd_hopper_kernel(
     # V rows past seqused_k are zeroed under IS_VARLEN only (_zero_v_tail)
     gl.static_assert(IS_VARLEN or not HAS_SEQUSED_K, "seqused_k needs varlen")
     gl.static_assert(PERSISTENT or not SNAKE, "snake order is a persistent-grid schedule")
+    q_start = 0  # the sequence's first rows (varlen), passed to _one_tile_grid
+    k_start = 0
     if IS_VARLEN:
         gl.static_assert(not PERSISTENT, "varlen runs on the one-tile grid only")
         q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(
@@ -499,112 +633,16 @@ def attention_fwd_hopper_kernel(
         mbarrier.init(bars.index(i), count=1)
 
     if PERSISTENT:
-        gl.static_assert(WARP_SPECIALIZE and CONSUMERS <= 2, "persistent: the loader partition, 1 or 2 consumers")
-        # ping-pong turns count n_blocks + 1 per tile, which only the overlapped step takes (_consume_tile)
-        gl.static_assert(CONSUMERS == 1 or OVERLAP, "persistent ping-pong needs the overlap")
-        # Q buffer b: ready (b), free (2 + b), completing when every consumer has released it; the Q ready
-        # barrier of `bars` is not used
-        q_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(q_bars.index(i), count=1)
-            mbarrier.init(q_bars.index(2 + i), count=CONSUMERS)
-        if CONSUMERS == 2:
-            gl.warp_specialize([
-                (_persistent_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
-                    stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
-                    qk_scale, softcap_log2, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, CONSUMERS,
-                )),
-                (_persistent_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
-                    stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
-                    qk_scale, softcap_log2, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 1, CONSUMERS,
-                )),
-                (_persistent_loader, (
-                    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
-                    window_left, window_right, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, CONSUMERS,
-                )),
-            ], [4, 1], [240, 24])  # fmt: skip
-        else:
-            gl.warp_specialize([
-                (_persistent_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
-                    stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
-                    qk_scale, softcap_log2, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, 1,
-                )),
-                (_persistent_loader, (
-                    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
-                    window_left, window_right, nheads, batch, heads_per_section,
-                    BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, 1,
-                )),
-            ], [1], [24])  # fmt: skip
+        _persistent_grid(
+            q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh, stride_lb,
+            stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, softcap_log2, nheads, batch,
+            heads_per_section, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP,
+            WARP_SPECIALIZE, OVERLAP, CONSUMERS,
+        )  # fmt: skip
     else:
-        pid_m = gl.program_id(0)
-        off_h = gl.program_id(1)
-        off_b = gl.program_id(2)
-        if HAS_RIGHT:
-            # with a right bound the last query blocks see the most keys: launch them first
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        start_m = pid_m * BLOCK_M
-        off_hk = off_h // group_size
-        # the boxes' batch coordinates (box_coords): the batch entry, or with varlen the sequence's first row
-        q_b = off_b
-        kv_b = off_b
-        if IS_VARLEN:
-            q_b = q_start
-            kv_b = k_start
-            # Out and LSE at the sequence's first row; their batch strides are 0
-            Out += q_start.to(gl.int64) * stride_om
-            LSE += q_start.to(gl.int64)
-        lo, full_lo, full_hi, hi = kv_range(
-            start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-        )
-        # at least one block, also for rows that see no key: block lo is in range (lo < seqlen_k) and fully
-        # masked, so they come out as out 0 / lse -inf without a separate path
-        n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 1)
-
-        _load_q(q_desc, q_smem, bars.index(4 * STAGES), 0, start_m, q_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
-
-        # argument tuples inline: a tuple assigned to a name turns its constexprs into tensors
-        if CONSUMERS == 2:
-            # consumer 0 is the default partition (4 warps), consumer 1 a 4-warp worker
-            gl.warp_specialize([
-                (_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    0, CONSUMERS, IS_VARLEN,
-                )),
-                (_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    1, CONSUMERS, IS_VARLEN,
-                )),
-                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
-            ], [4, 1], [240, 24])  # fmt: skip
-        elif WARP_SPECIALIZE:
-            gl.warp_specialize([
-                (_consumer, (
-                    q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
-                    0, 1, IS_VARLEN,
-                )),
-                (kv_loader, (k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, kv_b, off_hk, BLOCK_N, STAGES)),
-            ], [1], [24])  # fmt: skip
-        else:
-            _consumer(
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                stride_lb, stride_lh, kv_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, softcap_log2, lo, full_lo, full_hi, hi, n_blocks,
-                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, 0, 1,
-                IS_VARLEN,
-            )  # fmt: skip
+        _one_tile_grid(
+            q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh, stride_lb,
+            stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, softcap_log2, q_start,
+            k_start, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP,
+            CONSUMERS, IS_VARLEN,
+        )  # fmt: skip
