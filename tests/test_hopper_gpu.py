@@ -290,9 +290,9 @@ def test_gluon_forward_varlen_keys_outside_sequences(gluon_forward, case):
 
 
 @pytest.mark.gpu
-def test_unverified_features_stay_on_triton_by_default(monkeypatch):
+def test_untimed_features_stay_on_triton_by_default(monkeypatch):
     """With FLASHTRON_BACKEND unset, softcap and varlen calls at head dim 128 (where covered dense calls take the
-    Gluon forward by default) run on the Triton forward: only verified code runs in the gpu tier."""
+    Gluon forward by default) run on the Triton forward until they are timed (GLUON_UNTIMED_FEATURES)."""
     import flashtron
 
     calls = _count_launches(monkeypatch, "attention_forward", FLASHTRON_BACKEND=None)
@@ -303,3 +303,25 @@ def test_unverified_features_stay_on_triton_by_default(monkeypatch):
     assert not calls
     check_attention(1, 129, 129, 2, 2, 128, 128, torch.bfloat16, "cuda", causal=True, backward=False)
     assert calls  # the dense call still takes it
+
+
+@pytest.mark.gpu
+def test_default_dispatch_tiles(monkeypatch):
+    """With FLASHTRON_BACKEND unset, covered dense forwards at head dims 64 and 128 take the Gluon kernel on the
+    persistent grid, except masked d128 calls past PERSISTENT_MASKED_MAX_SEQLEN, which take the one-tile grid
+    (launch_hopper.dispatched_tile); each result against the reference by the tests' rule."""
+    from flashtron import launch_hopper
+
+    calls = _count_launches(monkeypatch, "attention_forward", FLASHTRON_BACKEND=None)
+    tiles = []
+    original = launch_hopper.dispatched_tile
+    monkeypatch.setattr(
+        launch_hopper, "dispatched_tile", lambda *a, **kw: tiles.append(original(*a, **kw)) or tiles[-1]
+    )
+    long_q = launch_hopper.PERSISTENT_MASKED_MAX_SEQLEN[128] + 100
+    for d, sq, causal, persistent in ((64, 1000, True, True), (128, 700, False, True), (128, 700, True, True),
+                                      (128, long_q, True, False), (128, long_q, False, True)):  # fmt: skip
+        before = len(calls)
+        check_attention(1, sq, sq, 2, 2, d, d, torch.bfloat16, "cuda", causal=causal, backward=False)
+        assert len(calls) == before + 1, f"d{d} sq={sq} causal={causal}: not the Gluon forward"
+        assert tiles[-1].persistent == persistent, f"d{d} sq={sq} causal={causal}: {tiles[-1]}"
