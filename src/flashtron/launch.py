@@ -285,7 +285,7 @@ def attention_backward(
         q, k, v, dout, opts, varlen=varlen, seqused_k=seqused_k
     )
     if gluon_dkdv and not opts.deterministic and env.gluon_fused_dq():
-        # opt-in (never run on a GPU yet): dQ added from inside the Gluon dK/dV kernel by fp32 TMA reduce-add
+        # opt-in (measured slower): dQ added from inside the Gluon dK/dV kernel by fp32 TMA reduce-add
         launch_hopper.attention_backward_fused(q, k, v, dout, lse, delta, dq, dk, dv, opts)
         return dq, dk, dv, delta
     if gluon_dkdv:
@@ -294,7 +294,7 @@ def attention_backward(
     else:
         launch_dkdv(_tuned("dkdv", cfg_kv, launch_dkdv, q, opts, *shape))
     if gluon_dkdv and env.gluon_dq():
-        # opt-in (never run on a GPU yet): dQ on the Gluon Hopper kernel, also without atomics
+        # opt-in (not measured faster): dQ on the Gluon Hopper kernel, also without atomics
         launch_hopper.attention_backward_dq(q, k, v, dout, lse, delta, dq, opts)
     else:
         launch_dq(_tuned("dq", cfg_q, launch_dq, q, opts, *shape))

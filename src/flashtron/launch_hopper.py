@@ -150,8 +150,8 @@ HOPPER_BWD_TILES = {
 # the dQ partial takes 64 x d / 256 fp32 registers a consumer thread while its wgmma runs, and shared memory
 # holds dS^T (16-bit 128 x 64, 16K) and the fp32 partial (64 x d): d64 64K + 16K + 16K = 96K, d128 128K +
 # 16K + 32K = 176K. ptxas (triton 3.6.0, setmaxnreg 240): d64 stack 0 for every mask (with 128 rows a step,
-# FA3's d64 tile: 128-344 bytes); d128 384-440 bytes (32 rows a step, dQ^T orientation: 160-224). Compiled for
-# sm_90 only, never run (docs/perf-notes.md, 2026-12-02, "dQ fused into the Gluon dK/dV").
+# FA3's d64 tile: 128-344 bytes); d128 384-440 bytes (32 rows a step, dQ^T orientation: 160-224). Correct on an
+# H200 (2026-12-02, 84/84) but slower: the whole backward at 0.75-0.98x the default (docs/perf-notes.md).
 HOPPER_BWD_FUSED_TILES = {
     64: HopperBwdTile(64, 128, 2),
     128: HopperBwdTile(64, 128, 2),
@@ -386,17 +386,7 @@ def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, t
         seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
         opts.softmax_scale * LOG2E, opts.softmax_scale,
     )  # fmt: skip
-    kwargs = dict(
-        BLOCK_M=tile.block_m,
-        BLOCK_N=tile.block_n,
-        STAGES=tile.stages,
-        HAS_LEFT=opts.window_left >= 0,
-        HAS_RIGHT=opts.window_right >= 0,
-        num_warps=tile.num_warps,
-        # two consumer warpgroups and the loader's: 3 x 128 threads x 168 fit the 64K registers; setmaxnreg
-        # moves the loader's share (24) to the consumers (240)
-        maxnreg=168,
-    )
+    kwargs = _backward_kwargs(tile, opts)
     if fused:  # only then: the deterministic kernel's specialization stays what it was
         kwargs["FUSED_DQ"] = True
     return attention_bwd_dkdv_hopper_kernel, grid, args, kwargs
@@ -426,8 +416,8 @@ def attention_backward_fused(q, k, v, dout, lse, delta, dq, dk, dv, opts: AttnOp
 
 # The Gluon dQ kernel (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel), opt-in: launch.attention_backward
 # runs it in place of the Triton dQ only with FLASHTRON_GLUON_DQ=1 (env.gluon_dq) and only for calls whose
-# dK/dV takes the Gluon kernel. It has been compiled for sm_90 but has never run on a GPU (docs/perf-notes.md,
-# 2026-12-02, "a Gluon dQ kernel").
+# dK/dV takes the Gluon kernel. Correct on an H200 (2026-12-02, 84/84 cases), but the whole backward with it
+# measured 0.91-1.07x the default one (docs/perf-notes.md, third session), so it is not the default.
 @dataclass(frozen=True)
 class HopperDqTile:
     block_m: int  # query rows per program (resident Q and dO)
@@ -442,7 +432,7 @@ class HopperDqTile:
 # d128 with 128 keys (224) compiles without spills, but ptxas serializes its wgmmas (advisory C7512: too few
 # registers left at setmaxnreg's 240; scripts/aot_report.py gluon-dq). Shared memory, 16-bit: Q + dO
 # 2 x 128 x d plus STAGES x (K + V) of BLOCK_N x d: d64 32K + 2 x 32K = 96K; d128 64K + 3 x 32K = 160K.
-# Not measured.
+# Timed only as these tiles (gluon_check.py --backward, H200, 2026-12-02); no other tile was tried.
 HOPPER_DQ_TILES = {
     64: HopperDqTile(128, 128, 2),
     128: HopperDqTile(128, 64, 3),
@@ -466,16 +456,22 @@ def backward_dq_launch(q, k, v, dout, lse, delta, dq, opts: AttnOptions, tile: H
         seqlen_q, seqlen_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
         opts.softmax_scale * LOG2E, opts.softmax_scale,
     )  # fmt: skip
-    kwargs = dict(
+    return attention_bwd_dq_hopper_kernel, grid, args, _backward_kwargs(tile, opts)
+
+
+def _backward_kwargs(tile, opts: AttnOptions) -> dict:
+    """The launch keywords both Gluon backward kernels take from their tile and the mask."""
+    return dict(
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n,
         STAGES=tile.stages,
         HAS_LEFT=opts.window_left >= 0,
         HAS_RIGHT=opts.window_right >= 0,
         num_warps=tile.num_warps,
-        maxnreg=168,  # as backward_dkdv_launch: setmaxnreg gives the consumers 240, the loader 24
+        # two consumer warpgroups and the loader's: 3 x 128 threads x 168 fit the 64K registers; setmaxnreg
+        # moves the loader's share (24) to the consumers (240)
+        maxnreg=168,
     )
-    return attention_bwd_dq_hopper_kernel, grid, args, kwargs
 
 
 def attention_backward_dq(q, k, v, dout, lse, delta, dq, opts: AttnOptions, tile: HopperDqTile | None = None):

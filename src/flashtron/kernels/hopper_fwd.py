@@ -26,7 +26,7 @@ CONSUMERS have arrived). They take turns issuing their matmuls: consumer c waits
 issues the step's wgmmas, and passes the turn to consumer c + 1 (round robin), so one warpgroup's
 softmax runs while the next one's matmuls occupy the tensor cores.
 
-PERSISTENT (a candidate, compiled for sm_90 but never run; needs WARP_SPECIALIZE, CONSUMERS <= 2): a 1-D
+PERSISTENT (dispatched for dense calls: launch_hopper.dispatched_tile; needs WARP_SPECIALIZE, CONSUMERS <= 2): a 1-D
 grid of min(work tiles, SMs) programs, each looping over its (query block, head, batch) tiles in the
 static order of tile_coords (heaviest first under a right bound). The loader also loads each tile's Q,
 into one of two Q buffers, so the next tile's Q and K/V are in flight while the consumers finish the
