@@ -439,11 +439,12 @@ def flash_attn_with_kvcache(
     # same mask over at most that many keys, but no longer a window, so q is rotated at cache_seqlens, not per
     # token (rotary), as without one
     capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    opts = dataclasses.replace(
-        opts,
-        window_left=-1 if opts.window_left >= capacity else opts.window_left,
-        window_right=-1 if opts.window_right >= capacity else opts.window_right,
-    )
+    if max(opts.window_left, opts.window_right) >= capacity:  # rare: no new options on the decode path otherwise
+        opts = dataclasses.replace(
+            opts,
+            window_left=-1 if opts.window_left >= capacity else opts.window_left,
+            window_right=-1 if opts.window_right >= capacity else opts.window_right,
+        )
     rotary_interleaved = checks.check_bool(fn, "rotary_interleaved", rotary_interleaved)
     return_softmax_lse = checks.check_bool(fn, "return_softmax_lse", return_softmax_lse)
     return_lse = checks.check_bool(fn, "return_lse", return_lse)
