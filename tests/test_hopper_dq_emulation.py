@@ -119,11 +119,10 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("d", sorted(launch_hopper.HOPPER_DQ_TILES))
-@pytest.mark.parametrize("sq, sk, h, hk, window", SHAPES)
-def test_dq_block_walk_matches_reference(sq, sk, h, hk, window, d):
-    tile = launch_hopper.HOPPER_DQ_TILES[d]  # the dispatched tile's blocks; 8 columns stand in for d
-    g = torch.Generator().manual_seed(sq * 131 + sk)
+def _check_walk(emulate, tile, sq, sk, h, hk, window, d, seed):
+    """emulate(q, k, v, dout, lse, delta, scale, window, block_m, block_n) -> dq, float64 with 8 columns
+    standing in for d, against autograd through the reference (out and lse both carrying a gradient)."""
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, sq, h, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -133,10 +132,17 @@ def test_dq_block_walk_matches_reference(sq, sk, h, hk, window, d):
     dlse = torch.where(torch.isfinite(lse), torch.randn(lse.shape, generator=g, dtype=torch.float64), 0.0)
     dq_ref = torch.autograd.grad((out, lse), q, (dout, dlse))[0]
     delta = (dout * out).sum(-1).transpose(1, 2) - dlse  # launch.attention_backward's delta
-    dq = emulate_dq(q.detach(), k.detach(), v.detach(), dout, lse.detach(), delta.detach(), scale, window,
-                    tile.block_m, tile.block_n)  # fmt: skip
+    dq = emulate(q.detach(), k.detach(), v.detach(), dout, lse.detach(), delta.detach(), scale, window,
+                 tile.block_m, tile.block_n)  # fmt: skip
     assert not dq.isnan().any()
     torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("d", sorted(launch_hopper.HOPPER_DQ_TILES))
+@pytest.mark.parametrize("sq, sk, h, hk, window", SHAPES)
+def test_dq_block_walk_matches_reference(sq, sk, h, hk, window, d):
+    # the dispatched tile's blocks
+    _check_walk(emulate_dq, launch_hopper.HOPPER_DQ_TILES[d], sq, sk, h, hk, window, d, sq * 131 + sk)
 
 
 def emulate_fused_dq(q, k, v, dout, lse, delta, scale, window, block_m, block_n):
@@ -198,21 +204,8 @@ def emulate_fused_dq(q, k, v, dout, lse, delta, scale, window, block_m, block_n)
 @pytest.mark.parametrize("d", sorted(launch_hopper.HOPPER_BWD_FUSED_TILES))
 @pytest.mark.parametrize("sq, sk, h, hk, window", SHAPES)
 def test_fused_dq_block_walk_matches_reference(sq, sk, h, hk, window, d):
-    tile = launch_hopper.HOPPER_BWD_FUSED_TILES[d]  # the fused tile's blocks; 8 columns stand in for d
-    g = torch.Generator().manual_seed(sq * 131 + sk + 7)
-    q = torch.randn(2, sq, h, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    scale = d**-0.5
-    out, lse, _ = attention_ref(q, k, v, softmax_scale=scale, window_size=window)
-    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    dlse = torch.where(torch.isfinite(lse), torch.randn(lse.shape, generator=g, dtype=torch.float64), 0.0)
-    dq_ref = torch.autograd.grad((out, lse), q, (dout, dlse))[0]
-    delta = (dout * out).sum(-1).transpose(1, 2) - dlse  # launch.attention_backward's delta
-    dq = emulate_fused_dq(q.detach(), k.detach(), v.detach(), dout, lse.detach(), delta.detach(), scale, window,
-                          tile.block_m, tile.block_n)  # fmt: skip
-    assert not dq.isnan().any()
-    torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
+    # the fused tile's blocks
+    _check_walk(emulate_fused_dq, launch_hopper.HOPPER_BWD_FUSED_TILES[d], sq, sk, h, hk, window, d, sq * 131 + sk + 7)
 
 
 def test_fused_dq_walk_visits_each_pair_once():

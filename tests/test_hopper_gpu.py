@@ -76,12 +76,25 @@ BWD_CASES = [
 ]
 
 
+# Each Gluon backward route (fixture: what its calls are counted as), through the public backward against the
+# reference: the dK/dV kernel with the Triton dQ (the default at d128); the Gluon dQ (FLASHTRON_GLUON_DQ=1);
+# dQ added inside the dK/dV kernel (FLASHTRON_GLUON_FUSED_DQ=1, deterministic=False, flash_attn's default). The
+# last two first passed on an H200 on 2026-12-02 (with gluon_check.py --backward's check-dq / check-fused, 84/84).
+BWD_ROUTES = {
+    "gluon_backward": "the Gluon dK/dV kernel",
+    "gluon_dq": "the Gluon dQ kernel",
+    "gluon_fused": "the fused dQ",
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", BWD_CASES)
-def test_gluon_backward_through_api(gluon_backward, case):
+@pytest.mark.parametrize("route", list(BWD_ROUTES))
+def test_gluon_backward_routes_through_api(request, route, case):
+    calls = request.getfixturevalue(route)
     batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
     check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
-    assert gluon_backward, "the backward did not take the Gluon dK/dV kernel"
+    assert calls, f"the backward did not take {BWD_ROUTES[route]}"
 
 
 @pytest.mark.gpu
@@ -104,16 +117,6 @@ def test_gluon_backward_is_deterministic(gluon_backward):
 def gluon_dq(monkeypatch):
     """Routes covered backwards' dK/dV and dQ to the Gluon kernels and counts the dQ calls."""
     return _count_launches(monkeypatch, "attention_backward_dq", FLASHTRON_GLUON_DQ="1")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", BWD_CASES)
-def test_gluon_dq_through_api(gluon_dq, case):
-    """The Gluon dQ kernel (FLASHTRON_GLUON_DQ=1) inside the public backward, against the reference. First passed
-    on an H200 on 2026-12-02 (with scripts/gluon_check.py --backward's check-dq, 84/84)."""
-    batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
-    check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
-    assert gluon_dq, "the backward did not take the Gluon dQ kernel"
 
 
 @pytest.mark.gpu
@@ -148,17 +151,6 @@ def test_gluon_dq_needs_the_switch(gluon_backward, monkeypatch):
 def gluon_fused(monkeypatch):
     """Routes covered backwards with deterministic=False to the FUSED_DQ dK/dV kernel and counts its calls."""
     return _count_launches(monkeypatch, "attention_backward_fused", FLASHTRON_GLUON_FUSED_DQ="1")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", BWD_CASES)
-def test_gluon_fused_dq_through_api(gluon_fused, case):
-    """dQ added inside the Gluon dK/dV kernel (FLASHTRON_GLUON_FUSED_DQ=1, deterministic=False, flash_attn's
-    default) through the public backward, against the reference by the tests' rule. First passed on an H200 on
-    2026-12-02 (with gluon_check.py --backward's check-fused, 84/84)."""
-    batch, sq, sk, h, hk, d, dtype, causal, window, layouts = case
-    check_attention(batch, sq, sk, h, hk, d, d, dtype, "cuda", causal=causal, window=window, layouts=layouts)
-    assert gluon_fused, "the backward did not take the fused dQ"
 
 
 @pytest.mark.gpu
