@@ -300,7 +300,8 @@ def test_untimed_features_stay_on_triton_by_default(monkeypatch):
 @pytest.mark.gpu
 def test_default_dispatch_tiles(monkeypatch):
     """With FLASHTRON_BACKEND unset, covered dense forwards at head dims 64 and 128 take the Gluon kernel on the
-    persistent grid, except masked d128 calls past PERSISTENT_MASKED_MAX_SEQLEN, which take the one-tile grid
+    persistent grid, except causal d128 calls without a left window past PERSISTENT_MASKED_MAX_SEQLEN, which
+    take the one-tile grid
     (launch_hopper.dispatched_tile); each result against the reference by the tests' rule."""
     from flashtron import launch_hopper
 
@@ -311,9 +312,11 @@ def test_default_dispatch_tiles(monkeypatch):
         launch_hopper, "dispatched_tile", lambda *a, **kw: tiles.append(original(*a, **kw)) or tiles[-1]
     )
     long_q = launch_hopper.PERSISTENT_MASKED_MAX_SEQLEN[128] + 100
-    for d, sq, causal, persistent in ((64, 1000, True, True), (128, 700, False, True), (128, 700, True, True),
-                                      (128, long_q, True, False), (128, long_q, False, True)):  # fmt: skip
+    for d, sq, causal, window, persistent in ((64, 1000, True, (-1, -1), True), (128, 700, False, (-1, -1), True),
+                                              (128, 700, True, (-1, -1), True), (128, long_q, True, (-1, -1), False),
+                                              (128, long_q, False, (-1, -1), True),
+                                              (128, long_q, True, (300, 0), True)):  # fmt: skip
         before = len(calls)
-        check_attention(1, sq, sq, 2, 2, d, d, torch.bfloat16, "cuda", causal=causal, backward=False)
+        check_attention(1, sq, sq, 2, 2, d, d, torch.bfloat16, "cuda", causal=causal, window=window, backward=False)
         assert len(calls) == before + 1, f"d{d} sq={sq} causal={causal}: not the Gluon forward"
         assert tiles[-1].persistent == persistent, f"d{d} sq={sq} causal={causal}: {tiles[-1]}"

@@ -115,12 +115,13 @@ def test_launcher_grid_and_sections():
         kv = 2 * seqlen * 128 * 2
         assert 1 <= per_section <= batch * nheads
         assert per_section == 1 or per_section * kv <= launch_hopper.L2_SECTION_BYTES * group
-    # the dispatch: dense calls take the persistent grid, except masked d128 ones past
-    # PERSISTENT_MASKED_MAX_SEQLEN, softcap and varlen, which keep the 3-D grid
+    # the dispatch: dense calls take the persistent grid, except causal d128 ones without a left window past
+    # PERSISTENT_MASKED_MAX_SEQLEN, softcap and varlen, which keep the 3-D grid; windows stay persistent
     _, grid, _, kwargs = launch_hopper.kernel_launch(q, k, k, q, torch.empty(1, 1, 64), opts)
     assert grid == (1,) and kwargs["PERSISTENT"]
     for d, o, persistent in ((128, opts, False), (128, AttnOptions(softmax_scale=0.1), True),
-                             (64, opts, True), (128, AttnOptions(softmax_scale=0.1, softcap=5.0), False)):  # fmt: skip
+                             (64, opts, True), (128, AttnOptions(softmax_scale=0.1, softcap=5.0), False),
+                             (128, AttnOptions(softmax_scale=0.1, window_left=512, window_right=0), True)):  # fmt: skip
         long_q = torch.empty(1, 4096, 1, d, dtype=torch.bfloat16)
         _, grid, _, kwargs = launch_hopper.kernel_launch(long_q, long_q, long_q, long_q, torch.empty(1, 1, 4096), o)
         assert kwargs["PERSISTENT"] == persistent and len(grid) == (1 if persistent else 3)
