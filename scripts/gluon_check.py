@@ -24,14 +24,14 @@ mbarrier, an illegal address) costs only that part:
      SDPA's cuDNN and flash. Rows are saved as they come: a time-out keeps the rows done.
   features (after the variants' checks, before the timing; its own time limit and its own summary line):
      softcap and varlen on the dispatched tiles (HOPPER_TILES), gated until this part passes
-     (launch_hopper.GLUON_UNTIMED_FEATURES, docs/perf-notes.md 2026-12-02 "softcap and varlen"): softcap
+     (launch_hopper.GLUON_GATED_FEATURES, docs/perf-notes.md 2026-12-02 "softcap and varlen"): softcap
      on dense calls at SEQLENS; varlen batches (VARLEN_BATCHES: sequences of length 0 and 1, lengths not
      multiples of the block, sq > sk with empty rows, seqused_k, one of 0, a last sequence with queries and no
      key) with and without softcap, K NaN and V Inf in every K/V row no query may read (past seqused_k, of
      sequences without queries, NaN padding after cu_seqlens_k[-1]), which a sequence's last, partial key block
      loads; GQA 4:1, NaN-poisoned outputs, the tolerance rule against the fp32 reference, two runs bitwise
-     equal. Every case passed on an H200 on 2026-12-02 (100/100); whether the features leave
-     GLUON_UNTIMED_FEATURES is now --time-features' verdict.
+     equal. Every case passed on an H200 on 2026-12-02 (100/100); at which head dims the features stay in
+     GLUON_GATED_FEATURES is --time-features' verdict.
   3. with --api, if 30 s are left: a few calls through the public flash_attn_func with
      FLASHTRON_BACKEND=gluon, backward included (the Triton backward on the Gluon forward's out and lse).
 Correctness: fp16 and bf16, head dims 64 and 128, no mask / causal (bottom-right) / a window (bf16),
@@ -64,22 +64,23 @@ and 150 s of timing: --budget 540 lets every part run to its limit):
      passed, the whole backward with FLASHTRON_GLUON_FUSED_DQ=1 ("gluon+fused": preprocess, zeroing, the fused
      kernel, the cast) and attention_backward_fused on its own ("gluon-fused": all 5 matmuls, 2.5x).
 
-With --time-features the run times the gated forward features instead (launch_hopper.GLUON_UNTIMED_FEATURES:
-softcap and varlen, correct on the GPU, taken only under FLASHTRON_BACKEND=gluon), one part, time-features, in
-its own child within --budget (an estimate, never run: about 24 compiles and 56 timings, 80-120 s on an H200):
+With --time-features the run times the forward features instead (launch_hopper.GLUON_GATED_FEATURES: softcap
+and varlen, correct on the GPU, taken by default only at the head dims where they timed faster), one part,
+time-features, in its own child within --budget (87 s on an H200, 2026-12-02):
 forward TFLOP/s, bf16, 16384 tokens, nheads = 2048 / headdim, causal halving the FLOPs, of the Gluon forward
 on the tile that covers(..., backend="gluon") sends the call to (launch_hopper.dispatched_tile: the one-tile
 ping-pong grid) against the Triton forward (launch.attention_forward under FLASHTRON_BACKEND=triton), same
 tensors and options, FEATURE_TIME_CELLS in order: softcap 30 dense at TIME_SEQLENS, d128 and d64, full and
 causal; varlen without softcap on TIME_VARLEN_BATCHES ("packed": 4 x 4096; "mixed": 4096, 1000, 17, 2900, 8192,
 179), d128 and d64, full and causal, FLOPs summed over the sequences; softcap 30 varlen once (mixed, causal, d128
-and d64). Each row also keeps max |out - Triton's out| as a sanity check. Last, informational (never run on a
-GPU, so a hang there costs no other row): the dense softcap cells on the persistent grid ("gluon-persist"),
+and d64). Each row also keeps max |out - Triton's out| as a sanity check. Last, informational (last so that a hang
+there would cost no other row): the dense softcap cells on the persistent grid ("gluon-persist"),
 which dispatched_tile does not give softcap. Rows are saved as they come. Prints a line per cell, then a table
 with gluon/triton per cell and a verdict per feature from its own cells (softcap: the dense ones; varlen: those
-without softcap; softcap+varlen matters only if both leave): the feature leaves GLUON_UNTIMED_FEATURES when every
-cell is >= 1.0x, or none is below FEATURE_FLOOR (0.97x) and the geometric mean is >= FEATURE_CLEARLY_FASTER
-(1.05x). Writes $OUT/gluon_check_features_time.json (rows and verdicts).
+without softcap; softcap+varlen matters only if both leave), per head dim: the feature leaves
+GLUON_GATED_FEATURES at a head dim when every cell of that head dim is >= 1.0x, or none is below FEATURE_FLOOR
+(0.97x) and their geometric mean is >= FEATURE_CLEARLY_FASTER (1.05x). Writes
+$OUT/gluon_check_features_time.json (rows and verdicts).
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ def _check_feature_case(dtype, d, mask, softcap, case):
     args = dict(varlen=varlen, seqused_k=extra.get("seqused_k"))
     assert launch_hopper.covers(q, k, v, opts, backend="gluon", **args), "covers() refuses this case"
     assert not launch_hopper.covers(q, k, v, opts, backend="auto", **args) or not (
-        launch_hopper.forward_features(opts, varlen=varlen) & launch_hopper.GLUON_UNTIMED_FEATURES
-    ), "the gate lets an unverified feature through by default"
+        launch_hopper.gated_features(opts, d, varlen=varlen)
+    ), "the gate lets a gated feature through by default"
     out, lse = launch_hopper.attention_forward(q, k, v, opts, **extra)
     out2, lse2 = launch_hopper.attention_forward(q, k, v, opts, **extra)
     torch.cuda.synchronize()
@@ -480,7 +481,7 @@ def child_time(variants: list[str], state: str) -> None:
         _save(state, dict(rows=rows))
 
 
-# --time-features: the gated features' speed (launch_hopper.GLUON_UNTIMED_FEATURES), Gluon against Triton.
+# --time-features: the forward features' speed (launch_hopper.GLUON_GATED_FEATURES), Gluon against Triton.
 # (softcap, batch, head dim, causal): batch a dense seqlen (batch * seqlen = 16384, as TIME_SEQLENS) or a
 # TIME_VARLEN_BATCHES name; softcap+varlen once (mixed, causal: a packed training batch)
 FEATURE_SOFTCAP = 30.0
@@ -493,13 +494,13 @@ FEATURE_TIME_CELLS = (
     + [(0.0, b, d, c) for b in TIME_VARLEN_BATCHES for d in (128, 64) for c in (False, True)]
     + [(FEATURE_SOFTCAP, "mixed", d, True) for d in (128, 64)]
 )
-# A feature leaves GLUON_UNTIMED_FEATURES when every one of its cells is at least 1.0x Triton, or when none is
-# below FEATURE_FLOOR and the geometric mean of its cells is at least FEATURE_CLEARLY_FASTER
+# A feature leaves GLUON_GATED_FEATURES at a head dim when every one of its cells there is at least 1.0x Triton,
+# or when none is below FEATURE_FLOOR and the geometric mean of those cells is at least FEATURE_CLEARLY_FASTER
 FEATURE_FLOOR, FEATURE_CLEARLY_FASTER = 0.97, 1.05
 
 
 def _feature_name(softcap: float, batch) -> str:
-    """The cell's GLUON_UNTIMED_FEATURES names, "+"-joined."""
+    """The cell's GLUON_GATED_FEATURES names, "+"-joined."""
     return "+".join(n for n, on in (("softcap", softcap > 0), ("varlen", isinstance(batch, str))) if on)
 
 
@@ -599,7 +600,8 @@ def child_time_features(state: str) -> None:
 
 def _feature_verdicts(rows: list[dict]) -> dict:
     """Per feature of FEATURE_TIME_CELLS: its cells' gluon/triton ratios, their minimum and geometric mean (also
-    per head dim), and whether it leaves GLUON_UNTIMED_FEATURES (None: not every cell was timed)."""
+    per head dim), and the head dims at which it leaves GLUON_GATED_FEATURES ("leaves": None while not every
+    cell was timed)."""
     verdicts = {}
     for feature in dict.fromkeys(_feature_name(c[0], c[1]) for c in FEATURE_TIME_CELLS):
         expected = sum(_feature_name(c[0], c[1]) == feature for c in FEATURE_TIME_CELLS)
@@ -614,8 +616,11 @@ def _feature_verdicts(rows: list[dict]) -> dict:
         if persist:  # informational: softcap on the persistent grid, which dispatched_tile does not give it
             v["persist"] = dict(min=min(persist), geomean=2 ** (sum(math.log2(x) for x in persist) / len(persist)))
         if len(mine) == expected:
-            lo, geomean = v["all"]["min"], v["all"]["geomean"]
-            v["leaves"] = lo >= 1.0 or (lo >= FEATURE_FLOOR and geomean >= FEATURE_CLEARLY_FASTER)
+            v["leaves"] = [
+                d for d in (128, 64)
+                if v[f"d{d}"]["min"] >= 1.0
+                or (v[f"d{d}"]["min"] >= FEATURE_FLOOR and v[f"d{d}"]["geomean"] >= FEATURE_CLEARLY_FASTER)
+            ]  # fmt: skip
         verdicts[feature] = v
     return verdicts
 
@@ -660,18 +665,19 @@ def main_time_features(budget: float) -> None:
         json.dump({"time": timing, "verdicts": verdicts}, f, indent=1)
     print("\n== summary (gated features: Gluon forward against Triton)")
     print(_features_table(rows) if rows else "no cell timed")
-    print(f"launch_hopper.GLUON_UNTIMED_FEATURES now: {sorted(launch_hopper.GLUON_UNTIMED_FEATURES)}; a feature "
-          f"leaves when every cell is >= 1.00x, or none is below {FEATURE_FLOOR:.2f}x and the geometric mean is "
-          f">= {FEATURE_CLEARLY_FASTER:.2f}x")  # fmt: skip
+    gated = {name: sorted(dims) for name, dims in launch_hopper.GLUON_GATED_FEATURES.items()}
+    print(f"launch_hopper.GLUON_GATED_FEATURES now (head dims kept on Triton): {gated}; a feature leaves at a head "
+          f"dim when its every cell there is >= 1.00x, or none is below {FEATURE_FLOOR:.2f}x and their geometric "
+          f"mean is >= {FEATURE_CLEARLY_FASTER:.2f}x")  # fmt: skip
     for feature, v in verdicts.items():
         stats = "; ".join(f"{key} min {v[key]['min']:.2f}x geomean {v[key]['geomean']:.2f}x"
                           for key in ("all", "d128", "d64", "persist") if key in v)  # fmt: skip
         if v["leaves"] is None:
             verdict = f"undecided ({v['cells']}/{v['expected']} cells timed)"
         elif "+" in feature:  # the calls that use both move only when both names leave
-            verdict = "fine for both to leave" if v["leaves"] else "keep one of the two names gated"
+            verdict = f"fine for both to leave at {v['leaves']}" if v["leaves"] else "keep one of the two names gated"
         else:
-            verdict = "leaves GLUON_UNTIMED_FEATURES" if v["leaves"] else "stays in GLUON_UNTIMED_FEATURES"
+            verdict = f"leaves GLUON_GATED_FEATURES at head dims {v['leaves']}" if v["leaves"] else "stays gated"
         print(f"{feature}: {verdict}" + (f" ({stats})" if stats else ""))
     print(f"total {time.time() - start:.0f}s")
 
@@ -1084,7 +1090,7 @@ def main() -> None:
         print(f"check-features (softcap, varlen; gated): {sum(r['passed'] for r in res.values())}/"
               f"{sum(r['total'] for r in res.values())} cases passed, {len(res)}/{len(FEATURE_CONFIGS)} "
               f"configurations ran" + (f"; failing: {', '.join(bad)}" if bad else "")
-              + ("; all passed (--time-features decides GLUON_UNTIMED_FEATURES)" if ran_all else ""))  # fmt: skip
+              + ("; all passed (--time-features decides GLUON_GATED_FEATURES)" if ran_all else ""))  # fmt: skip
     if report.get("check-api"):
         res = report["check-api"]
         print(f"check-api: {sum(r['passed'] for r in res.values())}/{len(res)} passed")

@@ -159,8 +159,8 @@ def test_hopper_persistent_snake_compiles_for_sm90(d):
     _check_barriers(tile, d, torch.bfloat16, (-1, 0), compiled.asm["ptx"])
 
 
-# Softcap and varlen in the forward (issue 15), gated: launch_hopper.GLUON_UNTIMED_FEATURES keeps them off the
-# default dispatch until a GPU run has timed them. Every head dim and mask kind with softcap on/off x varlen
+# Softcap and varlen in the forward (issue 15); launch_hopper.GLUON_GATED_FEATURES keeps them off the default
+# dispatch where they timed slower than the Triton forward. Every head dim and mask kind with softcap on/off x varlen
 # on/off, bf16 (the dense no-softcap ones are VARIANTS above), and fp16 twice; one varlen variant with seqused_k.
 FEATURE_VARIANTS = [
     (d, torch.bfloat16, window, softcap, varlen, False)
@@ -244,23 +244,29 @@ def test_persistent_forward_softcap_compiles_and_refuses_varlen(d):
         _compile_features(d, torch.bfloat16, (-1, 0), False, True, False, tile=tile)
 
 
-def test_unverified_features_are_gated(monkeypatch):
-    """softcap and varlen reach the Gluon forward only with FLASHTRON_BACKEND=gluon (covers' backend argument),
-    never by default; the Gluon backward kernels never take them, whatever the backend."""
-    assert {"softcap", "varlen"} <= launch_hopper.GLUON_UNTIMED_FEATURES
-    q = torch.empty(1, 8, 2, 128, dtype=torch.bfloat16)
+def test_slower_features_are_gated(monkeypatch):
+    """softcap at either head dim, and varlen at head dim 64, reach the Gluon forward only with
+    FLASHTRON_BACKEND=gluon (covers' backend argument); varlen at head dim 128 (timed faster) by default too.
+    The Gluon backward kernels never take either, whatever the backend."""
+    q, q64 = torch.empty(1, 8, 2, 128, dtype=torch.bfloat16), torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     plain, capped = AttnOptions(softmax_scale=0.125), AttnOptions(softmax_scale=0.125, softcap=30.0)
     assert launch_hopper.forward_features(plain, varlen=False) == frozenset()
     assert launch_hopper.forward_features(capped, varlen=True) == {"softcap", "varlen"}
+    assert launch_hopper.gated_features(capped, 128, varlen=True) == {"softcap"}
+    assert launch_hopper.gated_features(plain, 64, varlen=True) == {"varlen"}
     # CPU tensors stand in for sm_90 CUDA ones: the device and TMA checks pass
     monkeypatch.setattr(launch_hopper, "_kernel_takes", lambda *a, **kw: True)
     for backend in ("auto", "triton", "gluon"):
         assert launch_hopper.covers(q, q, q, plain, varlen=False, backend=backend)
         gated = backend != "gluon"
         assert launch_hopper.covers(q, q, q, capped, varlen=False, backend=backend) != gated
-        assert launch_hopper.covers(q, q, q, plain, varlen=True, backend=backend) != gated
+        assert launch_hopper.covers(q64, q64, q64, capped, varlen=False, backend=backend) != gated
+        assert launch_hopper.covers(q, q, q, capped, varlen=True, backend=backend) != gated
+        assert launch_hopper.covers(q64, q64, q64, plain, varlen=True, backend=backend) != gated
+        assert launch_hopper.covers(q, q, q, plain, varlen=True, backend=backend)
         # seqused_k as varlen: the kernel zeroes the V rows past it (hopper_fwd._zero_v_tail)
-        assert launch_hopper.covers(q, q, q, plain, varlen=True, seqused_k=q, backend=backend) != gated
+        assert launch_hopper.covers(q, q, q, plain, varlen=True, seqused_k=q, backend=backend)
+        assert launch_hopper.covers(q64, q64, q64, plain, varlen=True, seqused_k=q, backend=backend) != gated
     assert not launch_hopper.covers(q, q, q, plain, varlen=False, seqused_k=q, backend="gluon")  # varlen only
     assert launch_hopper.covers_backward(q, q, q, q, plain, varlen=False)
     assert not launch_hopper.covers_backward(q, q, q, q, capped, varlen=False)

@@ -174,8 +174,8 @@ def test_gluon_fused_dq_never_deterministic(gluon_fused, monkeypatch):
 
 
 # Softcap and varlen in the Gluon forward (issue 15), forced with FLASHTRON_BACKEND=gluon: they passed on an H200 on
-# 2026-12-02 (these tests and gluon_check.py's check-features, 100/100 cases), but are not yet timed against the
-# Triton forward, so the default dispatch still leaves them on Triton (launch_hopper.GLUON_UNTIMED_FEATURES).
+# 2026-12-02 (these tests and gluon_check.py's check-features, 100/100 cases); the default dispatch sends only
+# varlen at head dim 128 there, where it timed faster than the Triton forward (launch_hopper.GLUON_GATED_FEATURES).
 SOFTCAP_CASES = [
     # (batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype, causal, window, softcap)
     (2, 257, 257, 4, 2, 128, torch.bfloat16, False, (-1, -1), 30.0),
@@ -282,19 +282,21 @@ def test_gluon_forward_varlen_keys_outside_sequences(gluon_forward, case):
 
 
 @pytest.mark.gpu
-def test_untimed_features_stay_on_triton_by_default(monkeypatch):
-    """With FLASHTRON_BACKEND unset, softcap and varlen calls at head dim 128 (where covered dense calls take the
-    Gluon forward by default) run on the Triton forward until they are timed (GLUON_UNTIMED_FEATURES)."""
+def test_gated_features_stay_on_triton_by_default(monkeypatch):
+    """With FLASHTRON_BACKEND unset, softcap calls, and varlen calls at head dim 64, run on the Triton forward
+    (GLUON_GATED_FEATURES: timed slower there); varlen calls at head dim 128 and dense calls take the Gluon one."""
     import flashtron
 
     calls = _count_launches(monkeypatch, "attention_forward", FLASHTRON_BACKEND=None)
     check_attention(1, 129, 129, 2, 2, 128, 128, torch.bfloat16, "cuda", causal=True, softcap=30.0)
-    q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+    assert not calls, "softcap took the Gluon forward by default"
     cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
-    flashtron.flash_attn_varlen_func(q, k, v, cu, cu, 200, 200, causal=True)
-    assert not calls
-    check_attention(1, 129, 129, 2, 2, 128, 128, torch.bfloat16, "cuda", causal=True, backward=False)
-    assert calls  # the dense call still takes it
+    for d, expected in ((64, 0), (128, 1)):
+        q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+        flashtron.flash_attn_varlen_func(q, k, v, cu, cu, 200, 200, causal=True)
+        assert len(calls) == expected, f"varlen d{d}: {len(calls)} Gluon forwards, expected {expected}"
+    check_attention(1, 129, 129, 2, 2, 64, 64, torch.bfloat16, "cuda", causal=True, backward=False)
+    assert len(calls) == 2, "the dense call did not take the Gluon forward"
 
 
 @pytest.mark.gpu

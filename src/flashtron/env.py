@@ -30,9 +30,10 @@ def backend() -> str:
     the Gluon Hopper forward covers (launch_hopper.covers) to it, and the dK/dV part of covered backwards to
     the Gluon dK/dV kernel (launch_hopper.covers_backward); unset or "auto" is the default choice
     (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 64 and 128 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: the
-    dK/dV of head dim 128 backwards). Forward features verified on a GPU but not yet timed (softcap and varlen:
-    launch_hopper.GLUON_UNTIMED_FEATURES) take the Gluon forward only with "gluon"; their backwards stay on
-    the Triton kernels. Other values raise, so that a typo does not silently change nothing."""
+    dK/dV of head dim 128 backwards). Forward features where the Gluon forward was timed slower than the
+    Triton one (softcap; varlen at head dim 64: launch_hopper.GLUON_GATED_FEATURES) take it only with "gluon";
+    softcap and varlen backwards stay on the Triton kernels. Other values raise, so that a typo does not
+    silently change nothing."""
     value = os.environ.get("FLASHTRON_BACKEND", "auto").strip().lower() or "auto"
     if value not in ("auto", "triton", "gluon"):
         raise ValueError(f"FLASHTRON_BACKEND must be auto, triton or gluon, got {value!r}")

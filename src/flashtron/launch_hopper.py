@@ -160,26 +160,34 @@ HOPPER_BWD_FUSED_TILES = {
 }
 
 
-# Features of the Gluon forward that passed on a GPU but are not yet timed against the Triton forward: `covers`
-# takes calls that use one of them only when FLASHTRON_BACKEND=gluon, never by default, whatever the head dim.
-# "softcap": softcap > 0; "varlen": cu_seqlens (and seqused_k). H200, 2026-12-02: gluon_check.py check-features
-# 100/100 cases (softcap dense; varlen with K NaN / V Inf in every row no query may read, seqused_k, a last
-# sequence with no key) and the tier's test_hopper_gpu.py cases. A session that times them faster than the Triton
-# forward (scripts/gluon_check.py --time-features) deletes the name here.
-GLUON_UNTIMED_FEATURES = frozenset({"softcap", "varlen"})
+# The Gluon forward's optional features, each with the head dims at which the default dispatch still keeps calls
+# that use it on the Triton forward: `covers` takes those calls only when FLASHTRON_BACKEND=gluon. "softcap":
+# softcap > 0; "varlen": cu_seqlens (and seqused_k). All are correct on an H200 (2026-12-02: gluon_check.py
+# check-features 100/100 cases, softcap dense; varlen with K NaN / V Inf in every row no query may read,
+# seqused_k, a last sequence with no key; and the tier's test_hopper_gpu.py cases). Timed against the Triton
+# forward on the one-tile grid dispatched_tile gives them (H200, 2026-12-02, gluon_check.py --time-features, bf16,
+# 16384 tokens, same run): varlen at d128 1.08-1.22x (packed 4 x 4096 and mixed lengths, full and causal), so it
+# leaves the gate there; varlen at d64 0.81-0.93x; softcap at d128 1.25-1.30x without a mask but 0.66-1.00x
+# causal, at d64 0.52-1.00x; softcap with varlen (causal) 0.73-0.87x.
+GLUON_GATED_FEATURES = {"softcap": frozenset({64, 128}), "varlen": frozenset({64})}
 
 
 def forward_features(opts: AttnOptions, *, varlen: bool) -> frozenset:
-    """The GLUON_UNTIMED_FEATURES-style names of the Gluon forward's optional features this call uses."""
+    """The GLUON_GATED_FEATURES names of the Gluon forward's optional features this call uses."""
     return frozenset(name for name, on in (("softcap", opts.softcap > 0), ("varlen", varlen)) if on)
+
+
+def gated_features(opts: AttnOptions, head_dim: int, *, varlen: bool) -> frozenset:
+    """The features this call uses that GLUON_GATED_FEATURES keeps off the Gluon forward by default at its head dim."""
+    return frozenset(name for name in forward_features(opts, varlen=varlen) if head_dim in GLUON_GATED_FEATURES[name])
 
 
 def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None, backend: str = "auto") -> bool:
     """Whether the Gluon forward handles this call: sm_90 fp16/bf16, head dim 64 or 128 for q, k and v,
     window/causal, softcap, dense or varlen (cu_seqlens, seqused_k), no ALiBi, dropout or sinks, and
-    TMA-legal tensors (16-byte aligned base and strides). Calls that use a feature of
-    GLUON_UNTIMED_FEATURES are covered only when backend (env.backend()) is "gluon"."""
-    if forward_features(opts, varlen=varlen) & GLUON_UNTIMED_FEATURES and backend != "gluon":
+    TMA-legal tensors (16-byte aligned base and strides). Calls that use a feature GLUON_GATED_FEATURES
+    gates at their head dim are covered only when backend (env.backend()) is "gluon"."""
+    if backend != "gluon" and gated_features(opts, q.shape[-1], varlen=varlen):
         return False
     if seqused_k is not None and not varlen:
         # the kernel zeroes V rows past seqused_k (a cache's unwritten slots: 0 x NaN) under varlen only
