@@ -15,7 +15,8 @@ mbarrier, an illegal address) costs only that part:
      (launch_hopper.CANDIDATE_TILES), checked on three d64 configurations; `persist` gets the full matrix, each
      case also on a 3-program grid (bitwise equal to the full grid); `persist-1sec` is the same kernel with one
      L2 section (ONE_SECTION; scripts/persistent_balance.py says why); `persist-snake` (full matrix) and
-     `persist-snake-1sec` run odd rounds of the grid backwards (launch_hopper.CANDIDATE_TILES["persist-snake"]).
+     `persist-snake-1sec` run odd rounds of the grid backwards (launch_hopper.CANDIDATE_TILES["persist-snake"]);
+     `d256` is head dim 256's tile (HOPPER_TILES[256], opt-in), checked on D256, and adds d256 timing cells.
      The checks share the budget
      less TIME_RESERVE seconds, which the timing always keeps; a variant cut off by its time limit counts
      as failed and is not timed.
@@ -117,12 +118,16 @@ FULL = [(dt, d, m) for dt in ("bfloat16", "float16") for d in (64, 128) for m in
         if m != "window" or dt == "bfloat16"]  # fmt: skip
 TIMED = [("bfloat16", d, m) for d in (64, 128) for m in ("none", "causal")]  # what the timing compiles
 D64 = [("bfloat16", 64, "none"), ("bfloat16", 64, "causal"), ("float16", 64, "window")]
+D256 = [("bfloat16", 256, m) for m in ("none", "causal", "window")] + [("float16", 256, "causal")]
 OLD = TIMED + [("float16", 128, "causal")]
 # name: (tile per head dim as a function of launch_hopper, configurations, seconds its check may take at most)
 VARIANTS = {
     "pp": (lambda lh, d: lh.HOPPER_TILES[d], FULL, 95),  # the dispatched ping-pong tile; about 50 s
     "ws-ov": (lambda lh, d: lh.CANDIDATE_TILES["ws-ov"][d], TIMED, 40),  # the first tile (lock step), baseline
     "pp-256x64": (lambda lh, d: lh.CANDIDATE_TILES["pp-256x64"].get(d), D64, 35),
+    # head dim 256's tile (HOPPER_TILES[256], only under FLASHTRON_BACKEND=gluon), never run: 64-key blocks; when
+    # named, the timing adds d256 cells (nheads 8, as the bench)
+    "d256": (lambda lh, d: lh.HOPPER_TILES[256] if d == 256 else None, D256, 60),
     "ov-128x64": (lambda lh, d: lh.CANDIDATE_TILES["ov-128x64"].get(d), D64, 35),
     # the dispatched tiles on the persistent grid, never run before: the full matrix, each case a second time on
     # a 3-program grid with 3-pair L2 sections (many tiles per program), bitwise equal; time limit a guess
@@ -171,7 +176,10 @@ def _tile(d: int, variant: str):
     """The variant's HopperTile at head dim d, or None where it has none."""
     from flashtron import launch_hopper
 
-    return VARIANTS[variant][0](launch_hopper, d)
+    try:
+        return VARIANTS[variant][0](launch_hopper, d)
+    except KeyError:  # a tile table without this head dim (d256 has the one-tile tile only)
+        return None
 
 
 def _cases(variant: str):
@@ -458,8 +466,9 @@ def _time_cell(d: int, causal: bool, s: int, variants: list[str], window_left: i
 def child_time(variants: list[str], state: str) -> None:
     os.environ["FLASHTRON_BACKEND"] = "triton"
     rows = []
+    head_dims = (128, 64) + ((256,) if any(_tile(256, v) for v in variants) else ())
     for s in TIME_SEQLENS:
-        for d in (128, 64):
+        for d in head_dims:
             for causal in (False, True):
                 try:
                     rows.append(_time_cell(d, causal, s, variants))

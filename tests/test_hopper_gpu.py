@@ -42,6 +42,10 @@ CASES = [
     (2, 129, 1000, 8, 2, 64, torch.float16, True, (-1, -1), ("contiguous",) * 3),
     (1, 1000, 127, 4, 1, 128, torch.bfloat16, True, (-1, -1), ("bhsd", "contiguous", "bhsd")),
     (1, 513, 513, 2, 2, 64, torch.bfloat16, False, (100, 8), ("contiguous",) * 3),
+    # head dim 256: FLASHTRON_BACKEND=gluon only (launch_hopper.HOPPER_TILES), its backward on the Triton kernels
+    (2, 300, 257, 4, 2, 256, torch.bfloat16, True, (-1, -1), ("contiguous",) * 3),
+    (1, 129, 1000, 2, 1, 256, torch.float16, False, (100, 8), ("bhsd", "contiguous", "bhsd")),
+    (1, 1000, 1000, 2, 2, 256, torch.bfloat16, False, (-1, -1), ("contiguous",) * 3),
 ]
 
 
@@ -199,6 +203,7 @@ VARLEN_CASES = [
     ([17, 128, 1000], [129, 128, 1], [100, 0, 1], 4, 1, 64, torch.float16, False, (-1, -1), 0.0),
     ([513, 1, 200], [700, 300, 200], None, 2, 2, 128, torch.float16, False, (100, 8), 20.0),
     ([0, 129, 64], [1, 127, 1000], [1, 50, 999], 8, 2, 64, torch.bfloat16, True, (-1, -1), 10.0),
+    ([300, 77, 1], [257, 1000, 0], None, 2, 1, 256, torch.bfloat16, False, (-1, -1), 0.0),  # head dim 256
 ]
 
 

@@ -58,9 +58,13 @@ class HopperTile:
 # (consumers=2), a 1-warp TMA loader. Shared memory: Q BLOCK_M x d plus STAGES x (K + V) of BLOCK_N x d,
 # 16-bit: d64 16K + 3 x 32K = 112K; d128 32K + 2 x 64K = 160K (227K fit). Against the first tile (8 warps in
 # lock step, "ws-ov" below) in the same run: 1.09-1.32x at d128, 1.01-1.16x at d64 (docs/perf-notes.md).
+# d256 (only with FLASHTRON_BACKEND=gluon: compiled for sm_90, never run on a GPU): 64-key blocks, Q 64K + 2 x
+# (K + V) 32K = 192K (197K with the barriers, triton 3.6.0), no spill dense (stack 0, any mask, softcap too);
+# varlen without a mask spills 16-24 bytes. The persistent grid's second Q buffer would not fit (262K).
 HOPPER_TILES = {
     64: HopperTile(128, 128, 3, num_warps=4, consumers=2),
     128: HopperTile(128, 128, 2, num_warps=4, consumers=2),
+    256: HopperTile(128, 64, 2, num_warps=4, consumers=2),
 }
 
 # Measured next to HOPPER_TILES by scripts/gluon_check.py, not dispatched (compile report in
@@ -100,11 +104,12 @@ def dispatched_tile(d: int, seqlen_q: int, opts: AttnOptions, *, varlen: bool) -
     """The forward tile a covered call takes: the persistent grid for dense calls (see
     PERSISTENT_MASKED_MAX_SEQLEN for the causal exception), the one-tile ping-pong grid for varlen (the
     persistent schedule needs every sequence's length on the host) and softcap (the persistent d128 softcap
-    kernel spills 8 bytes; the softcap checks on the GPU ran on the one-tile grid)."""
+    kernel spills 8 bytes; the softcap checks on the GPU ran on the one-tile grid) and head dim 256."""
     triangle = opts.window_left < 0 and opts.window_right >= 0  # causal is window_right 0
-    if varlen or opts.softcap > 0 or (triangle and seqlen_q > PERSISTENT_MASKED_MAX_SEQLEN[d]):
+    persistent = CANDIDATE_TILES["persist"].get(d)  # none at d256 (HOPPER_TILES)
+    if varlen or opts.softcap > 0 or persistent is None or (triangle and seqlen_q > PERSISTENT_MASKED_MAX_SEQLEN[d]):
         return HOPPER_TILES[d]
-    return CANDIDATE_TILES["persist"][d]
+    return persistent
 
 
 # The persistent grid's program count where kernel_launch gets no GPU to ask (CPU tensors, for compile_sm90):
@@ -169,7 +174,7 @@ HOPPER_BWD_FUSED_TILES = {
 # 16384 tokens, same run): varlen at d128 1.08-1.22x (packed 4 x 4096 and mixed lengths, full and causal), so it
 # leaves the gate there; varlen at d64 0.81-0.93x; softcap at d128 1.25-1.30x without a mask but 0.66-1.00x
 # causal, at d64 0.52-1.00x; softcap with varlen (causal) 0.73-0.87x.
-GLUON_GATED_FEATURES = {"softcap": frozenset({64, 128}), "varlen": frozenset({64})}
+GLUON_GATED_FEATURES = {"softcap": frozenset({64, 128, 256}), "varlen": frozenset({64, 256})}
 
 
 def forward_features(opts: AttnOptions, *, varlen: bool) -> frozenset:
@@ -183,7 +188,7 @@ def gated_features(opts: AttnOptions, head_dim: int, *, varlen: bool) -> frozens
 
 
 def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None, backend: str = "auto") -> bool:
-    """Whether the Gluon forward handles this call: sm_90 fp16/bf16, head dim 64 or 128 for q, k and v,
+    """Whether the Gluon forward handles this call: sm_90 fp16/bf16, head dim 64, 128 or 256 for q, k and v,
     window/causal, softcap, dense or varlen (cu_seqlens, seqused_k), no ALiBi, dropout or sinks, and
     TMA-legal tensors (16-byte aligned base and strides). Calls that use a feature GLUON_GATED_FEATURES
     gates at their head dim are covered only when backend (env.backend()) is "gluon"."""
@@ -366,10 +371,11 @@ def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None
 
 def covers_backward(q, k, v, dout, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:
     """Whether the Gluon dK/dV kernel (and the opt-in Gluon dQ) handles this backward: what `covers` takes
-    of a dense call without softcap, with dout of q's dtype (dout with strides TMA cannot take is made
-    contiguous by the launcher). The backward kernels have neither softcap nor varlen, whatever the backend
-    setting: such backwards run on the Triton kernels, on the Gluon forward's out and lse."""
-    if varlen or seqused_k is not None or opts.softcap > 0:
+    of a dense call without softcap at head dim 64 or 128 (HOPPER_BWD_TILES), with dout of q's dtype (dout with
+    strides TMA cannot take is made contiguous by the launcher). The backward kernels have neither softcap nor
+    varlen nor head dim 256, whatever the backend setting: such backwards run on the Triton kernels, on the Gluon
+    forward's out and lse."""
+    if varlen or seqused_k is not None or opts.softcap > 0 or q.shape[-1] not in HOPPER_BWD_TILES:
         return False
     return dout.dtype == q.dtype and covers(q, k, v, opts, varlen=False)
 
