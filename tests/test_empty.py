@@ -266,3 +266,33 @@ def test_packed_and_kvcache_empty_gpu():
     check_packed("cuda")
     check_kvcache("cuda", paged=False)
     check_kvcache("cuda", paged=True)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "cu, total",
+    [
+        ([3, 10, 25], 40),  # padding before and after the packed tokens
+        ([0, 5, 5, 9], 9),  # none outside
+        ([0], 6),  # no sequence: every row outside
+        ([7, 2, 30, 12], 20),  # out of order and past the rows: the spans as the kernels clamp them
+        ([5] + [5 + 2 * i for i in range(1, 262)], 530),  # more than 256 sequences (the fill reads 256 at a time)
+    ],
+)
+def test_fill_outside_rows_interpret(kernel_device, cu, total):
+    """launch_hopper.fill_outside_rows (the Gluon varlen forward's fill, a Triton kernel): out 0 and lse -inf in
+    exactly the rows outside every sequence's clamped span, every other row untouched (NaN poison kept)."""
+    from flashtron import launch_hopper
+
+    nheads, d = 3, 40
+    out = torch.full((total, nheads, d), float("nan"), device=kernel_device)
+    lse = torch.full((nheads, total), float("nan"), device=kernel_device)
+    launch_hopper.fill_outside_rows(out, lse, torch.tensor(cu, dtype=torch.int32, device=kernel_device))
+    starts = [min(max(c, 0), total) for c in cu[:-1]]
+    ends = [min(max(e, s), total) for s, e in zip(starts, cu[1:])]
+    first = min(starts, default=total)
+    last = max(max(ends, default=0), first)
+    outside = torch.tensor([r < first or r >= last for r in range(total)])
+    out, lse = out.cpu(), lse.cpu()
+    assert (out[outside] == 0).all() and torch.isneginf(lse[:, outside]).all()
+    assert torch.isnan(out[~outside]).all() and torch.isnan(lse[:, ~outside]).all()

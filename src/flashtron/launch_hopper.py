@@ -355,18 +355,28 @@ def attention_forward(q, k, v, opts: AttnOptions, tile: HopperTile | None = None
     )  # fmt: skip
     kernel[grid](*args, **kwargs)
     if varlen:
-        # rows outside every sequence (before cu_seqlens_q[0], from cu_seqlens_q[-1] on) get out 0 and lse -inf,
-        # as the Triton forward writes them in its extra batch slice (kernels/common.fill_outside_sequences);
-        # here with device-side torch ops (no sync, one more pass over out) until the kernel does it itself
-        rows, total = torch.arange(q.shape[0], device=q.device), q.shape[0]
-        starts = cu_seqlens_q[:-1].clamp(0, total)
-        ends = torch.maximum(cu_seqlens_q[1:], starts).clamp(max=total)  # the spans as the kernels clamp them
-        first = starts.amin() if starts.numel() else total
-        last = torch.maximum(ends.amax(), torch.as_tensor(first, device=q.device)) if ends.numel() else total
-        outside = (rows < first) | (rows >= last)
-        out.masked_fill_(outside[:, None, None], 0.0)
-        lse.masked_fill_(outside[None, :], float("-inf"))
+        fill_outside_rows(out, lse, cu_seqlens_q)
     return out, lse
+
+
+# Programs per head of fill_outside_rows: rows outside every sequence are usually none or a padding tail, and
+# each program first scans cu_seqlens (256 entries a step), so a few suffice
+FILL_PROGRAMS, FILL_BLOCK_M = 4, 64
+
+
+def fill_outside_rows(out, lse, cu_seqlens_q):
+    """Varlen: out 0 and lse -inf in the rows before cu_seqlens_q[0] and from cu_seqlens_q[-1] on (the spans as
+    the kernels clamp them), as the Triton forward writes them in its extra batch slice
+    (kernels/fwd.fill_outside_rows_kernel: one launch, no sync, stores only those rows). out (total_q, nheads,
+    d), lse (nheads, total_q)."""
+    from flashtron.kernels.fwd import fill_outside_rows_kernel
+
+    total, nheads, d = out.shape
+    programs = max(1, min(FILL_PROGRAMS, -(-total // FILL_BLOCK_M)))
+    fill_outside_rows_kernel[(programs, nheads)](
+        out, lse, cu_seqlens_q, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), cu_seqlens_q.numel() - 1,
+        total, BLOCK_M=FILL_BLOCK_M, BLOCK_DV=max(16, 1 << (d - 1).bit_length()), HEAD_DIM_V=d,
+    )  # fmt: skip
 
 
 def covers_backward(q, k, v, dout, opts: AttnOptions, *, varlen: bool, seqused_k=None) -> bool:

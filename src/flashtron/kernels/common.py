@@ -263,6 +263,18 @@ def fill_outside_sequences(Ptr, stride_m, CuSeqlens, batch, rows, pid, n_program
 
 
 @triton.jit
+def fill_forward_outside(Out, LSE, CuSeqlensQ, stride_om, stride_oh, stride_lh, stride_lm, batch, rows, off_h, pid,
+                         n_programs, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         HEAD_DIM_V: tl.constexpr):  # fmt: skip
+    """A varlen forward's rows outside every sequence, head off_h: out 0 and lse -inf (fill_outside_sequences)."""
+    Out += off_h.to(tl.int64) * stride_oh
+    LSE += off_h.to(tl.int64) * stride_lh
+    fill_outside_sequences(Out, stride_om, CuSeqlensQ, batch, rows, pid, n_programs, BLOCK_M, BLOCK_DV, HEAD_DIM_V, 0.0)
+    fill_outside_sequences(LSE, stride_lm, CuSeqlensQ, batch, rows, pid, n_programs, BLOCK_M, BLOCK_DV, 0,
+                           float("-inf"))  # fmt: skip
+
+
+@triton.jit
 def sequence_bounds(
     off_b, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr
 ):

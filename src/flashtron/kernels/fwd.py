@@ -13,7 +13,7 @@ from flashtron.kernels.common import (
     LOG2E,
     RUNTIME_SCALARS,
     dropout_keep,
-    fill_outside_sequences,
+    fill_forward_outside,
     fold_sink,
     kv_block_bounds,
     online_softmax_step,
@@ -124,13 +124,8 @@ def attention_fwd_kernel(
     off_b = tl.program_id(2)
     if IS_VARLEN:
         if off_b == tl.num_programs(2) - 1:  # the extra slice: rows outside every sequence (common.py)
-            batch = tl.num_programs(2) - 1
-            Out += off_h.to(tl.int64) * stride_oh
-            LSE += off_h.to(tl.int64) * stride_lh
-            fill_outside_sequences(Out, stride_om, CuSeqlensQ, batch, seqlen_q, pid_m, tl.num_programs(0), BLOCK_M,
-                                   BLOCK_DV, HEAD_DIM_V, 0.0)  # fmt: skip
-            fill_outside_sequences(LSE, stride_lm, CuSeqlensQ, batch, seqlen_q, pid_m, tl.num_programs(0), BLOCK_M,
-                                   BLOCK_DV, 0, float("-inf"))  # fmt: skip
+            fill_forward_outside(Out, LSE, CuSeqlensQ, stride_om, stride_oh, stride_lh, stride_lm, off_b, seqlen_q,
+                                 off_h, pid_m, tl.num_programs(0), BLOCK_M, BLOCK_DV, HEAD_DIM_V)  # fmt: skip
             return
     if HEAVY_FIRST:
         # with a right bound the last query blocks see the most keys: launch them first
@@ -204,3 +199,13 @@ def attention_fwd_kernel(
     o_mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
     tl.store(Out + offs_r[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
     tl.store(LSE + offs_r * stride_lm, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def fill_outside_rows_kernel(Out, LSE, CuSeqlensQ, stride_om, stride_oh, stride_lh, stride_lm, batch, rows,
+                             BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM_V: tl.constexpr):  # fmt: skip
+    """The attention_fwd_kernel's extra varlen batch slice on its own, for a varlen forward that another kernel
+    computed (the Gluon one): out 0 and lse -inf in the rows outside every sequence. Grid (programs, nheads)."""
+    fill_forward_outside(Out, LSE, CuSeqlensQ, stride_om, stride_oh, stride_lh, stride_lm, batch, rows,
+                         tl.program_id(1), tl.program_id(0), tl.num_programs(0), BLOCK_M, BLOCK_DV,
+                         HEAD_DIM_V)  # fmt: skip
