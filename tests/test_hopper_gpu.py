@@ -241,6 +241,33 @@ def test_gluon_forward_varlen_through_api(gluon_forward, case):
         assert_fa_close(a, r, p, factor=3.0, name="d" + n)
 
 
+@pytest.mark.gpu
+def test_gluon_varlen_rows_outside_sequences(gluon_forward):
+    """Padding rows before cu_seqlens_q[0] and from cu_seqlens_q[-1] on: out 0 and lse -inf there (the Triton fill
+    kernel after the Gluon varlen forward, launch_hopper.fill_outside_rows), never the poisoned allocation; the
+    rows inside against the reference."""
+    import flashtron
+    from flashtron.reference import attention_varlen_ref
+    from tolerance import assert_fa_close
+
+    cu_q, cu_k, total_q, total_k = [3, 100, 250], [2, 120, 300], 400, 360
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(total_q, 4, 128, device="cuda", generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(total_k, 2, 128, device="cuda", generator=g).to(torch.bfloat16) for _ in "kv")
+    i32 = lambda c: torch.tensor(c, dtype=torch.int32, device="cuda")  # noqa: E731
+    out, lse = flashtron.flash_attn_varlen_func(q, k, v, i32(cu_q), i32(cu_k), 150, 180, causal=True, return_lse=True)
+    assert gluon_forward, "the forward did not take the Gluon kernel"
+    outside = torch.ones(total_q, dtype=torch.bool, device="cuda")
+    outside[cu_q[0] : cu_q[-1]] = False
+    assert (out[outside] == 0).all() and torch.isneginf(lse[:, outside]).all()
+    rows_q, rows_k = slice(cu_q[0], cu_q[-1]), slice(cu_k[0], cu_k[-1])
+    shifted = [i32([c - cu[0] for c in cu]) for cu in (cu_q, cu_k)]
+    ref = [attention_varlen_ref(q[rows_q], k[rows_k], v[rows_k], *shifted, causal=True, upcast=upcast,
+                                reorder_ops=not upcast) for upcast in (True, False)]  # fmt: skip
+    assert_fa_close(out[rows_q], ref[0][0], ref[1][0], name="out")
+    assert_fa_close(lse[:, rows_q], ref[0][1], ref[1][1].float(), name="lse")
+
+
 # Keys outside their sequence (review, 2026-12-02): a sequence's last, partial key block reads the next sequence's
 # rows or the padding's into the K/V slot. Here the rows no query may read hold K NaN and V Inf (rows past
 # seqused_k, sequences without queries, NaN padding after cu_seqlens_k[-1]: attention_cases.poison_unread_keys), so
