@@ -16,7 +16,8 @@ mbarrier, an illegal address) costs only that part:
      case also on a 3-program grid (bitwise equal to the full grid); `persist-1sec` is the same kernel with one
      L2 section (ONE_SECTION; scripts/persistent_balance.py says why); `persist-snake` (full matrix) and
      `persist-snake-1sec` run odd rounds of the grid backwards (launch_hopper.CANDIDATE_TILES["persist-snake"]);
-     `d256` is head dim 256's tile (HOPPER_TILES[256], opt-in), checked on D256, and adds d256 timing cells.
+     `d256` is head dim 256's tile (HOPPER_TILES[256], opt-in), checked on D256, and adds d256 timing cells;
+     `persist-dyn` takes each program's next tile from an atomic counter (CANDIDATE_TILES["persist-dyn"]).
      The checks share the budget
      less TIME_RESERVE seconds, which the timing always keeps; a variant cut off by its time limit counts
      as failed and is not timed.
@@ -138,6 +139,9 @@ VARIANTS = {
     # odd rounds of the grid reversed (hopper_common.snake_order), never run: with its sections, and with one
     "persist-snake": (lambda lh, d: lh.CANDIDATE_TILES["persist-snake"][d], FULL, 120),
     "persist-snake-1sec": (lambda lh, d: lh.CANDIDATE_TILES["persist-snake"][d], TIMED, 30),
+    # the dynamic tile counter (HopperTile.dynamic), never run: the full matrix, each case also on the 3-program
+    # grid (every program then takes many tiles from the counter), bitwise equal
+    "persist-dyn": (lambda lh, d: lh.CANDIDATE_TILES["persist-dyn"][d], FULL, 120),
     # the first run's other variants (2026-12-02), for --variants
     "plain": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], warp_specialize=False, overlap=False), OLD, 45),
     "ws": (lambda lh, d: replace(lh.CANDIDATE_TILES["ws-ov"][d], overlap=False), OLD, 45),

@@ -148,6 +148,22 @@ def test_hopper_persistent_forward_compiles_for_sm90(d, window):
     _check_barriers(tile, d, torch.bfloat16, window, ptx)
 
 
+@pytest.mark.parametrize("d, window", PERSIST_VARIANTS)
+def test_hopper_dynamic_persistent_forward_compiles_for_sm90(d, window):
+    """The dynamic tile counter (CANDIDATE_TILES["persist-dyn"], never run on a GPU): one atomic per tile in the
+    loader, the tile slots read volatile by the consumers, no spill, and the shared memory of the static
+    persistent kernel."""
+    tile = launch_hopper.CANDIDATE_TILES["persist-dyn"][d]
+    assert tile.dynamic and dataclasses.replace(tile, dynamic=False) == launch_hopper.CANDIDATE_TILES["persist"][d]
+    compiled = _compile(d, torch.bfloat16, window, tile=tile)
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("atom.global") == 1 and "ld.volatile.global" in ptx
+    assert compiled.metadata.shared <= SMEM_LIMIT
+    assert _spill_bytes(compiled) in (0, None)
+    static = _compile(d, torch.bfloat16, window, tile=launch_hopper.CANDIDATE_TILES["persist"][d])
+    assert "atom.global" not in static.asm["ptx"]  # the static schedule has no counter
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_hopper_persistent_snake_compiles_for_sm90(d):
     # the snake-order candidate (odd rounds of the grid reversed: hopper_common.snake_order), causal, where it

@@ -52,6 +52,10 @@ class HopperTile:
     # persistent only: every other round of the grid in reverse (hopper_common.snake_order), to balance the
     # heaviest-first order's work over the programs
     snake: bool = False
+    # persistent only: after its first tile, a program takes the next free tile of a per-launch counter (an
+    # atomic) instead of a fixed stride, so light and heavy causal tiles even out as the hardware's block
+    # scheduler evens them out on the one-tile grid
+    dynamic: bool = False
 
 
 # The dispatched tiles: ping-pong, two one-warpgroup consumers of 64 rows taking turns on the tensor cores
@@ -88,6 +92,13 @@ CANDIDATE_TILES = {
     "persist-snake": {
         64: HopperTile(128, 128, 3, num_warps=4, consumers=2, persistent=True, snake=True),
         128: HopperTile(128, 128, 2, num_warps=4, consumers=2, persistent=True, snake=True),
+    },
+    # the persistent tiles with the dynamic tile counter (HopperTile.dynamic): compiled for sm_90 only, never run.
+    # The static heaviest-first order left d128 causal 16k at 533-563 TFLOP/s against the one-tile grid's 612
+    # (H200, 2026-12-02), the busiest program at 1.17-1.21x the mean (scripts/persistent_balance.py)
+    "persist-dyn": {
+        64: HopperTile(128, 128, 3, num_warps=4, consumers=2, persistent=True, dynamic=True),
+        128: HopperTile(128, 128, 2, num_warps=4, consumers=2, persistent=True, dynamic=True),
     },
 }
 
@@ -288,6 +299,8 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         # one Q box per consumer
         _descriptor(q, tile.block_m // tile.consumers), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
         out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+        # dynamic: the tile counter, then two tile slots per program (kernels/hopper_fwd._persistent_loader)
+        torch.zeros(1 + 2 * grid[0], dtype=torch.int32, device=q.device) if tile.dynamic else None,
         *strides_o, *strides_l,
         rows_q, rows_k, nheads // nheads_k, max(opts.window_left, 0), max(opts.window_right, 0),
         # as launch.score_args; without softcap None, so the kernel has no such parameter (the code of today)
@@ -306,6 +319,7 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
         CONSUMERS=tile.consumers,
         PERSISTENT=tile.persistent,
         SNAKE=tile.snake,
+        DYNAMIC=tile.dynamic,
         HAS_SOFTCAP=has_softcap,
         IS_VARLEN=varlen,
         HAS_SEQUSED_K=seqused_k is not None,

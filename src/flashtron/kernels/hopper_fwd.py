@@ -28,7 +28,8 @@ softmax runs while the next one's matmuls occupy the tensor cores.
 
 PERSISTENT (dispatched for dense calls: launch_hopper.dispatched_tile; needs WARP_SPECIALIZE, CONSUMERS <= 2): a 1-D
 grid of min(work tiles, SMs) programs, each looping over its (query block, head, batch) tiles in the
-static order of tile_coords (heaviest first under a right bound). The loader also loads each tile's Q,
+static order of tile_coords (heaviest first under a right bound), or with DYNAMIC the next free tile of a
+per-launch atomic counter after each program's first. The loader also loads each tile's Q,
 into one of two Q buffers, so the next tile's Q and K/V are in flight while the consumers finish the
 current one; ring positions and ping-pong turns count over all of a program's tiles.
 """
@@ -379,71 +380,156 @@ def _load_q(q_desc, q_smem, bar, first, start_m, off_b, off_h, seqlen_q, BLOCK_M
 
 
 @gluon.jit
-def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k,
+def _load_work_tile(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, TileSlots, tile, i, t, seqlen_q,
+                    seqlen_k, group_size, window_left, window_right, nheads, batch, heads_per_section,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LEFT: gl.constexpr,
+                    HAS_RIGHT: gl.constexpr, SNAKE: gl.constexpr, CONSUMERS: gl.constexpr,
+                    DYNAMIC: gl.constexpr):  # fmt: skip
+    """The loader's work for the program's i-th tile, linear work tile `tile`: its Q into Q buffer i % 2 (once
+    the consumers have released that buffer, two tiles back), then its K/V blocks into the ring from position
+    t. DYNAMIC: first publishes `tile` in the buffer's slot, TileSlots[i % 2], which the consumers read once
+    the buffer's Q-ready barrier completes (the expect's arrive releases the store, their wait acquires it).
+    Returns the ring position after the tile."""
+    start_m, off_h, off_b, off_hk, lo, _, _, hi, n_blocks = tile_work(
+        tile, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch, heads_per_section,
+        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SNAKE,
+    )  # fmt: skip
+    qb = i % 2
+    mbarrier.wait(q_bars.index(2 + qb), ((i // 2) & 1) ^ 1)  # free: the first lap passes (fresh barrier)
+    if DYNAMIC:
+        gl.store(TileSlots + qb, tile)
+        gl.thread_barrier()  # every lane's store before the arrive, whichever lane issues it
+    _load_q(q_desc, q_smem, q_bars.index(qb), qb * CONSUMERS, start_m, off_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
+    load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)
+    return t + n_blocks
+
+
+@gluon.jit
+def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, TileCounter, seqlen_q, seqlen_k,
                        group_size, window_left, window_right, nheads, batch, heads_per_section,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SNAKE: gl.constexpr,
-                       CONSUMERS: gl.constexpr):  # fmt: skip
-    """The load partition of the persistent grid: per work tile, its Q into Q buffer i % 2 (once the
-    consumers have released that buffer, two tiles back), then its K/V blocks into the ring, the ring
-    position counting on across tiles. The next tile's Q and first K/V blocks go out while the consumers
-    still work on the current tile: no drain between tiles."""
-    first, stride, n_work = persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
-    t = 0
-    for i in range(n_work):
-        start_m, off_h, off_b, off_hk, lo, _, _, hi, n_blocks = tile_work(
-            first + i * stride, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch,
-            heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SNAKE,
-        )  # fmt: skip
+                       CONSUMERS: gl.constexpr, DYNAMIC: gl.constexpr):  # fmt: skip
+    """The load partition of the persistent grid: _load_work_tile over the program's tiles, the ring position
+    counting on across tiles. The next tile's Q and first K/V blocks go out while the consumers still work on
+    the current tile: no drain between tiles. Static order: tiles pid, pid + P, ... (P programs). DYNAMIC: the
+    first tile is pid, every later one the next free tile of the launch's counter (TileCounter[0], zeroed by
+    the launcher), so a program that drew light tiles takes more of them (the causal heaviest-first order then
+    balances like the hardware's own block scheduling); a last slot holding the tile count tells the consumers
+    to stop."""
+    n_programs = gl.num_programs(0)
+    if DYNAMIC:
+        n_tiles = gl.cdiv(seqlen_q, BLOCK_M) * nheads * batch
+        slots = TileCounter + 1 + 2 * gl.program_id(0)
+        tile = gl.program_id(0)
+        t = 0
+        i = 0
+        while tile < n_tiles:
+            nxt = n_programs + gl.atomic_add(TileCounter, 1)  # issued early: its latency hides behind the loads
+            t = _load_work_tile(
+                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, slots, tile, i, t, seqlen_q, seqlen_k,
+                group_size, window_left, window_right, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, CONSUMERS, DYNAMIC,
+            )  # fmt: skip
+            i += 1
+            tile = nxt
         qb = i % 2
-        mbarrier.wait(q_bars.index(2 + qb), ((i // 2) & 1) ^ 1)  # free: the first lap passes (fresh barrier)
-        _load_q(q_desc, q_smem, q_bars.index(qb), qb * CONSUMERS, start_m, off_b, off_h, seqlen_q, BLOCK_M, CONSUMERS)
-        load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES)
-        t += n_blocks
+        mbarrier.wait(q_bars.index(2 + qb), ((i // 2) & 1) ^ 1)
+        gl.store(slots + qb, n_tiles)
+        gl.thread_barrier()
+        mbarrier.arrive(q_bars.index(qb), count=1)  # no Q this time: the arrive alone completes the phase
+    else:
+        first, stride, n_work = persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
+        t = 0
+        for i in range(n_work):
+            t = _load_work_tile(
+                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, TileCounter, first + i * stride, i, t,
+                seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, CONSUMERS, DYNAMIC,
+            )  # fmt: skip
 
 
 @gluon.jit
-def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
-                         stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
-                         qk_scale, softcap_log2, nheads, batch, heads_per_section,
+def _consume_work_tile(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                       stride_lb, stride_lh, tile, i, t, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                       qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                       HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SNAKE: gl.constexpr,
+                       HAS_SOFTCAP: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
+                       CONSUMERS: gl.constexpr):  # fmt: skip
+    """A consumer's work for the program's i-th tile, linear work tile `tile`, its Q in Q buffer i % 2 and its
+    first K/V block at ring position t: _consume_tile. Returns the ring position after the tile."""
+    start_m, off_h, off_b, off_hk, lo, full_lo, full_hi, hi, n_blocks = tile_work(
+        tile, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch, heads_per_section,
+        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SNAKE,
+    )  # fmt: skip
+    qb = i % 2
+    q_tile = q_smem.index(qb * CONSUMERS + CID).reshape([BLOCK_M // CONSUMERS, HEAD_DIM])
+    return _consume_tile(
+        q_tile, q_bars.index(qb), (i // 2) & 1, q_bars.index(2 + qb), k_desc, v_desc, k_bufs, v_bufs, bars,
+        Out, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m,
+        seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2, lo, full_lo, full_hi, hi,
+        n_blocks, t, i,
+        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, True, OVERLAP, CID, CONSUMERS, True,
+        False,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _persistent_consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, TileCounter, Out, LSE, stride_ob,
+                         stride_om, stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left,
+                         window_right, qk_scale, softcap_log2, nheads, batch, heads_per_section,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SNAKE: gl.constexpr,
                          HAS_SOFTCAP: gl.constexpr, OVERLAP: gl.constexpr, CID: gl.constexpr,
-                         CONSUMERS: gl.constexpr):  # fmt: skip
-    """A math partition of the persistent grid: _consume_tile over this program's work tiles, in the
+                         CONSUMERS: gl.constexpr, DYNAMIC: gl.constexpr):  # fmt: skip
+    """A math partition of the persistent grid: _consume_work_tile over this program's work tiles, in the
     loader's order, with the K/V ring position t and the tile count i (ping-pong turns: each tile takes
-    n_blocks + 1 of them) carried from one tile to the next."""
-    first, stride, n_work = persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
-    t = 0
-    for i in range(n_work):
-        start_m, off_h, off_b, off_hk, lo, full_lo, full_hi, hi, n_blocks = tile_work(
-            first + i * stride, seqlen_q, seqlen_k, group_size, window_left, window_right, nheads, batch,
-            heads_per_section, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, SNAKE,
-        )  # fmt: skip
-        qb = i % 2
-        q_tile = q_smem.index(qb * CONSUMERS + CID).reshape([BLOCK_M // CONSUMERS, HEAD_DIM])
-        t = _consume_tile(
-            q_tile, q_bars.index(qb), (i // 2) & 1, q_bars.index(2 + qb), k_desc, v_desc, k_bufs, v_bufs, bars,
-            Out, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, off_b, off_h, off_hk, start_m,
-            seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_log2, lo, full_lo, full_hi, hi,
-            n_blocks, t, i,
-            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, True, OVERLAP, CID, CONSUMERS, True,
-            False,
-        )  # fmt: skip
+    n_blocks + 1 of them) carried from one tile to the next. DYNAMIC: each tile is read from its Q buffer's
+    slot once that buffer's Q has landed; the tile count there means no more tiles."""
+    if DYNAMIC:
+        n_tiles = gl.cdiv(seqlen_q, BLOCK_M) * nheads * batch
+        slots = TileCounter + 1 + 2 * gl.program_id(0)
+        t = 0
+        i = 0
+        mbarrier.wait(q_bars.index(0), 0)
+        tile = gl.load(slots, volatile=True)  # volatile: past L1, which an earlier lap's value could still be in
+        while tile < n_tiles:
+            t = _consume_work_tile(
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, tile, i, t, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, CID, CONSUMERS,
+            )  # fmt: skip
+            i += 1
+            mbarrier.wait(q_bars.index(i % 2), (i // 2) & 1)
+            tile = gl.load(slots + i % 2, volatile=True)
+    else:
+        first, stride, n_work = persistent_tiles(seqlen_q, nheads, batch, BLOCK_M)
+        t = 0
+        for i in range(n_work):
+            t = _consume_work_tile(
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, first + i * stride, i, t, seqlen_q, seqlen_k, group_size, window_left,
+                window_right, qk_scale, softcap_log2, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, CID, CONSUMERS,
+            )  # fmt: skip
 
 
 @gluon.jit
-def _persistent_grid(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh,
-                     stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale,
-                     softcap_log2, nheads, batch, heads_per_section,
+def _persistent_grid(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, TileCounter, Out, LSE, stride_ob, stride_om,
+                     stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
+                     qk_scale, softcap_log2, nheads, batch, heads_per_section,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SNAKE: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr):  # fmt: skip
+                     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
+                     DYNAMIC: gl.constexpr):  # fmt: skip
     """The PERSISTENT kernel body: the Q buffers' barriers, then the loader and the consumers over this
     program's work tiles."""
     gl.static_assert(WARP_SPECIALIZE and CONSUMERS <= 2, "persistent: the loader partition, 1 or 2 consumers")
     # ping-pong turns count n_blocks + 1 per tile, which only the overlapped step takes (_consume_tile)
     gl.static_assert(CONSUMERS == 1 or OVERLAP, "persistent ping-pong needs the overlap")
+    gl.static_assert(not (DYNAMIC and SNAKE), "snake order is a static schedule")
     # Q buffer b: ready (b), free (2 + b), completing when every consumer has released it; the Q ready
     # barrier of `bars` is not used
     q_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
@@ -453,35 +539,37 @@ def _persistent_grid(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, 
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_persistent_consumer, (
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, TileCounter, Out, LSE, stride_ob, stride_om,
                 stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
                 qk_scale, softcap_log2, nheads, batch, heads_per_section,
                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, CONSUMERS,
+                DYNAMIC,
             )),
             (_persistent_consumer, (
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, TileCounter, Out, LSE, stride_ob, stride_om,
                 stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
                 qk_scale, softcap_log2, nheads, batch, heads_per_section,
                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 1, CONSUMERS,
+                DYNAMIC,
             )),
             (_persistent_loader, (
-                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
-                window_left, window_right, nheads, batch, heads_per_section,
-                BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, CONSUMERS,
+                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, TileCounter, seqlen_q, seqlen_k,
+                group_size, window_left, window_right, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, CONSUMERS, DYNAMIC,
             )),
         ], [4, 1], [240, 24])  # fmt: skip
     else:
         gl.warp_specialize([
             (_persistent_consumer, (
-                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, Out, LSE, stride_ob, stride_om,
+                q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, q_bars, TileCounter, Out, LSE, stride_ob, stride_om,
                 stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right,
                 qk_scale, softcap_log2, nheads, batch, heads_per_section,
-                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, 1,
+                BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP, OVERLAP, 0, 1, DYNAMIC,
             )),
             (_persistent_loader, (
-                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, seqlen_q, seqlen_k, group_size,
-                window_left, window_right, nheads, batch, heads_per_section,
-                BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, 1,
+                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, q_bars, TileCounter, seqlen_q, seqlen_k,
+                group_size, window_left, window_right, nheads, batch, heads_per_section,
+                BLOCK_M, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, 1, DYNAMIC,
             )),
         ], [1], [24])  # fmt: skip
 
@@ -570,13 +658,14 @@ def _one_tile_grid(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, LS
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group_size", "window_left", "window_right", "nheads",
                               "batch", "heads_per_section", "stride_lb", "stride_lh"])  # fmt: skip
 def attention_fwd_hopper_kernel(
-    q_desc, k_desc, v_desc, Out, LSE, CuSeqlensQ, CuSeqlensK, SequsedK,
+    q_desc, k_desc, v_desc, Out, LSE, CuSeqlensQ, CuSeqlensK, SequsedK, TileCounter,
     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, softcap_log2, nheads, batch, heads_per_section,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr,
     CONSUMERS: gl.constexpr = 1, PERSISTENT: gl.constexpr = False, HAS_SOFTCAP: gl.constexpr = False,
     IS_VARLEN: gl.constexpr = False, HAS_SEQUSED_K: gl.constexpr = False, SNAKE: gl.constexpr = False,
+    DYNAMIC: gl.constexpr = False,
 ):  # fmt: skip
     """q_desc, k_desc, v_desc: TMA descriptors over (batch, seqlen, nheads, headdim), boxes
     [1, BLOCK_M / CONSUMERS or BLOCK_N, 1, HEAD_DIM]. Out: like q (last stride 1); LSE: (batch, nheads,
@@ -585,8 +674,10 @@ def attention_fwd_hopper_kernel(
     nheads_k. seqlen_k > 0. CONSUMERS 1: one math partition of num_warps warps; 2 or 3: ping-pong, one
     warpgroup each (launch with num_warps = 4). PERSISTENT (warp-specialized, 1 or 2 consumers, not varlen):
     a 1-D grid of at most cdiv(seqlen_q, BLOCK_M) * nheads * batch programs, each looping over its work tiles
-    (tile_coords; with SNAKE, every other round of the grid in reverse: snake_order); otherwise the grid is
-    (query blocks, nheads, batch) and those three arguments are not read.
+    (tile_coords; with SNAKE, every other round of the grid in reverse: snake_order; with DYNAMIC, each
+    program's next tile from the int32 counter TileCounter[0], zeroed, followed by two tile slots per program,
+    TileCounter[1 + 2 * pid + b]: _persistent_loader); otherwise the grid is (query blocks, nheads, batch) and
+    those three arguments are not read. TileCounter is None unless DYNAMIC.
 
     IS_VARLEN: the descriptors are 3-D over the packed (total, nheads, headdim) with boxes [BLOCK, 1,
     HEAD_DIM]; CuSeqlensQ / CuSeqlensK (batch + 1, int32) and, with HAS_SEQUSED_K, SequsedK (batch, int32)
@@ -634,10 +725,10 @@ def attention_fwd_hopper_kernel(
 
     if PERSISTENT:
         _persistent_grid(
-            q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, LSE, stride_ob, stride_om, stride_oh, stride_lb,
-            stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, softcap_log2, nheads, batch,
-            heads_per_section, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, SNAKE, HAS_SOFTCAP,
-            WARP_SPECIALIZE, OVERLAP, CONSUMERS,
+            q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, TileCounter, Out, LSE, stride_ob, stride_om,
+            stride_oh, stride_lb, stride_lh, seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale,
+            softcap_log2, nheads, batch, heads_per_section, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT,
+            SNAKE, HAS_SOFTCAP, WARP_SPECIALIZE, OVERLAP, CONSUMERS, DYNAMIC,
         )  # fmt: skip
     else:
         _one_tile_grid(
