@@ -225,10 +225,10 @@ def test_hopper_forward_softcap_varlen_compile(d, dtype, window, softcap, varlen
     assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx
     assert ("cp.async.bulk.tensor.3d" if varlen else "cp.async.bulk.tensor.4d") in ptx  # 3-D boxes for varlen
     assert "setmaxnreg" in ptx
-    # softcap: tanh by exp (hopper_fwd._tanh, kernels/common.tanh's formula), not tanh.approx
+    # softcap: tanh by exp (hopper_fwd_tile.tanh, kernels/common.tanh's formula), not tanh.approx
     assert "tanh.approx" not in ptx
     assert ("ld.global" in ptx) == varlen  # cu_seqlens (and seqused_k) are the only global loads
-    # varlen: V rows past the sequence zeroed in the slot by consumer 0 alone, before the last P V (_zero_v_tail)
+    # varlen: V rows past the sequence zeroed in the slot by consumer 0 alone, before the last P V (zero_v_tail)
     assert ptx.count("fence.proxy.async") == (1 if varlen else 0)
     assert compiled.metadata.shared <= SMEM_LIMIT
     assert _spill_bytes(compiled) in (0, None)
@@ -242,7 +242,7 @@ def test_hopper_forward_softcap_varlen_compile(d, dtype, window, softcap, varlen
 def test_hopper_forward_varlen_lock_step_variants_compile(warp_specialize, overlap):
     # varlen (with seqused_k) on the 8-warp tile and its simpler forms, which no dispatch sends it to: without the
     # overlap a block's P V follows its softmax, so the V tail is zeroed in the peeled block and the masked
-    # segments (_zero_v_tail's other call sites), by all the consumer warps
+    # segments (zero_v_tail's other call sites), by all the consumer warps
     tile = dataclasses.replace(launch_hopper.CANDIDATE_TILES["ws-ov"][128], warp_specialize=warp_specialize,
                                overlap=overlap)  # fmt: skip
     compiled = _compile_features(128, torch.bfloat16, (-1, 0), False, True, True, tile=tile)
@@ -285,7 +285,7 @@ def test_slower_features_are_gated(monkeypatch):
         assert launch_hopper.covers(q, q, q, capped, varlen=True, backend=backend) != gated
         assert launch_hopper.covers(q64, q64, q64, plain, varlen=True, backend=backend) != gated
         assert launch_hopper.covers(q, q, q, plain, varlen=True, backend=backend)
-        # seqused_k as varlen: the kernel zeroes the V rows past it (hopper_fwd._zero_v_tail)
+        # seqused_k as varlen: the kernel zeroes the V rows past it (hopper_fwd_tile.zero_v_tail)
         assert launch_hopper.covers(q, q, q, plain, varlen=True, seqused_k=q, backend=backend)
         assert launch_hopper.covers(q64, q64, q64, plain, varlen=True, seqused_k=q, backend=backend) != gated
     assert not launch_hopper.covers(q, q, q, plain, varlen=False, seqused_k=q, backend="gluon")  # varlen only

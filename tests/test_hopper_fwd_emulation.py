@@ -5,13 +5,13 @@ Gluon kernels do not run in Triton's interpreter, and the softcap and varlen var
 (test_hopper_compile). What can be checked without a GPU is the index arithmetic and the score math. From their
 source, on plain ints or float64 tensors (the `gl` module swapped for Python/PyTorch equivalents), run:
 `hopper_common.sequence_bounds` (cu_seqlens and seqused_k, clamped), `hopper_common.kv_range`,
-`hopper_common.box_coords` (where a 3-D TMA box lands in the packed tensor), `hopper_fwd._softmax_step` (the
-mask, the softcap through `hopper_fwd._tanh`, the online softmax). The rest repeats the kernel's lines: the grid
+`hopper_common.box_coords` (where a 3-D TMA box lands in the packed tensor), `hopper_fwd_tile.softmax_step` (the
+mask, the softcap through `hopper_fwd_tile.tanh`, the online softmax). The rest repeats the kernel's lines: the grid
 over max_seqlen_q with a program past its sequence's end returning, the reversed query blocks under a right
 bound, at least one block with block lo peeled and masked, the three segments clipped to start after it and
 the keys of step t at lo + t * BLOCK_N (what the loader loads), each ping-pong consumer's Q box (a consumer
 wholly past the sequence reads the last row's box), TMA boxes that read the next sequence's rows (zero-filled
-only past the whole tensor), the tile's last V block zeroed past the sequence's end by `hopper_fwd._zero_v_tail`
+only past the whole tensor), the tile's last V block zeroed past the sequence's end by `hopper_fwd_tile.zero_v_tail`
 (run from its source on a stand-in for the shared-memory slot), stores masked to the sequence's rows, out 0 /
 lse -inf for rows that see no key. Outputs start NaN-poisoned: a row the walk forgot to store, or a key of the
 next sequence left unmasked, makes out or lse differ from the reference. The rows no query may read (past
@@ -31,7 +31,7 @@ pytest.importorskip("triton.experimental.gluon", reason="needs triton with Gluon
 
 from attention_cases import poison_unread_keys  # noqa: E402
 from flashtron import launch_hopper  # noqa: E402
-from flashtron.kernels import hopper_common, hopper_fwd  # noqa: E402
+from flashtron.kernels import hopper_common, hopper_fwd_tile  # noqa: E402
 from flashtron.reference import attention_varlen_ref  # noqa: E402
 
 LOG2E = math.log2(math.e)
@@ -84,12 +84,12 @@ def _emulated(jitted, **extra):
 SEQUENCE_BOUNDS = _emulated(hopper_common.sequence_bounds)
 KV_RANGE = _emulated(hopper_common.kv_range)
 BOX_COORDS = _emulated(hopper_common.box_coords)
-SOFTMAX_STEP = _emulated(hopper_fwd._softmax_step, _tanh=_emulated(hopper_fwd._tanh))
-ZERO_V_TAIL = _emulated(hopper_fwd._zero_v_tail, fence_async_shared=lambda: None)
+SOFTMAX_STEP = _emulated(hopper_fwd_tile.softmax_step, tanh=_emulated(hopper_fwd_tile.tanh))
+ZERO_V_TAIL = _emulated(hopper_fwd_tile.zero_v_tail, fence_async_shared=lambda: None)
 
 
 class _Slot:
-    """A shared-memory slot holding one box: load and store as _zero_v_tail uses them."""
+    """A shared-memory slot holding one box: load and store as zero_v_tail uses them."""
 
     def __init__(self, t):
         self.t = t
@@ -152,7 +152,7 @@ def emulate_varlen_forward(q, k, v, cu_q, cu_k, seqused, max_seqlen_q, scale, wi
                     steps += [(n, mask) for n in range(start, end, block_n)]
                 assert [n for n, _ in steps] == [lo + t * block_n for t in range(n_blocks)]  # the loader's order
                 slot = _Slot(_box(v, desc, k_start, steps[-1][0], off_hk, block_n))  # the tile's last V block
-                # _consume_tile: consumer 0 zeroes its rows past the end before anyone's last P V
+                # consume_tile: consumer 0 zeroes its rows past the end before anyone's last P V
                 ZERO_V_TAIL(slot, seqlen_k - (lo + (n_blocks - 1) * block_n), block_n, d)
                 for cid in range(consumers):
                     row = start_m + cid * rows

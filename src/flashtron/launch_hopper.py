@@ -42,7 +42,7 @@ class HopperTile:
     stages: int
     num_warps: int = 8  # two consumer warpgroups of 64 rows each
     warp_specialize: bool = True
-    overlap: bool = True  # softmax of block j+1 while P V of block j runs (hopper_fwd._attend)
+    overlap: bool = True  # softmax of block j+1 while P V of block j runs (hopper_fwd_tile.attend)
     # 2: ping-pong, two one-warpgroup consumer partitions of block_m / 2 rows each, taking
     # turns on the tensor cores (needs warp_specialize and overlap, and num_warps 4)
     consumers: int = 1

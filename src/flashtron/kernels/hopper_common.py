@@ -37,7 +37,7 @@ def box_coords(desc, off_b, row, off_h):
     (batch, seqlen, nheads, d); [off_b + row, off_h, 0] for a 3-D one over varlen's packed (total, nheads, d),
     where off_b is the sequence's first row. TMA zero-fills only past the whole tensor, so in the 3-D case
     rows past the sequence's end read the next sequence (or the padding): the caller masks those keys, zeroes
-    those V rows in the slot (hopper_fwd._zero_v_tail) and stores no such query rows."""
+    those V rows in the slot (hopper_fwd_tile.zero_v_tail) and stores no such query rows."""
     if len(desc.block_type.shape) == 3:
         return [off_b + row, off_h, 0]
     else:
