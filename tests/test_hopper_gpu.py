@@ -334,7 +334,7 @@ def test_gated_features_stay_on_triton_by_default(monkeypatch):
 @pytest.mark.gpu
 def test_default_dispatch_tiles(monkeypatch):
     """With FLASHTRON_BACKEND unset, covered dense forwards at head dims 64 and 128 take the Gluon kernel on the
-    persistent grid, except causal d128 calls without a left window past PERSISTENT_MASKED_MAX_SEQLEN, which
+    persistent grid, except causal d128 calls without a left window past PERSISTENT_CAUSAL_MAX_SEQLEN, which
     take the one-tile grid
     (launch_hopper.dispatched_tile); each result against the reference by the tests' rule."""
     from flashtron import launch_hopper
@@ -345,7 +345,7 @@ def test_default_dispatch_tiles(monkeypatch):
     monkeypatch.setattr(
         launch_hopper, "dispatched_tile", lambda *a, **kw: tiles.append(original(*a, **kw)) or tiles[-1]
     )
-    long_q = launch_hopper.PERSISTENT_MASKED_MAX_SEQLEN[128] + 100
+    long_q = launch_hopper.PERSISTENT_CAUSAL_MAX_SEQLEN[128] + 100
     for d, sq, causal, window, persistent in ((64, 1000, True, (-1, -1), True), (128, 700, False, (-1, -1), True),
                                               (128, 700, True, (-1, -1), True), (128, long_q, True, (-1, -1), False),
                                               (128, long_q, False, (-1, -1), True),

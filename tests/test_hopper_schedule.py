@@ -116,7 +116,7 @@ def test_launcher_grid_and_sections():
         assert 1 <= per_section <= batch * nheads
         assert per_section == 1 or per_section * kv <= launch_hopper.L2_SECTION_BYTES * group
     # the dispatch: dense calls take the persistent grid, except causal d128 ones without a left window past
-    # PERSISTENT_MASKED_MAX_SEQLEN, softcap and varlen, which keep the 3-D grid; windows stay persistent
+    # PERSISTENT_CAUSAL_MAX_SEQLEN, softcap and varlen, which keep the 3-D grid; windows stay persistent
     _, grid, _, kwargs = launch_hopper.kernel_launch(q, k, k, q, torch.empty(1, 1, 64), opts)
     assert grid == (1,) and kwargs["PERSISTENT"]
     for d, o, persistent in ((128, opts, False), (128, AttnOptions(softmax_scale=0.1), True),

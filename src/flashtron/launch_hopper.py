@@ -108,17 +108,17 @@ CANDIDATE_TILES = {
 # 1k 340 / 314, 4k 490 / 472, 16k 533 / 612). At d64 the persistent grid was ahead in every cell (causal 16k
 # 421 / 405), without a mask at d128 too (16k 652 / 618), and so were sliding windows, whose tiles carry equal
 # work (window (1024, 0) at 16k, d128 432 / 397, d64 299 / 254).
-PERSISTENT_MASKED_MAX_SEQLEN = {64: 1 << 30, 128: 2048}
+PERSISTENT_CAUSAL_MAX_SEQLEN = {64: 1 << 30, 128: 2048}
 
 
 def dispatched_tile(d: int, seqlen_q: int, opts: AttnOptions, *, varlen: bool) -> HopperTile:
     """The forward tile a covered call takes: the persistent grid for dense calls (see
-    PERSISTENT_MASKED_MAX_SEQLEN for the causal exception), the one-tile ping-pong grid for varlen (the
+    PERSISTENT_CAUSAL_MAX_SEQLEN for the causal exception), the one-tile ping-pong grid for varlen (the
     persistent schedule needs every sequence's length on the host) and softcap (the persistent d128 softcap
     kernel spills 8 bytes; the softcap checks on the GPU ran on the one-tile grid) and head dim 256."""
     triangle = opts.window_left < 0 and opts.window_right >= 0  # causal is window_right 0
     persistent = CANDIDATE_TILES["persist"].get(d)  # none at d256 (HOPPER_TILES)
-    if varlen or opts.softcap > 0 or persistent is None or (triangle and seqlen_q > PERSISTENT_MASKED_MAX_SEQLEN[d]):
+    if varlen or opts.softcap > 0 or persistent is None or (triangle and seqlen_q > PERSISTENT_CAUSAL_MAX_SEQLEN[d]):
         return HOPPER_TILES[d]
     return persistent
 
