@@ -159,3 +159,29 @@ def test_snake_one_section_balances_causal_work(seqlen, nheads):
         pid_m = tile_coords(snake_order(t, n_tiles, grid), n_m, n_pairs, nheads, n_pairs, True)[0]
         loads[t % grid] += _causal_blocks(pid_m, seqlen, seqlen)
     assert max(loads) <= 1.035 * sum(loads) / grid
+
+
+@pytest.mark.parametrize(
+    "window, persistent",
+    [
+        ((-1, -1), True),  # no mask: equal work per query block
+        ((1024, 0), True),  # a band: equal work
+        ((0, 0), True),
+        ((-1, 0), False),  # causal: the work grows along the rows
+        ((5, -1), False),  # a left bound only: it shrinks
+        ((-1, 5), False),
+        ((100000, 0), False),  # a left bound past every key is none: exactly causal
+        ((1024, 100000), False),  # likewise a right bound past every query: a left bound only
+    ],
+)
+def test_one_sided_masks_past_2k_take_the_one_tile_grid(window, persistent):
+    """launch_hopper.dispatched_tile at d128, 4096 rows: calls whose work per query block is uneven (bounded on
+    one side only, counting a bound past every key or query as none) take the one-tile grid past
+    PERSISTENT_CAUSAL_MAX_SEQLEN, as causal does; no mask and bands stay on the persistent grid."""
+    from flashtron.options import AttnOptions
+
+    opts = AttnOptions(softmax_scale=0.1, window_left=window[0], window_right=window[1])
+    tile = launch_hopper.dispatched_tile(128, 4096, opts, varlen=False, seqlen_k=4096)
+    assert tile.persistent == persistent
+    short = launch_hopper.dispatched_tile(128, launch_hopper.PERSISTENT_CAUSAL_MAX_SEQLEN[128], opts, varlen=False)
+    assert short.persistent  # at or below the limit every dense call is persistent

@@ -102,7 +102,7 @@ CANDIDATE_TILES = {
     },
 }
 
-# Causal d128 calls without a left window (the triangle: uneven work per tile) with more query rows than this
+# d128 calls bounded on one side only, as causal (the triangle: uneven work per tile), with more query rows than this
 # take the one-tile grid: there the persistent longest-first schedule measured slower (H200, 2026-12-02,
 # gluon_check.py --variants persist,persist-snake,persist-snake-1sec,pp, same run, TFLOP/s persist / pp: causal
 # 1k 340 / 314, 4k 490 / 472, 16k 533 / 612). At d64 the persistent grid was ahead in every cell (causal 16k
@@ -111,14 +111,22 @@ CANDIDATE_TILES = {
 PERSISTENT_CAUSAL_MAX_SEQLEN = {64: 1 << 30, 128: 2048}
 
 
-def dispatched_tile(d: int, seqlen_q: int, opts: AttnOptions, *, varlen: bool) -> HopperTile:
+def dispatched_tile(
+    d: int, seqlen_q: int, opts: AttnOptions, *, varlen: bool, seqlen_k: int | None = None
+) -> HopperTile:
     """The forward tile a covered call takes: the persistent grid for dense calls (see
     PERSISTENT_CAUSAL_MAX_SEQLEN for the causal exception), the one-tile ping-pong grid for varlen (the
     persistent schedule needs every sequence's length on the host) and softcap (the persistent d128 softcap
     kernel spills 8 bytes; the softcap checks on the GPU ran on the one-tile grid) and head dim 256."""
-    triangle = opts.window_left < 0 and opts.window_right >= 0  # causal is window_right 0
+    seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+    # a side bounded within the sequences (a bound past every key or query is none): with one side bounded, as
+    # causal (-1, 0) or (w, -1), the work per query block grows or shrinks along the rows; with both, a band,
+    # it is equal
+    left = 0 <= opts.window_left < seqlen_k - 1
+    right = 0 <= opts.window_right < seqlen_q - 1
+    uneven = left != right
     persistent = CANDIDATE_TILES["persist"].get(d)  # none at d256 (HOPPER_TILES)
-    if varlen or opts.softcap > 0 or persistent is None or (triangle and seqlen_q > PERSISTENT_CAUSAL_MAX_SEQLEN[d]):
+    if varlen or opts.softcap > 0 or persistent is None or (uneven and seqlen_q > PERSISTENT_CAUSAL_MAX_SEQLEN[d]):
         return HOPPER_TILES[d]
     return persistent
 
@@ -272,7 +280,7 @@ def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None 
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
-    tile = tile or dispatched_tile(d, max_seqlen_q if varlen else q.shape[1], opts, varlen=varlen)
+    tile = tile or dispatched_tile(d, max_seqlen_q if varlen else q.shape[1], opts, varlen=varlen, seqlen_k=k.shape[-3])
     if varlen:
         if tile.persistent:
             raise ValueError("the persistent Gluon forward has no varlen variant (its schedule needs the lengths)")

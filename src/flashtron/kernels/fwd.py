@@ -201,7 +201,7 @@ def attention_fwd_kernel(
     tl.store(LSE + offs_r * stride_lm, lse, mask=offs_m < seqlen_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "rows"])  # no recompile per batch size or row count
 def fill_outside_rows_kernel(Out, LSE, CuSeqlensQ, stride_om, stride_oh, stride_lh, stride_lm, batch, rows,
                              BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM_V: tl.constexpr):  # fmt: skip
     """The attention_fwd_kernel's extra varlen batch slice on its own, for a varlen forward that another kernel
