@@ -568,3 +568,38 @@ def test_fp32_dot_precision_follows_torch(setting, expected):
         assert score_args(q.half(), AttnOptions(softmax_scale=1.0))["PRECISION"] == "ieee"  # 16-bit: no tf32
     finally:
         setattr(matmul, "fp32_precision" if new_api else "allow_tf32", saved)
+
+
+def check_one_output_carries_the_gradient(device, monkeypatch):
+    """A loss on out alone, then on lse alone: the other output's gradient reaches the backward as None (the
+    Function does not materialize zeros for it), and dq, dk, dv still match the reference's."""
+    from flashtron import autograd
+
+    seen = []
+    backward = autograd.attention_backward
+    monkeypatch.setattr(autograd, "attention_backward", lambda dout, *a, dlse=None, **kw: seen.append(dlse is None)
+                        or backward(dout, *a, dlse=dlse, **kw))  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 65, 4, 32, generator=gen) for _ in range(3))
+    k, v = k[:, :40, :2], v[:, :40, :2]  # sq > sk, GQA 2:1
+    for loss in (lambda out, lse: (out * out).sum(), lambda out, lse: lse.sum()):
+        ours = [t.clone().to(device).requires_grad_() for t in (q, k, v)]
+        ref = [t.double().requires_grad_() for t in (q, k, v)]
+        out, lse = flashtron.flash_attn_func(*ours, causal=True, return_lse=True)
+        out_ref, lse_ref, _ = attention_ref(*ref, causal=True)
+        empty = torch.isneginf(lse_ref)  # rows that see no key: lse -inf, no gradient through them
+        loss(out, torch.where(empty.to(device), 0.0, lse)).backward()
+        loss(out_ref, torch.where(empty, 0.0, lse_ref)).backward()
+        for a, r, name in zip(ours, ref, "qkv"):
+            want = torch.zeros_like(r) if r.grad is None else r.grad  # lse does not depend on v
+            torch.testing.assert_close(a.grad.cpu().double(), want, atol=2e-4, rtol=2e-4, msg=f"d{name}")
+    assert seen == [True, False], "dlse: None for the loss on out alone, a tensor for the loss on lse"
+
+
+def test_one_output_carries_the_gradient_cpu(monkeypatch):
+    check_one_output_carries_the_gradient("cpu", monkeypatch)
+
+
+@pytest.mark.interpret
+def test_one_output_carries_the_gradient_interpreted(kernel_device, monkeypatch):
+    check_one_output_carries_the_gradient(kernel_device, monkeypatch)

@@ -134,6 +134,9 @@ def gather_pages(k_pages, v_pages, block_table, cu_seqlens_k, max_seqlen_k, sequ
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sink, opts, varlen_args, dropout_seed):
+        # an output without a gradient (lse, usually) reaches backward as None, not as a zero tensor: the zeros
+        # and folding them into delta were two GPU launches per backward for nothing
+        ctx.set_materialize_grads(False)
         out, lse = attention_forward(q, k, v, opts, dropout_seed=dropout_seed, **varlen_args)
         tensors = {name: t for name, t in varlen_args.items() if isinstance(t, torch.Tensor)}
         ctx.save_for_backward(q, k, v, out, lse, *tensors.values())
