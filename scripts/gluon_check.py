@@ -657,19 +657,26 @@ def _features_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _announce_device(unit: str) -> str:
+    """Prints the device a run measures on (or that there is none: every cell or case then fails, which only exercises
+    the script) and returns the folder the run writes its JSON to: $OUT, or here."""
+    import torch
+
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
+    else:
+        print(f"no CUDA device: every {unit} will fail (this only exercises the script)", flush=True)
+    return os.environ.get("OUT") or "."
+
+
 def main_time_features(budget: float) -> None:
     """The --time-features run: the time-features part within the budget, its table, a verdict per feature;
     writes $OUT/gluon_check_features_time.json."""
-    import torch
 
     from flashtron import launch_hopper
 
     start = time.time()
-    if torch.cuda.is_available():
-        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
-    else:
-        print("no CUDA device: every cell will fail (this only exercises the script)", flush=True)
-    out_dir = os.environ.get("OUT") or "."
+    out_dir = _announce_device("cell")
     left = budget - (time.time() - start)
     timing = _run_child("time-features", [], left - 3, os.path.join(out_dir, ".time-features.json"))
     rows = (timing or {}).get("rows", [])
@@ -890,14 +897,9 @@ def main_backward(budget: float) -> None:
     """The --backward run: check-bwd, check-dq, check-fused, then time-bwd if every check-bwd case passed (with
     the Gluon dQ columns if every check-dq case passed too, the fused ones if every check-fused case did);
     writes $OUT/gluon_check_bwd.json."""
-    import torch
 
     start = time.time()
-    if torch.cuda.is_available():
-        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
-    else:
-        print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
-    out_dir = os.environ.get("OUT") or "."
+    out_dir = _announce_device("case")
     checks_end = start + budget - BWD_TIME_RESERVE  # the checks may use the budget less what the timing keeps
     limit = min(BWD_CHECK_LIMIT, checks_end - time.time())
     check = _run_child("check-bwd", [], limit, os.path.join(out_dir, ".check-bwd.json")) or {}
@@ -1049,14 +1051,8 @@ def main() -> None:
         main_time_features(args.budget)
         return
 
-    import torch
-
     start = time.time()
-    if torch.cuda.is_available():
-        print(f"device: {torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}", flush=True)
-    else:
-        print("no CUDA device: every case will fail (this only exercises the script)", flush=True)
-    out_dir = os.environ.get("OUT") or "."
+    out_dir = _announce_device("case")
     report = {"check": {}}
     # the checks may use the budget less what the timing (and the API check) keep
     checks_end = start + args.budget - TIME_RESERVE - (API_RESERVE if args.api else 0)
