@@ -60,7 +60,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from flashtron.kernels.hopper_common import kv_loader, kv_range
+from flashtron.kernels.hopper_common import kv_loader, kv_range, program_query_block
 
 LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -521,14 +521,7 @@ def attention_bwd_dq_hopper_kernel(
     gl.static_assert(q_desc.block_type.shape[1] == BLOCK_M)
     gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
     gl.static_assert(do_desc.block_type.shape[3] == HEAD_DIM)
-    pid_m = gl.program_id(0)
-    off_h = gl.program_id(1)
-    off_b = gl.program_id(2)
-    if HAS_RIGHT:
-        # with a right bound the last query blocks see the most keys: launch them first
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    off_hk = off_h // group_size
+    start_m, off_h, off_b, off_hk = program_query_block(group_size, BLOCK_M, HAS_RIGHT)
     lo, full_lo, full_hi, hi = kv_range(
         start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )

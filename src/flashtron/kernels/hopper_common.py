@@ -103,6 +103,17 @@ def kv_loader(k_desc, v_desc, k_bufs, v_bufs, bars, n_blocks, lo, off_b, off_hk,
 # heaviest first, and the short tiles fill the tail; with a left bound only, or none, the first blocks
 # see the most (or all the same), and the order stays ascending.
 @gluon.jit
+def program_query_block(group_size, BLOCK_M: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """(start_m, off_h, off_b, off_hk) of this program of a (query blocks, nheads, batch) grid; with a right
+    bound the last query blocks see the most keys, so the grid's first programs take them."""
+    pid_m = gl.program_id(0)
+    if HAS_RIGHT:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    off_h = gl.program_id(1)
+    return pid_m * BLOCK_M, off_h, gl.program_id(2), off_h // group_size
+
+
+@gluon.jit
 def tile_coords(tile, n_m, n_pairs, nheads, heads_per_section, REVERSE: gl.constexpr):
     """(query block, head, batch entry) of linear work tile `tile` in [0, n_m * n_pairs); n_pairs = batch
     * nheads. Integer arithmetic on non-negative values only, so it means the same in the kernel (i32) as

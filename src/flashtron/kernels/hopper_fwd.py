@@ -50,6 +50,7 @@ from flashtron.kernels.hopper_common import (
     load_kv,
     load_v,
     persistent_tiles,
+    program_query_block,
     sequence_bounds,
     tile_work,
 )
@@ -258,6 +259,8 @@ def _persistent_grid(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, TileC
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
         mbarrier.init(q_bars.index(2 + i), count=CONSUMERS)
+    # argument tuples inline, as in _one_tile_grid: a tuple assigned to a name (to share it) turns its constexprs
+    # into tensors
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_persistent_consumer, (
@@ -307,14 +310,7 @@ def _one_tile_grid(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, LS
     """The kernel body of the (query blocks, nheads, batch) grid: this program's query block, its KV range,
     its Q, then the consumers (with WARP_SPECIALIZE, and the KV loader partition) over the blocks; q_start and
     k_start: the sequence's first rows with IS_VARLEN (else unused)."""
-    pid_m = gl.program_id(0)
-    off_h = gl.program_id(1)
-    off_b = gl.program_id(2)
-    if HAS_RIGHT:
-        # with a right bound the last query blocks see the most keys: launch them first
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    off_hk = off_h // group_size
+    start_m, off_h, off_b, off_hk = program_query_block(group_size, BLOCK_M, HAS_RIGHT)
     # the boxes' batch coordinates (box_coords): the batch entry, or with varlen the sequence's first row
     q_b = off_b
     kv_b = off_b
@@ -426,10 +422,7 @@ def attention_fwd_hopper_kernel(
         q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(
             gl.program_id(2), seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, SequsedK, IS_VARLEN, HAS_SEQUSED_K
         )
-        pid_m0 = gl.program_id(0)
-        if HAS_RIGHT:
-            pid_m0 = gl.num_programs(0) - 1 - pid_m0
-        if pid_m0 * BLOCK_M >= seqlen_q:
+        if program_query_block(group_size, BLOCK_M, HAS_RIGHT)[0] >= seqlen_q:
             return  # the grid covers max_seqlen_q; this sequence has no rows here
     # one Q tile per consumer; the persistent grid double-buffers them (the next tile's Q lands early)
     Q_BUFS: gl.constexpr = 2 if PERSISTENT else 1
