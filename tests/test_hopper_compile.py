@@ -60,7 +60,7 @@ VARIANTS = [
     (128, torch.bfloat16, (-1, -1)),
     (128, torch.bfloat16, (-1, 0)),
     (128, torch.float16, (64, 32)),
-    (256, torch.bfloat16, (-1, -1)),  # opt-in (FLASHTRON_BACKEND=gluon), never run on a GPU
+    (256, torch.bfloat16, (-1, -1)),  # dispatched by default since the fifth session of 2026-12-02
     (256, torch.float16, (-1, 0)),
 ]
 
@@ -189,7 +189,8 @@ FEATURE_VARIANTS = [
     (128, torch.float16, (-1, 0), True, True, False),
     (64, torch.float16, (64, 32), True, False, False),
     (128, torch.bfloat16, (-1, 0), False, True, True),
-    # d256 (opt-in): softcap, and varlen under a mask (without one its varlen kernel spills 16-24 bytes)
+    # d256 (softcap and varlen gated, GLUON_GATED_FEATURES): softcap, and varlen under a mask (without one its
+    # varlen kernel spills 16-24 bytes)
     (256, torch.bfloat16, (-1, 0), True, False, False),
     (256, torch.float16, (-1, 0), False, True, True),
 ]
@@ -301,8 +302,8 @@ def test_covers_only_cuda_dense_supported_calls():
     assert not launch_hopper.covers(q, q, q, opts, varlen=False)  # CPU tensors never
     assert launch_hopper.chosen("gluon", 64) and not launch_hopper.chosen("triton", 128)
     # by default, only the head dims where it measured faster than the Triton forward
-    assert launch_hopper.chosen("auto", 128) and launch_hopper.chosen("auto", 64)
-    assert not launch_hopper.chosen("auto", 96) and not launch_hopper.chosen("auto", 256)
+    assert launch_hopper.chosen("auto", 128) and launch_hopper.chosen("auto", 64) and launch_hopper.chosen("auto", 256)
+    assert not launch_hopper.chosen("auto", 96) and not launch_hopper.chosen("auto", 192)
 
 
 # The Gluon dK/dV kernel (kernels/hopper_bwd.py), every head dim and mask kind that covers_backward takes,

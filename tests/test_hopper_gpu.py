@@ -42,7 +42,7 @@ CASES = [
     (2, 129, 1000, 8, 2, 64, torch.float16, True, (-1, -1), ("contiguous",) * 3),
     (1, 1000, 127, 4, 1, 128, torch.bfloat16, True, (-1, -1), ("bhsd", "contiguous", "bhsd")),
     (1, 513, 513, 2, 2, 64, torch.bfloat16, False, (100, 8), ("contiguous",) * 3),
-    # head dim 256: FLASHTRON_BACKEND=gluon only (launch_hopper.HOPPER_TILES), its backward on the Triton kernels
+    # head dim 256: the Gluon forward by default since the fifth session of 2026-12-02, its backward on Triton
     (2, 300, 257, 4, 2, 256, torch.bfloat16, True, (-1, -1), ("contiguous",) * 3),
     (1, 129, 1000, 2, 1, 256, torch.float16, False, (100, 8), ("bhsd", "contiguous", "bhsd")),
     (1, 1000, 1000, 2, 2, 256, torch.bfloat16, False, (-1, -1), ("contiguous",) * 3),
@@ -334,8 +334,8 @@ def test_gated_features_stay_on_triton_by_default(monkeypatch):
 @pytest.mark.gpu
 def test_default_dispatch_tiles(monkeypatch):
     """With FLASHTRON_BACKEND unset, covered dense forwards at head dims 64 and 128 take the Gluon kernel on the
-    persistent grid, except causal d128 calls without a left window past PERSISTENT_CAUSAL_MAX_SEQLEN, which
-    take the one-tile grid
+    persistent grid (dynamic schedule at d128), except causal d128 calls without a left window past
+    PERSISTENT_CAUSAL_MAX_SEQLEN, which take the one-tile grid, as d256 always does
     (launch_hopper.dispatched_tile); each result against the reference by the tests' rule."""
     from flashtron import launch_hopper
 
@@ -349,7 +349,8 @@ def test_default_dispatch_tiles(monkeypatch):
     for d, sq, causal, window, persistent in ((64, 1000, True, (-1, -1), True), (128, 700, False, (-1, -1), True),
                                               (128, 700, True, (-1, -1), True), (128, long_q, True, (-1, -1), False),
                                               (128, long_q, False, (-1, -1), True),
-                                              (128, long_q, True, (300, 0), True)):  # fmt: skip
+                                              (128, long_q, True, (300, 0), True), (64, 3000, True, (-1, -1), True),
+                                              (256, 700, True, (-1, -1), False)):  # fmt: skip
         before = len(calls)
         check_attention(1, sq, sq, 2, 2, d, d, torch.bfloat16, "cuda", causal=causal, window=window, backward=False)
         assert len(calls) == before + 1, f"d{d} sq={sq} causal={causal}: not the Gluon forward"

@@ -122,8 +122,8 @@ def test_launcher_grid_and_sections():
     for d, o, persistent in ((128, opts, False), (128, AttnOptions(softmax_scale=0.1), True),
                              (64, opts, True), (128, AttnOptions(softmax_scale=0.1, softcap=5.0), False),
                              (128, AttnOptions(softmax_scale=0.1, window_left=512, window_right=0), True)):  # fmt: skip
-        long_q = torch.empty(1, 4096, 1, d, dtype=torch.bfloat16)
-        _, grid, _, kwargs = launch_hopper.kernel_launch(long_q, long_q, long_q, long_q, torch.empty(1, 1, 4096), o)
+        long_q = torch.empty(1, 8192, 1, d, dtype=torch.bfloat16)
+        _, grid, _, kwargs = launch_hopper.kernel_launch(long_q, long_q, long_q, long_q, torch.empty(1, 1, 8192), o)
         assert kwargs["PERSISTENT"] == persistent and len(grid) == (1 if persistent else 3)
 
 
@@ -174,14 +174,40 @@ def test_snake_one_section_balances_causal_work(seqlen, nheads):
         ((1024, 100000), False),  # likewise a right bound past every query: a left bound only
     ],
 )
-def test_one_sided_masks_past_2k_take_the_one_tile_grid(window, persistent):
-    """launch_hopper.dispatched_tile at d128, 4096 rows: calls whose work per query block is uneven (bounded on
+def test_one_sided_masks_past_the_limit_take_the_one_tile_grid(window, persistent):
+    """launch_hopper.dispatched_tile at d128, 8192 rows: calls whose work per query block is uneven (bounded on
     one side only, counting a bound past every key or query as none) take the one-tile grid past
     PERSISTENT_CAUSAL_MAX_SEQLEN, as causal does; no mask and bands stay on the persistent grid."""
     from flashtron.options import AttnOptions
 
     opts = AttnOptions(softmax_scale=0.1, window_left=window[0], window_right=window[1])
-    tile = launch_hopper.dispatched_tile(128, 4096, opts, varlen=False, seqlen_k=4096)
+    assert launch_hopper.PERSISTENT_CAUSAL_MAX_SEQLEN[128] < 8192
+    tile = launch_hopper.dispatched_tile(128, 8192, opts, varlen=False, seqlen_k=8192)
     assert tile.persistent == persistent
     short = launch_hopper.dispatched_tile(128, launch_hopper.PERSISTENT_CAUSAL_MAX_SEQLEN[128], opts, varlen=False)
     assert short.persistent  # at or below the limit every dense call is persistent
+
+
+@pytest.mark.parametrize(
+    "d, seqlen, window, dynamic",
+    [
+        (128, 1000, (-1, -1), True),  # d128: the dynamic counter for every persistent call
+        (128, 4096, (-1, 0), True),
+        (128, 16384, (1024, 0), True),
+        (64, 1000, (-1, 0), False),  # d64: the static schedule at 1k and for even work
+        (64, 2048, (-1, 0), False),
+        (64, 2049, (-1, 0), True),  # causal past DYNAMIC_UNEVEN_MIN_SEQLEN: dynamic
+        (64, 16384, (-1, 0), True),
+        (64, 16384, (-1, -1), False),
+        (64, 16384, (1024, 0), False),
+    ],
+)
+def test_dynamic_schedule_where_measured_ahead(d, seqlen, window, dynamic):
+    """dispatched_tile's persistent calls take the dynamic tile counter at d128, and at d64 for uneven (one-sided)
+    masks past DYNAMIC_UNEVEN_MIN_SEQLEN, as the same-run timings in launch_hopper's comment found."""
+    from flashtron.options import AttnOptions
+
+    opts = AttnOptions(softmax_scale=0.1, window_left=window[0], window_right=window[1])
+    tile = launch_hopper.dispatched_tile(d, seqlen, opts, varlen=False)
+    assert tile.persistent and tile.dynamic == dynamic
+    assert tile == launch_hopper.CANDIDATE_TILES["persist-dyn" if dynamic else "persist"][d]

@@ -29,9 +29,9 @@ def backend() -> str:
     """FLASHTRON_BACKEND: "triton" keeps every call on the portable Triton kernels; "gluon" sends the calls
     the Gluon Hopper forward covers (launch_hopper.covers) to it, and the dK/dV part of covered backwards to
     the Gluon dK/dV kernel (launch_hopper.covers_backward); unset or "auto" is the default choice
-    (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 64 and 128 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: the
+    (launch_hopper.GLUON_DEFAULT_HEAD_DIMS: head dim 64, 128 and 256 forwards; GLUON_DEFAULT_BACKWARD_HEAD_DIMS: the
     dK/dV of head dim 128 backwards). Forward features where the Gluon forward was timed slower than the
-    Triton one (softcap; varlen at head dim 64: launch_hopper.GLUON_GATED_FEATURES) take it only with "gluon";
+    Triton one (softcap; varlen at head dims 64 and 256: launch_hopper.GLUON_GATED_FEATURES) take it only with "gluon";
     softcap and varlen backwards stay on the Triton kernels. Other values raise, so that a typo does not
     silently change nothing."""
     value = os.environ.get("FLASHTRON_BACKEND", "auto").strip().lower() or "auto"
@@ -80,9 +80,9 @@ VARIABLES = {
     "FLASHTRON_AUTOTUNE": "1 times the candidate tiles of a kernel on first use and keeps the fastest (GPU).",
     "FLASHTRON_BACKEND": (
         "triton forces the Triton kernels; gluon sends every covered sm_90 forward, and the dK/dV part of "
-        "every covered backward, to the Gluon kernels (default: head dim 64 and 128 forwards, and the dK/dV of "
-        "head dim 128 backwards); softcap and varlen forwards take the Gluon forward only with gluon (not yet "
-        "timed on a GPU), and their backwards stay on Triton."
+        "every covered backward, to the Gluon kernels (default: head dim 64, 128 and 256 forwards, and the dK/dV of "
+        "head dim 128 backwards); softcap forwards, and varlen ones at head dims 64 and 256, take the Gluon "
+        "forward only with gluon (timed slower than Triton), and softcap and varlen backwards stay on Triton."
     ),
     "FLASHTRON_GLUON_DQ": (
         "1 runs the dQ of backwards whose dK/dV takes the Gluon kernel on the Gluon dQ kernel too (opt-in: "

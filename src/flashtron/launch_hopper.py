@@ -27,7 +27,10 @@ LOG2E = math.log2(math.e)
 # --variants persist,pp (every case passed: fp16/bf16, none/causal/window, seqlens 1-4096, GQA 4), TFLOP/s at
 # PERF.md's grid, peers in the same run: with `dispatched_tile`'s choice, d128 1.19-1.40x Triton (16k: 648 /
 # 474 full, 593 / 455 causal; cuDNN 630 / 632), d64 1.04-1.09x (16k: 439 / 404 full, 421 / 391 causal).
-GLUON_DEFAULT_HEAD_DIMS = frozenset({64, 128})
+# d256 joined on 2026-12-02 (fifth session, H200, gluon_check.py --variants persist-dyn,persist,pp,d256, then
+# three rounds of its timing child, same runs): 52/52 d256 cases passed; 1.44-1.95x Triton in every cell, e.g.
+# 16k full 688-753 against Triton 367-394 (cuDNN 706-746), causal 16k 699-739 against 344-385 (cuDNN 632-651).
+GLUON_DEFAULT_HEAD_DIMS = frozenset({64, 128, 256})
 
 
 def chosen(backend: str, head_dim: int) -> bool:
@@ -62,7 +65,7 @@ class HopperTile:
 # (consumers=2), a 1-warp TMA loader. Shared memory: Q BLOCK_M x d plus STAGES x (K + V) of BLOCK_N x d,
 # 16-bit: d64 16K + 3 x 32K = 112K; d128 32K + 2 x 64K = 160K (227K fit). Against the first tile (8 warps in
 # lock step, "ws-ov" below) in the same run: 1.09-1.32x at d128, 1.01-1.16x at d64 (docs/perf-notes.md).
-# d256 (only with FLASHTRON_BACKEND=gluon: compiled for sm_90, never run on a GPU): 64-key blocks, Q 64K + 2 x
+# d256 (dispatched since the fifth session of 2026-12-02; see GLUON_DEFAULT_HEAD_DIMS): 64-key blocks, Q 64K + 2 x
 # (K + V) 32K = 192K (197K with the barriers, triton 3.6.0), no spill dense (stack 0, any mask, softcap too);
 # varlen without a mask spills 16-24 bytes. The persistent grid's second Q buffer would not fit (262K).
 HOPPER_TILES = {
@@ -93,31 +96,39 @@ CANDIDATE_TILES = {
         64: HopperTile(128, 128, 3, num_warps=4, consumers=2, persistent=True, snake=True),
         128: HopperTile(128, 128, 2, num_warps=4, consumers=2, persistent=True, snake=True),
     },
-    # the persistent tiles with the dynamic tile counter (HopperTile.dynamic): compiled for sm_90 only, never run.
-    # The static heaviest-first order left d128 causal 16k at 533-563 TFLOP/s against the one-tile grid's 612
-    # (H200, 2026-12-02), the busiest program at 1.17-1.21x the mean (scripts/persistent_balance.py)
+    # the persistent tiles with the dynamic tile counter (HopperTile.dynamic); dispatched where it measured
+    # ahead (`dispatched_tile`). The static heaviest-first order left d128 causal 16k at 533-563 TFLOP/s against
+    # the one-tile grid's 612 (H200, 2026-12-02), the busiest program at 1.17-1.21x the mean
+    # (scripts/persistent_balance.py)
     "persist-dyn": {
         64: HopperTile(128, 128, 3, num_warps=4, consumers=2, persistent=True, dynamic=True),
         128: HopperTile(128, 128, 2, num_warps=4, consumers=2, persistent=True, dynamic=True),
     },
 }
 
-# d128 calls bounded on one side only, as causal (the triangle: uneven work per tile), with more query rows than this
-# take the one-tile grid: there the persistent longest-first schedule measured slower (H200, 2026-12-02,
-# gluon_check.py --variants persist,persist-snake,persist-snake-1sec,pp, same run, TFLOP/s persist / pp: causal
-# 1k 340 / 314, 4k 490 / 472, 16k 533 / 612). At d64 the persistent grid was ahead in every cell (causal 16k
-# 421 / 405), without a mask at d128 too (16k 652 / 618), and so were sliding windows, whose tiles carry equal
-# work (window (1024, 0) at 16k, d128 432 / 397, d64 299 / 254).
-PERSISTENT_CAUSAL_MAX_SEQLEN = {64: 1 << 30, 128: 2048}
+# The grid per head dim, from four same-session rounds of gluon_check.py's timing (H200, 2026-12-02, fifth session;
+# TFLOP/s ranges over the rounds, static persistent / dynamic persistent / one-tile):
+# - d128: the dynamic counter is level with the static schedule without a mask (16k 590-603 / 584-645 /
+#   608-629) and ahead under causal (4k 457-469 / 513-531 / 476-483) and windows ((1024, 0) at 16k 421-431 /
+#   435-437 / 387-404). Past 4k the one-tile grid still leads causal (16k 525-545 / 579-625 / 589-646), so calls
+#   bounded on one side take it past PERSISTENT_CAUSAL_MAX_SEQLEN.
+# - d64: the static schedule leads at 1k (full 366-378 / 354-362, causal 264-265 / 246-250) and on windows
+#   (297-299 / 287-292); the dynamic one leads causal from 4k (4k 363-374 / 377-380, 16k 408-428 / 432-445;
+#   one-tile 333-340, 399-412), hence DYNAMIC_UNEVEN_MIN_SEQLEN.
+# An earlier run (static only) had causal d128 at 1k 340 / 314, 4k 490 / 472, 16k 533 / 612 persistent / one-tile.
+PERSISTENT_CAUSAL_MAX_SEQLEN = {64: 1 << 30, 128: 4096}
+DYNAMIC_HEAD_DIMS = frozenset({128})  # every persistent call; at d64 only uneven ones past DYNAMIC_UNEVEN_MIN_SEQLEN
+DYNAMIC_UNEVEN_MIN_SEQLEN = 2048
 
 
 def dispatched_tile(
     d: int, seqlen_q: int, opts: AttnOptions, *, varlen: bool, seqlen_k: int | None = None
 ) -> HopperTile:
-    """The forward tile a covered call takes: the persistent grid for dense calls (see
-    PERSISTENT_CAUSAL_MAX_SEQLEN for the causal exception), the one-tile ping-pong grid for varlen (the
-    persistent schedule needs every sequence's length on the host) and softcap (the persistent d128 softcap
-    kernel spills 8 bytes; the softcap checks on the GPU ran on the one-tile grid) and head dim 256."""
+    """The forward tile a covered call takes: the persistent grid for dense calls, with the static or the
+    dynamic schedule as measured (see PERSISTENT_CAUSAL_MAX_SEQLEN for both rules), the one-tile ping-pong grid
+    for varlen (the persistent schedule needs every sequence's length on the host) and softcap (the persistent
+    d128 softcap kernel spills 8 bytes; the softcap checks on the GPU ran on the one-tile grid) and head dim 256
+    (the persistent grid's second Q buffer would not fit)."""
     seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
     # a side bounded within the sequences (a bound past every key or query is none): with one side bounded, as
     # causal (-1, 0) or (w, -1), the work per query block grows or shrinks along the rows; with both, a band,
@@ -125,10 +136,12 @@ def dispatched_tile(
     left = 0 <= opts.window_left < seqlen_k - 1
     right = 0 <= opts.window_right < seqlen_q - 1
     uneven = left != right
-    persistent = CANDIDATE_TILES["persist"].get(d)  # none at d256 (HOPPER_TILES)
-    if varlen or opts.softcap > 0 or persistent is None or (uneven and seqlen_q > PERSISTENT_CAUSAL_MAX_SEQLEN[d]):
+    if varlen or opts.softcap > 0 or d not in CANDIDATE_TILES["persist"]:
         return HOPPER_TILES[d]
-    return persistent
+    if uneven and seqlen_q > PERSISTENT_CAUSAL_MAX_SEQLEN[d]:
+        return HOPPER_TILES[d]
+    dynamic = d in DYNAMIC_HEAD_DIMS or (uneven and seqlen_q > DYNAMIC_UNEVEN_MIN_SEQLEN)
+    return CANDIDATE_TILES["persist-dyn" if dynamic else "persist"][d]
 
 
 # The persistent grid's program count where kernel_launch gets no GPU to ask (CPU tensors, for compile_sm90):
