@@ -3,7 +3,7 @@
 # The cu13 libs wheel is too large to travel with the others, so it takes two calls on one warm machine:
 #   call 1, carry .fa4a:  bash scripts/fa4_peer.sh unpack   (.fa4a/cu13.tar.xz -> ~/cu13)
 #   call 2, carry .fa4b:  source scripts/fa4_peer.sh install (.fa4b/*.whl -> ~/site, exports PYTHONPATH)
-# Fetching the wheels (here, with network) is in ../shared/NOTES.md.
+# Fetching the wheels (here, with network): bash scripts/fa4_fetch.sh (../shared/NOTES.md has the recipe).
 case "${1:-}" in
   unpack)
     mkdir -p ~/cu13 && tar xJf .fa4a/cu13.tar.xz -C ~/cu13 && echo "fa4: cu13 libs unpacked"
