@@ -296,6 +296,26 @@ def test_slower_features_are_gated(monkeypatch):
     assert not launch_hopper.covers_backward(q, q, q, q, plain, varlen=True, seqused_k=q)
 
 
+@pytest.mark.parametrize("shape, block_rows", [((2, 300, 4, 128), 64), ((1, 17, 2, 64), 128), ((257, 4, 256), 64)])
+def test_descriptor_matches_a_validated_one(shape, block_rows):
+    """launch_hopper._descriptor skips TensorDescriptor's per-call validation; what it builds must equal the
+    validated descriptor field by field, and what that validation would refuse must still raise."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    t = torch.empty(shape, dtype=torch.bfloat16)
+    fast = launch_hopper._descriptor(t, block_rows)
+    block = [1, block_rows, 1, shape[-1]][4 - len(shape) :]
+    layout = launch_hopper._box(block_rows, shape[-1], t.dtype, len(shape))[1]
+    checked = TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    assert type(fast) is TensorDescriptor and fast.base is checked.base
+    for field in ("shape", "strides", "block_shape", "layout", "padding"):
+        assert getattr(fast, field) == getattr(checked, field), field
+    with pytest.raises(ValueError, match="16-byte"):
+        launch_hopper._descriptor(torch.empty(2, 300, 4, 129, dtype=torch.bfloat16)[..., :128], block_rows)
+    with pytest.raises(ValueError, match="empty"):
+        launch_hopper._descriptor(torch.empty(2, 0, 4, 128, dtype=torch.bfloat16), block_rows)
+
+
 def test_covers_only_cuda_dense_supported_calls():
     q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     opts = AttnOptions(softmax_scale=0.125)

@@ -234,7 +234,7 @@ def covers(q, k, v, opts: AttnOptions, *, varlen: bool, seqused_k=None, backend:
 
 def _kernel_takes(q, k, v, opts: AttnOptions) -> bool:
     """The device, dtype, head dim, feature and TMA checks of `covers`, those that do not depend on the gate."""
-    if q.device.type != "cuda" or not _is_sm90(q.device.index):
+    if not _on_sm90(q.device):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         return False
@@ -244,6 +244,11 @@ def _kernel_takes(q, k, v, opts: AttnOptions) -> bool:
     if opts.alibi_slopes is not None or opts.dropout_p > 0 or opts.learnable_sink is not None:
         return False
     return all(_tma_ok(t) for t in (q, k, v))
+
+
+def _on_sm90(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 (scripts/host_time.py stands this in to time the host path on a CPU)."""
+    return device.type == "cuda" and _is_sm90(device.index)
 
 
 @functools.cache
@@ -263,22 +268,31 @@ def _tma_operand(t: torch.Tensor) -> torch.Tensor:
 
 def _descriptor(t: torch.Tensor, block_rows: int):
     """A 4-D TMA descriptor over (batch, seqlen, nheads, headdim) with a [1, block_rows, 1, headdim] box, or for
-    varlen's packed 3-D (total, nheads, headdim) a 3-D one with a [block_rows, 1, headdim] box."""
+    varlen's packed 3-D (total, nheads, headdim) a 3-D one with a [block_rows, 1, headdim] box.
+    Built without TensorDescriptor's __post_init__, which re-validates per call what _tma_ok and _box (cached)
+    establish: ~4 us a descriptor, 3-5 of them per eager call (scripts/host_time.py)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    block = [1, block_rows, 1, t.shape[-1]][4 - t.dim() :]
-    layout = _box_layout(block_rows, t.shape[-1], t.dtype, t.dim())
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    if not _tma_ok(t) or 0 in t.shape:
+        raise ValueError(f"a TMA descriptor needs 16-byte aligned strides and base and no empty dim, got {t.shape}")
+    block, layout = _box(block_rows, t.shape[-1], t.dtype, t.dim())
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(
+        base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=list(block), layout=layout, padding="zero"
+    )
+    return desc
 
 
 @functools.cache
-def _box_layout(block_rows: int, head_dim: int, dtype: torch.dtype, rank: int = 4):
-    # the shared-memory layout depends on the box and dtype only; computing it costs ~10 us a descriptor,
-    # three descriptors per forward, which short-sequence calls (launch-bound) pay in full
+def _box(block_rows: int, head_dim: int, dtype: torch.dtype, rank: int = 4):
+    """The box (validated as TensorDescriptor validates it) and its shared-memory layout, which depend on the box
+    and dtype only: computing the layout costs ~10 us, and short-sequence calls (launch-bound) pay it in full."""
+    from triton._utils import validate_block_shape
     from triton.experimental.gluon import language as gl
 
     block = [1, block_rows, 1, head_dim][4 - rank :]
-    return gl.NVMMASharedLayout.get_default_for(block, getattr(gl, str(dtype).removeprefix("torch.")))
+    validate_block_shape(block)
+    return block, gl.NVMMASharedLayout.get_default_for(block, getattr(gl, str(dtype).removeprefix("torch.")))
 
 
 def kernel_launch(q, k, v, out, lse, opts: AttnOptions, tile: HopperTile | None = None, *, cu_seqlens_q=None,
