@@ -1,7 +1,7 @@
 """One GPU run for the Gluon Hopper forward (issue 15): are the new variants right, and how fast is each.
 
     PYTHONPATH=src python3 scripts/gluon_check.py [--budget 220] [--variants pp,ws-ov,...] [--api]
-    PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 540]    # issue 16: the backward
+    PYTHONPATH=src python3 scripts/gluon_check.py --backward [--budget 540] [--bwd-candidates lean-mask]
     PYTHONPATH=src python3 scripts/gluon_check.py --time-features [--budget 150]    # softcap, varlen: speed
 
 Parts, each in its own child process with a time limit, so that a hang or a crash in one (a deadlocked
@@ -65,6 +65,10 @@ and 150 s of timing: --budget 540 lets every part run to its limit):
      kernel on its own ("gluon-dq", S, dP and dQ: also 1.5x the forward's FLOPs); if every check-fused case
      passed, the whole backward with FLASHTRON_GLUON_FUSED_DQ=1 ("gluon+fused": preprocess, zeroing, the fused
      kernel, the cast) and attention_backward_fused on its own ("gluon-fused": all 5 matmuls, 2.5x).
+With --bwd-candidates NAME,... (launch_hopper.CANDIDATE_BWD_TILES), after the three checks: check-bwd again
+per candidate, its tile in place of HOPPER_BWD_TILES' in the dK/dV launcher ("bwd-NAME"), within what is left
+of the checks' budget (add BWD_CHECK_LIMIT seconds to --budget per candidate); time-bwd then times the dK/dV
+kernel with each candidate that passed on its own ("dkdv-NAME", next to "gluon-dkdv").
 
 With --time-features the run times the forward features instead (launch_hopper.GLUON_GATED_FEATURES: softcap
 and varlen, correct on the GPU, taken by default only at the head dims where they timed faster), one part,
@@ -759,10 +763,11 @@ def _check_bwd_case(dtype, d, mask, sq, sk, calls, dq_calls=None, fused=False):
         assert torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2), "two runs differ"
 
 
-def child_check_bwd(state: str, gluon_dq: bool = False, fused: bool = False) -> None:
+def child_check_bwd(state: str, gluon_dq: bool = False, fused: bool = False, candidate: str | None = None) -> None:
     """Checks BWD_CONFIGS, saving after each configuration (a time-out keeps what ran); with gluon_dq, with
     FLASHTRON_GLUON_DQ=1 (dQ on the Gluon dQ kernel); with fused, with FLASHTRON_GLUON_FUSED_DQ=1 (dQ added
-    inside the Gluon dK/dV kernel)."""
+    inside the Gluon dK/dV kernel); with candidate, the dK/dV kernel on launch_hopper.CANDIDATE_BWD_TILES'
+    tiles of that name."""
     import torch
 
     from flashtron import launch, launch_hopper
@@ -772,6 +777,11 @@ def child_check_bwd(state: str, gluon_dq: bool = False, fused: bool = False) -> 
     calls, dq_calls = [], None
     original = launch_hopper.attention_backward_dkdv
     launch_hopper.attention_backward_dkdv = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    if candidate:  # launch.attention_backward passes no tile: the candidate's goes in here
+        tiles = launch_hopper.CANDIDATE_BWD_TILES[candidate]
+        launch_hopper.attention_backward_dkdv = lambda q, *a, **kw: (
+            calls.append(1) or original(q, *a, tile=tiles[q.shape[-1]], **kw)
+        )
     if fused:  # calls counts the fused launcher instead: the plain dK/dV one does not run
         os.environ["FLASHTRON_GLUON_FUSED_DQ"] = "1"
         launch_hopper.attention_backward_dkdv = original
@@ -784,7 +794,8 @@ def child_check_bwd(state: str, gluon_dq: bool = False, fused: bool = False) -> 
         launch_hopper.attention_backward_dq = lambda *a, **kw: dq_calls.append(1) or original_dq(*a, **kw)
     results = {}
     for dtype, d, mask in BWD_CONFIGS:
-        name = f"{'bwd-fused' if fused else 'bwd-dq' if gluon_dq else 'bwd'} {dtype} d{d} {mask}"
+        part = "bwd-fused" if fused else "bwd-dq" if gluon_dq else f"bwd-{candidate}" if candidate else "bwd"
+        name = f"{part} {dtype} d{d} {mask}"
         check = lambda case, dtype=dtype, d=d, mask=mask: _check_bwd_case(
             getattr(torch, dtype), d, mask, *case, calls, dq_calls, fused
         )
@@ -792,7 +803,8 @@ def child_check_bwd(state: str, gluon_dq: bool = False, fused: bool = False) -> 
             break
 
 
-def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False, with_fused: bool = False) -> dict:
+def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False, with_fused: bool = False,
+                   candidates: tuple = ()) -> dict:  # fmt: skip
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -824,6 +836,11 @@ def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False, with_fus
     if with_fused:  # only after every check-fused case passed
         fns["gluon+fused"] = lambda: flashtron_bwd("gluon", fused=True)
         fns["gluon-fused"] = lambda: launch_hopper.attention_backward_fused(q, k, v, dout, lse, delta, dq, dk, dv, opts)
+    for name in candidates:  # only those whose check-bwd passed
+        tile = launch_hopper.CANDIDATE_BWD_TILES[name][d]
+        fns[f"dkdv-{name}"] = lambda tile=tile: launch_hopper.attention_backward_dkdv(
+            q, k, v, dout, lse, delta, dk, dv, opts, tile
+        )
     qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
     dot = dout.transpose(1, 2)
     for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
@@ -838,7 +855,7 @@ def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False, with_fus
     row = dict(d=d, causal=causal, seqlen=s)
     for label, fn in fns.items():
         # dK/dV alone: S, dP, dV, dK (S counted once); dQ alone: S, dP, dQ
-        share = 1.5 / 2.5 if label in ("gluon-dkdv", "gluon-dq") else 1.0
+        share = 1.5 / 2.5 if label in ("gluon-dkdv", "gluon-dq") or label.startswith("dkdv-") else 1.0
         try:
             row[label] = share * flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e9
         except Exception as exc:
@@ -847,13 +864,13 @@ def _time_bwd_cell(d: int, causal: bool, s: int, with_dq: bool = False, with_fus
     return row
 
 
-def child_time_bwd(state: str, with_dq: bool = False, with_fused: bool = False) -> None:
+def child_time_bwd(state: str, with_dq: bool = False, with_fused: bool = False, candidates: tuple = ()) -> None:
     rows = []
     for s in TIME_SEQLENS:
         for d in (128, 64):
             for causal in (False, True):
                 try:
-                    rows.append(_time_bwd_cell(d, causal, s, with_dq, with_fused))
+                    rows.append(_time_bwd_cell(d, causal, s, with_dq, with_fused, candidates))
                 except Exception as exc:  # e.g. out of memory: the other cells still run
                     print(f"  time-bwd d{d} causal={causal} s={s}: {_short(exc)}", flush=True)
                     continue
@@ -866,6 +883,7 @@ def _bwd_table(rows: list[dict]) -> str:
     cols = [
         "gluon",
         "gluon-dkdv",
+        *sorted({c for r in rows for c in r if c.startswith("dkdv-")}),
         "gluon+dq",
         "gluon-dq",
         "gluon+fused",
@@ -875,13 +893,14 @@ def _bwd_table(rows: list[dict]) -> str:
         "sdpa-flash",
     ]
     cols = [c for c in cols if any(c in r for r in rows)]
-    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>11}" for c in cols)
+    widths = {c: max(11, len(c)) for c in cols}  # a candidate's name may be longer
+    head = f"{'d':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>{widths[c]}}" for c in cols)
     head += "  gluon: /triton /cudnn" + ("  gluon+dq: /gluon" if "gluon+dq" in cols else "")
     head += "  gluon+fused: /gluon /cudnn" if "gluon+fused" in cols else ""
-    out = ["backward TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench; gluon-dkdv, gluon-dq: "
-           "their shares)", head]  # fmt: skip
+    out = ["backward TFLOP/s, bf16, batch*seqlen=16384, nheads=2048/d (median of do_bench; gluon-dkdv, dkdv-*, "
+           "gluon-dq: their shares)", head]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["d"], r["causal"], r["seqlen"])):
-        cells = " ".join(f"{r[c]:11.0f}" if r.get(c) else f"{'-':>11}" for c in cols)
+        cells = " ".join(f"{r[c]:{widths[c]}.0f}" if r.get(c) else f"{'-':>{widths[c]}}" for c in cols)
         ratio = ""
         if r.get("gluon") and r.get("triton") and r.get("cudnn"):
             ratio = f"  {r['gluon'] / r['triton']:.2f}x {r['gluon'] / r['cudnn']:.2f}x"
@@ -893,10 +912,10 @@ def _bwd_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main_backward(budget: float) -> None:
-    """The --backward run: check-bwd, check-dq, check-fused, then time-bwd if every check-bwd case passed (with
-    the Gluon dQ columns if every check-dq case passed too, the fused ones if every check-fused case did);
-    writes $OUT/gluon_check_bwd.json."""
+def main_backward(budget: float, candidates: list[str]) -> None:
+    """The --backward run: check-bwd, check-dq, check-fused, check-bwd per dK/dV candidate, then time-bwd if
+    every check-bwd case passed (with the Gluon dQ columns if every check-dq case passed too, the fused ones if
+    every check-fused case did, a candidate's if every case of its check did); writes $OUT/gluon_check_bwd.json."""
 
     start = time.time()
     out_dir = _announce_device("case")
@@ -918,15 +937,28 @@ def main_backward(budget: float) -> None:
     else:
         check_fused = _run_child("check-fused", [], limit, os.path.join(out_dir, ".check-fused.json")) or {}
     fused_ok = check_fused is not None and _all_passed(check_fused)
+    check_candidates = {}
+    for name in candidates:
+        limit = min(BWD_CHECK_LIMIT, checks_end - time.time())
+        if limit < 15:
+            print(f"== check-bwd {name}: skipped, {limit:.0f}s left for the checks", flush=True)
+            continue
+        state = os.path.join(out_dir, f".check-bwd-{name}.json")
+        check_candidates[name] = _run_child("check-bwd", ["--bwd-candidates", name], limit, state) or {}
+    candidates_ok = [n for n, res in check_candidates.items() if _all_passed(res)]
     timing = None
     if ok:
         left = budget - (time.time() - start)
         extra = (["--with-dq"] if dq_ok else []) + (["--with-fused"] if fused_ok else [])
+        extra += ["--bwd-candidates", ",".join(candidates_ok)] if candidates_ok else []
         timing = _run_child("time-bwd", extra, left - 3, os.path.join(out_dir, ".time-bwd.json"))
     with open(os.path.join(out_dir, "gluon_check_bwd.json"), "w") as f:
-        json.dump({"check": check, "check_dq": check_dq, "check_fused": check_fused, "time": timing}, f, indent=1)
+        json.dump({"check": check, "check_dq": check_dq, "check_fused": check_fused,
+                   "check_candidates": check_candidates, "time": timing}, f, indent=1)  # fmt: skip
     print("\n== summary (backward)")
-    for part, res in (("check-bwd", check), ("check-dq", check_dq), ("check-fused", check_fused)):
+    parts = [("check-bwd", check), ("check-dq", check_dq), ("check-fused", check_fused)]
+    parts += [(f"check-bwd {name}", check_candidates.get(name)) for name in candidates]
+    for part, res in parts:
         if res is None:
             print(f"{part}: not run")
             continue
@@ -940,9 +972,18 @@ def main_backward(budget: float) -> None:
         print("timed without the Gluon dQ columns: a check-dq configuration failed or did not run")
     if ok and not fused_ok:
         print("timed without the fused columns: a check-fused configuration failed or did not run")
+    untimed = [n for n in candidates if n not in candidates_ok]
+    if ok and untimed:
+        print(f"not timed (a check-bwd configuration failed or did not run): {', '.join(untimed)}")
     if timing and timing.get("rows"):
         print(_bwd_table(timing["rows"]))
     print(f"total {time.time() - start:.0f}s")
+
+
+def _bwd_candidate_names() -> set[str]:
+    from flashtron import launch_hopper
+
+    return set(launch_hopper.CANDIDATE_BWD_TILES)
 
 
 def _all_passed(result: dict) -> bool:
@@ -1017,6 +1058,8 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true", help="check and time the Gluon backward instead")
     ap.add_argument("--with-dq", action="store_true", help="time-bwd child: also time the Gluon dQ")
     ap.add_argument("--with-fused", action="store_true", help="time-bwd child: also time the fused dQ")
+    ap.add_argument("--bwd-candidates", default="", help="--backward: also check and time these dK/dV tiles (of "
+                    "launch_hopper.CANDIDATE_BWD_TILES)")  # fmt: skip
     ap.add_argument("--no-features", action="store_true", help="skip the softcap / varlen check")
     ap.add_argument("--time-features", action="store_true", help="time softcap / varlen (Gluon vs Triton) instead")
     args = ap.parse_args()
@@ -1024,6 +1067,10 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}")
+    bwd_candidates = [c for c in args.bwd_candidates.split(",") if c]
+    unknown = [c for c in bwd_candidates if c not in _bwd_candidate_names()]
+    if unknown:
+        ap.error(f"unknown dK/dV candidates {unknown}")
     if args.child == "time":
         child_time(variants, args.state)
     elif args.child == "check-api":
@@ -1033,19 +1080,19 @@ def main() -> None:
     elif args.child == "check-features":
         child_check_features(args.state)
     elif args.child == "check-bwd":
-        child_check_bwd(args.state)
+        child_check_bwd(args.state, candidate=bwd_candidates[0] if bwd_candidates else None)
     elif args.child == "check-dq":
         child_check_bwd(args.state, gluon_dq=True)
     elif args.child == "check-fused":
         child_check_bwd(args.state, fused=True)
     elif args.child == "time-bwd":
-        child_time_bwd(args.state, args.with_dq, args.with_fused)
+        child_time_bwd(args.state, args.with_dq, args.with_fused, tuple(bwd_candidates))
     elif args.child == "time-features":
         child_time_features(args.state)
     if args.child:
         return
     if args.backward:
-        main_backward(args.budget)
+        main_backward(args.budget, bwd_candidates)
         return
     if args.time_features:
         main_time_features(args.budget)

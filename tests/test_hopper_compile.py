@@ -340,21 +340,25 @@ BWD_VARIANTS = [
 ]
 
 
-def _compile_bwd(d, dtype, window, seqlen_q=300, seqlen_k=257):
+def _compile_bwd(d, dtype, window, seqlen_q=300, seqlen_k=257, tile=None):
     q = torch.empty(2, seqlen_q, 4, d, dtype=dtype)
     k = torch.empty(2, seqlen_k, 2, d, dtype=dtype)  # GQA 2:1
     lse = torch.empty(2, 4, seqlen_q)
     opts = AttnOptions(softmax_scale=d**-0.5, window_left=window[0], window_right=window[1])
     kernel, _, args, kwargs = launch_hopper.backward_dkdv_launch(
         q, k, torch.empty_like(k), torch.empty_like(q), lse, torch.empty_like(lse), torch.empty_like(k),
-        torch.empty_like(k), opts,
+        torch.empty_like(k), opts, tile,
     )  # fmt: skip
     return launch_hopper.compile_sm90(kernel, args, kwargs)
 
 
 @pytest.mark.parametrize("d, dtype, window, stack_bound", BWD_VARIANTS)
 def test_hopper_backward_dkdv_compiles_for_sm90(d, dtype, window, stack_bound):
-    compiled = _compile_bwd(d, dtype, window)
+    _check_dkdv_compile(_compile_bwd(d, dtype, window), stack_bound)
+
+
+def _check_dkdv_compile(compiled, stack_bound):
+    """What every deterministic dK/dV kernel's sm_90 compile shows, and its stack within stack_bound."""
     ptx = compiled.asm["ptx"]
     assert "wgmma.mma_async" in ptx
     assert "cp.async.bulk.tensor" in ptx  # TMA loads of K, V, Q and dO
@@ -365,6 +369,38 @@ def test_hopper_backward_dkdv_compiles_for_sm90(d, dtype, window, stack_bound):
     assert compiled.metadata.shared <= SMEM_LIMIT
     spill = _spill_bytes(compiled)
     assert spill is None or spill <= stack_bound, f"stack {spill} bytes, bound {stack_bound}"
+
+
+# The LEAN_MASK candidate (launch_hopper.CANDIDATE_BWD_TILES["lean-mask"], not dispatched): the masked kernels' stack
+# bytes as measured at this commit (triton 3.6.0; the default kernel's in the comment), each a bound; docs/perf-
+# notes.md, 2026-12-02 lean-mask entry. Without a mask it is the default kernel.
+BWD_LEAN_VARIANTS = [
+    (64, torch.bfloat16, (-1, -1), 0),
+    (64, torch.float16, (-1, 0), 8),  # default 48
+    (64, torch.bfloat16, (64, 32), 16),  # 80
+    (64, torch.bfloat16, (20, -1), 8),  # 32
+    (128, torch.bfloat16, (-1, -1), 0),
+    (128, torch.bfloat16, (-1, 0), 16),  # 64
+    (128, torch.float16, (64, 32), 24),  # 24
+    (128, torch.bfloat16, (-1, 20), 16),  # 64
+]
+
+
+@pytest.mark.parametrize("d, dtype, window, stack_bound", BWD_LEAN_VARIANTS)
+def test_hopper_backward_dkdv_lean_mask_compiles_for_sm90(d, dtype, window, stack_bound):
+    tile = launch_hopper.CANDIDATE_BWD_TILES["lean-mask"][d]
+    assert tile.lean_mask and dataclasses.replace(tile, lean_mask=False) == launch_hopper.HOPPER_BWD_TILES[d]
+    compiled = _compile_bwd(d, dtype, window, tile=tile)
+    _check_dkdv_compile(compiled, stack_bound)
+    ptx = compiled.asm["ptx"]
+    if window == (-1, -1):  # LEAN_MASK changes nothing without a mask
+        assert ptx == _compile_bwd(d, dtype, window).asm["ptx"]
+    else:
+        assert not re.search(r"\b(div|rem)\.", ptx)  # (head, query block) by counters, not by group_size
+        # the query offsets' buffer: written by plain 32-bit stores (an stmatrix .b16 of the int32 tensor is
+        # what a swizzled layout got), then read by every masked step
+        assert "stmatrix" not in ptx and re.search(r"st\.shared\.b32\s", ptx)
+        assert compiled.metadata.shared >= _compile_bwd(d, dtype, window).metadata.shared + tile.block_m * 4
 
 
 # The FUSED_DQ variant of the dK/dV kernel (deterministic=False, opt-in with FLASHTRON_GLUON_FUSED_DQ=1): every

@@ -1,6 +1,7 @@
-"""The Gluon dQ kernel's block walk (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel), and the FUSED_DQ dK/dV
-kernel's (dQ added per step from the key side, emulate_fused_dq below), emulated in float64 on the CPU with
-the kernels' own range helpers, against autograd of the reference.
+"""The Gluon dQ kernel's block walk (kernels/hopper_bwd.attention_bwd_dq_hopper_kernel), the FUSED_DQ dK/dV
+kernel's (dQ added per step from the key side, emulate_fused_dq below) and the dK/dV kernel's with and without
+LEAN_MASK (emulate_dkdv), emulated in float64 on the CPU with the kernels' own range and mask helpers, against
+autograd of the reference.
 
 Gluon kernels do not run in Triton's interpreter, and the kernel has only been compiled (test_hopper_compile).
 What can be checked without a GPU is its index arithmetic: `hopper_common.kv_range` and `hopper_bwd._segment`
@@ -39,6 +40,11 @@ def _on_ints(jitted):
 KV_RANGE = _on_ints(hopper_common.kv_range)
 Q_RANGE = _on_ints(hopper_bwd._q_range)
 SEGMENT = _on_ints(hopper_bwd._segment)
+# LEAN_MASK's helpers: plain arithmetic and compares, so they run as they are on ints and torch tensors
+KEY_THRESHOLDS = _on_ints(hopper_bwd.key_thresholds)
+WINDOW_KEEP = _on_ints(hopper_bwd.window_keep)
+NEXT_STEP = _on_ints(hopper_bwd.next_step)
+CHECKED_BOUNDS = hopper_bwd.checked_bounds  # a constexpr_function: callable from the host
 
 
 def _rows(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -119,9 +125,9 @@ SHAPES = [
 ]
 
 
-def _check_walk(emulate, tile, sq, sk, h, hk, window, d, seed):
-    """emulate(q, k, v, dout, lse, delta, scale, window, block_m, block_n) -> dq, float64 with 8 columns
-    standing in for d, against autograd through the reference (out and lse both carrying a gradient)."""
+def _reference_case(sq, sk, h, hk, window, d, seed):
+    """float64 inputs with 8 columns standing in for d, the kernels' other inputs (lse, delta, the scale) and
+    (dq, dk, dv) by autograd through the reference (out and lse both carrying a gradient)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, sq, h, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, sk, hk, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -130,10 +136,16 @@ def _check_walk(emulate, tile, sq, sk, h, hk, window, d, seed):
     out, lse, _ = attention_ref(q, k, v, softmax_scale=scale, window_size=window)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
     dlse = torch.where(torch.isfinite(lse), torch.randn(lse.shape, generator=g, dtype=torch.float64), 0.0)
-    dq_ref = torch.autograd.grad((out, lse), q, (dout, dlse))[0]
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
     delta = (dout * out).sum(-1).transpose(1, 2) - dlse  # launch.attention_backward's delta
-    dq = emulate(q.detach(), k.detach(), v.detach(), dout, lse.detach(), delta.detach(), scale, window,
-                 tile.block_m, tile.block_n)  # fmt: skip
+    inputs = (q.detach(), k.detach(), v.detach(), dout, lse.detach(), delta.detach(), scale, window)
+    return inputs, grads
+
+
+def _check_walk(emulate, tile, sq, sk, h, hk, window, d, seed):
+    """emulate(q, k, v, dout, lse, delta, scale, window, block_m, block_n) -> dq, against the reference's."""
+    inputs, (dq_ref, _, _) = _reference_case(sq, sk, h, hk, window, d, seed)
+    dq = emulate(*inputs, tile.block_m, tile.block_n)
     assert not dq.isnan().any()
     torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
 
@@ -226,3 +238,104 @@ def test_fused_dq_walk_visits_each_pair_once():
     need = {(m, n, g) for m in range(0, sq, bm) for n in range(0, sk, bn) for g in range(group)
             if min(m + bm, sq) - 1 + shift >= n}  # fmt: skip
     assert set(seen) == need
+
+
+def emulate_dkdv(q, k, v, dout, lse, delta, scale, window, block_m, block_n, lean_mask):
+    """(dk, dv) as the dK/dV kernel computes them (float64 here), its walk as fused_dq's above; with lean_mask,
+    as LEAN_MASK walks and masks: the (head, query block) of each step from next_step's counters (checked
+    against the division), the mask from key_thresholds and window_keep over the offsets 0 .. block_m - 1 that
+    the kernel loads from shared memory, only the bounds checked_bounds gives the segment, and that mask
+    checked equal to the full one on every real row and key (rows past seqlen_q have P = 0 through lse +inf,
+    keys past seqlen_k are not stored; neither needs it)."""
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    group = nheads // nheads_k
+    has_left, has_right = window[0] >= 0, window[1] >= 0
+    wl, wr = max(window[0], 0), max(window[1], 0)
+    lean = lean_mask and (has_left or has_right)  # the kernel's LEAN_WINDOW
+    dk = torch.full_like(k, float("nan"))  # poisoned: every key row below seqlen_k must be written
+    dv = torch.full_like(v, float("nan"))
+    for b in range(batch):
+        for hk in range(nheads_k):
+            for start_n in range(0, seqlen_k, block_n):
+                lo, full_lo, full_hi, hi = Q_RANGE(
+                    start_n, seqlen_q, seqlen_k, wl, wr, block_m, block_n, has_left, has_right
+                )
+                kt = _rows(k[b, :, hk], start_n, block_n)
+                vt = _rows(v[b, :, hk], start_n, block_n)
+                keys = (start_n + torch.arange(block_n))[:, None]  # keys along the rows, as the kernel's blocks
+                first_q, last_q = KEY_THRESHOLDS(keys, seqlen_q, seqlen_k, wl, wr)
+                acc_dk = torch.zeros(block_n, d, dtype=q.dtype)
+                acc_dv = torch.zeros(block_n, d, dtype=q.dtype)
+                for seg in range(3):
+                    start, end = SEGMENT(seg, lo, full_lo, full_hi, hi)
+                    mask = seg != 1
+                    check_left, check_right = CHECKED_BOUNDS(seg, has_left, has_right, lean)
+                    counters = (hk * group, start)  # LEAN_MASK's (head, query block), advanced by next_step
+                    for step in range(-(-(end - start) // block_m) * group):
+                        h, start_m = hk * group + step % group, start + (step // group) * block_m  # the division
+                        if lean:
+                            assert counters == (h, start_m)
+                            counters = NEXT_STEP(*counters, hk * group, hk * group + group, block_m)
+                        offs_m = start_m + torch.arange(block_m)
+                        row_ok = offs_m < seqlen_q
+                        lse_rows = _rows(lse[b, h, :, None], start_m, block_m)[:, 0]
+                        if mask:
+                            lse_rows = torch.where(row_ok, lse_rows, float("inf"))
+                        else:
+                            assert row_ok.all()
+                        delta_rows = _rows(delta[b, h, :, None], start_m, block_m)[:, 0]
+                        qt = _rows(q[b, :, h], start_m, block_m)
+                        dot = _rows(dout[b, :, h], start_m, block_m)
+                        # transposed blocks, keys along the rows: S^T, P^T [block_n, block_m]
+                        diag = offs_m[None, :] + (seqlen_k - seqlen_q)
+                        full = torch.ones(block_n, block_m, dtype=torch.bool)
+                        if has_right:
+                            full = full & (keys <= diag + wr)
+                        if has_left:
+                            full = full & (keys >= diag - wl)
+                        real = (keys < seqlen_k) & row_ok[None, :]
+                        with torch.no_grad():
+                            pt = torch.exp2(kt @ qt.T * (scale * LOG2E) - lse_rows[None, :] * LOG2E)
+                        if mask and lean and (check_left or check_right):
+                            q_offs = torch.arange(block_m)[None, :]  # what the kernel loads from shared memory
+                            keep = WINDOW_KEEP(q_offs, first_q - start_m, last_q - start_m, check_right, check_left)
+                            assert torch.equal(keep[real], full[real])
+                            pt = torch.where(keep, pt, 0.0)
+                        elif mask and (has_left or has_right) and not lean:
+                            pt = torch.where(full, pt, 0.0)
+                        else:  # no window compare in this segment: every real row sees every real key
+                            assert full[real].all()
+                        dst = pt * (vt @ dot.T - delta_rows[None, :])
+                        acc_dv = acc_dv + pt @ dot
+                        acc_dk = acc_dk + dst @ qt
+                n = min(block_n, seqlen_k - start_n)
+                dk[b, start_n : start_n + n, hk] = (acc_dk * scale)[:n]
+                dv[b, start_n : start_n + n, hk] = acc_dv[:n]
+    return dk, dv
+
+
+# the dK/dV kernel's own shapes on top of SHAPES: windows left only, right only and both with sq != sk both ways,
+# a window narrower than a query block (the masked left edge crosses both bounds), GQA 4:1
+DKDV_SHAPES = SHAPES + [
+    (300, 257, 4, 1, (20, -1)),
+    (257, 300, 4, 2, (-1, 20)),
+    (300, 257, 2, 2, (3, 5)),
+    (257, 300, 4, 1, (0, 0)),
+    (77, 400, 2, 1, (150, -1)),
+    (400, 77, 2, 1, (-1, 150)),
+]
+
+
+@pytest.mark.parametrize("lean_mask", [False, True])
+@pytest.mark.parametrize("d", sorted(launch_hopper.HOPPER_BWD_TILES))
+@pytest.mark.parametrize("sq, sk, h, hk, window", DKDV_SHAPES)
+def test_dkdv_block_walk_matches_reference(sq, sk, h, hk, window, d, lean_mask):
+    # the dispatched tile's blocks; lean_mask as CANDIDATE_BWD_TILES["lean-mask"] sets it
+    tile = launch_hopper.CANDIDATE_BWD_TILES["lean-mask"][d] if lean_mask else launch_hopper.HOPPER_BWD_TILES[d]
+    assert tile.lean_mask == lean_mask and tile.block_m == launch_hopper.HOPPER_BWD_TILES[d].block_m
+    inputs, (_, dk_ref, dv_ref) = _reference_case(sq, sk, h, hk, window, d, sq * 131 + sk + 11)
+    dk, dv = emulate_dkdv(*inputs, tile.block_m, tile.block_n, tile.lean_mask)
+    assert not dk.isnan().any() and not dv.isnan().any()
+    torch.testing.assert_close(dk, dk_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dv, dv_ref, rtol=1e-10, atol=1e-10)

@@ -88,6 +88,7 @@ BWD_ROUTES = {
     "gluon_backward": "the Gluon dK/dV kernel",
     "gluon_dq": "the Gluon dQ kernel",
     "gluon_fused": "the fused dQ",
+    "gluon_lean_mask": "the dK/dV kernel with LEAN_MASK",  # not run on a GPU yet
 }
 
 
@@ -155,6 +156,20 @@ def test_gluon_dq_needs_the_switch(gluon_backward, monkeypatch):
 def gluon_fused(monkeypatch):
     """Routes covered backwards with deterministic=False to the FUSED_DQ dK/dV kernel and counts its calls."""
     return _count_launches(monkeypatch, "attention_backward_fused", FLASHTRON_GLUON_FUSED_DQ="1")
+
+
+@pytest.fixture
+def gluon_lean_mask(monkeypatch):
+    """As gluon_backward, the dK/dV kernel on the LEAN_MASK candidate's tiles (launch_hopper.CANDIDATE_BWD_TILES
+    ["lean-mask"], not dispatched: launch.attention_backward passes no tile, so it goes in here)."""
+    from flashtron import launch_hopper
+
+    tiles = launch_hopper.CANDIDATE_BWD_TILES["lean-mask"]
+    original = launch_hopper.attention_backward_dkdv
+    monkeypatch.setattr(
+        launch_hopper, "attention_backward_dkdv", lambda q, *a, **kw: original(q, *a, tile=tiles[q.shape[-1]], **kw)
+    )
+    return _count_launches(monkeypatch, "attention_backward_dkdv")
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ delta's preprocess and dQ stay on the Triton kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -170,6 +171,8 @@ class HopperBwdTile:
     block_n: int  # keys per program (resident K and V)
     stages: int  # (Q, dO) ring slots
     num_warps: int = 8  # two consumer warpgroups of block_n / 2 keys each
+    # the dK/dV kernel's LEAN_MASK: a window mask with fewer registers live through the steps (its docstring)
+    lean_mask: bool = False
 
 
 # FA3's dK/dV shapes (hopper/ of flash-attention, its d64 and d128 backward tiles): 128 keys per program in
@@ -180,6 +183,14 @@ class HopperBwdTile:
 HOPPER_BWD_TILES = {
     64: HopperBwdTile(128, 128, 2),
     128: HopperBwdTile(64, 128, 2),
+}
+
+# dK/dV tiles checked and timed next to HOPPER_BWD_TILES by scripts/gluon_check.py --backward --bwd-candidates,
+# not dispatched. "lean-mask": the dispatched tiles with LEAN_MASK, against the masked kernels' spills (stack
+# bytes at d64 / d128, triton 3.6.0, the compile test's shapes: causal 48 / 64 -> 8 / 16, window 80 / 24 -> 16 /
+# 24, unmasked 0, the default kernel; docs/perf-notes.md, 2026-12-02 lean-mask entry). Never run on a GPU yet.
+CANDIDATE_BWD_TILES = {
+    "lean-mask": {d: dataclasses.replace(tile, lean_mask=True) for d, tile in HOPPER_BWD_TILES.items()},
 }
 
 
@@ -464,6 +475,8 @@ def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, t
     kwargs = _backward_kwargs(tile, opts)
     if fused:  # only then: the deterministic kernel's specialization stays what it was
         kwargs["FUSED_DQ"] = True
+    if tile.lean_mask:  # likewise
+        kwargs["LEAN_MASK"] = True
     return attention_bwd_dkdv_hopper_kernel, grid, args, kwargs
 
 

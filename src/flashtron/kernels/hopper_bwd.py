@@ -48,6 +48,7 @@ once dQ(j) is (the first of the step's three waits).
 No atomics: each program owns its dQ rows, so two runs agree bit for bit.
 """
 
+import triton
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -115,18 +116,63 @@ def _segment(seg: gl.constexpr, lo, full_lo, full_hi, hi):
     return start, end
 
 
+@triton.constexpr_function
+def checked_bounds(seg, has_left, has_right, lean_mask):
+    """(left, right): the window bounds that segment seg's mask tests. With LEAN_MASK the masked right edge
+    (seg 2) skips the right bound: its blocks start at or past _q_range's full_lo, the first row that sees
+    every key of the block under it. The masked left edge keeps both: under a window narrower than a query
+    block its blocks can cross the left bound too."""
+    return has_left, has_right and not (lean_mask and seg == 2)
+
+
+@gluon.jit
+def key_thresholds(offs_key, seqlen_q, seqlen_k, window_left, window_right):
+    """Per key, the first query that sees it under the right bound and the last under the left bound (bottom-
+    right aligned: query i sees keys i + shift - window_left .. i + shift + window_right)."""
+    shift = seqlen_k - seqlen_q
+    return offs_key - shift - window_right, offs_key - shift + window_left
+
+
+@gluon.jit
+def window_keep(q_offs, first_q, last_q, CHECK_RIGHT: gl.constexpr, CHECK_LEFT: gl.constexpr):
+    """LEAN_MASK's mask: query offsets against key_thresholds' per-key values (either side may be relative to
+    the same origin), one compare per bound and element, nothing built per element first."""
+    if CHECK_RIGHT and CHECK_LEFT:
+        keep = (q_offs >= first_q) & (q_offs <= last_q)
+    elif CHECK_RIGHT:
+        keep = q_offs >= first_q
+    else:
+        keep = q_offs <= last_q
+    return keep
+
+
+@gluon.jit
+def next_step(off_h, start_m, off_h0, off_h_end, BLOCK_M: gl.constexpr):
+    """LEAN_MASK's (head, query block) after a step, heads innermost as step % group_size and step //
+    group_size give them, as counters: no division by the runtime group_size a step."""
+    off_h += 1
+    if off_h == off_h_end:
+        off_h = off_h0
+        start_m += BLOCK_M
+    return off_h, start_m
+
+
 # Barriers live in one [3 * STAGES + 1, 1] array: per slot s, Q ready (s), dO ready (STAGES + s), slot free
 # (2 STAGES + s); then K and V ready (3 STAGES).
 @gluon.jit
 def _loader(q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, off_b, off_h0, group_size,
-            BLOCK_M: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+            BLOCK_M: gl.constexpr, STAGES: gl.constexpr, LEAN_MASK: gl.constexpr):  # fmt: skip
     """The load partition: the (Q, dO) tiles of every step, each as soon as its slot is free."""
     t = 0
     for seg in gl.static_range(3):
         start, end = _segment(seg, lo, full_lo, full_hi, hi)
+        if LEAN_MASK:
+            off_h = off_h0
+            start_m = start
         for step in range(gl.cdiv(end - start, BLOCK_M) * group_size):
-            off_h = off_h0 + step % group_size
-            start_m = start + (step // group_size) * BLOCK_M
+            if not LEAN_MASK:
+                off_h = off_h0 + step % group_size
+                start_m = start + (step // group_size) * BLOCK_M
             s = t % STAGES
             # a fresh mbarrier counts as having completed the phase before 0, so the first lap passes
             mbarrier.wait(bars.index(2 * STAGES + s), ((t // STAGES) & 1) ^ 1)
@@ -136,19 +182,22 @@ def _loader(q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, of
             tma.async_copy_global_to_shared(
                 do_desc, [off_b, start_m, off_h, 0], bars.index(STAGES + s), do_bufs.index(s)
             )
+            if LEAN_MASK:
+                off_h, start_m = next_step(off_h, start_m, off_h0, off_h0 + group_size, BLOCK_M)
             t += 1
 
 
 @gluon.jit
 def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_lh, start, end, off_h0, group_size,
            offs_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_smem, dq_smem, dq_desc, dq_scale,
-           s_layout: gl.constexpr, acc_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-           STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-           FUSED_DQ: gl.constexpr):  # fmt: skip
+           q_offs_smem, s_layout: gl.constexpr, acc_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+           HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr, HAS_LEFT: gl.constexpr,
+           HAS_RIGHT: gl.constexpr, FUSED_DQ: gl.constexpr, LEAN_MASK: gl.constexpr):  # fmt: skip
     """Accumulate into dK, dV the query blocks [start, end) of every head of the group; t is the ring
     position of the first step. LSE, Delta point at row 0, head 0 of this sequence. With FUSED_DQ, each step
     also adds its dQ partial dS K * dq_scale into dq_desc's fp32 tensor (ds_smem: dS^T's staging tile,
-    dq_smem: the partial's; unused otherwise)."""
+    dq_smem: the partial's; unused otherwise). With LEAN_MASK, HAS_LEFT and HAS_RIGHT are the bounds this
+    segment's blocks can cross (checked_bounds) and q_offs_smem holds 0 .. BLOCK_M - 1 (_consumer stores it)."""
     dtype: gl.constexpr = q_bufs.dtype
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     # the dQ partial's wgmma layout: a warpgroup per 64 query rows, the other warpgroups along HEAD_DIM
@@ -170,9 +219,14 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
     row_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     arange_m = gl.arange(0, BLOCK_M, layout=row_layout)
     cols = gl.expand_dims(offs_n, 1)  # keys: the rows of a transposed block
+    if LEAN_MASK:
+        first_q, last_q = key_thresholds(cols, seqlen_q, seqlen_k, window_left, window_right)
+        off_h = off_h0
+        start_m = start
     for step in range(gl.cdiv(end - start, BLOCK_M) * group_size):
-        off_h = off_h0 + step % group_size
-        start_m = start + (step // group_size) * BLOCK_M
+        if not LEAN_MASK:
+            off_h = off_h0 + step % group_size
+            start_m = start + (step // group_size) * BLOCK_M
         offs_m = start_m + arange_m
         rows_lse = LSE + off_h.to(gl.int64) * stride_lh + offs_m
         rows_delta = Delta + off_h.to(gl.int64) * stride_lh + offs_m
@@ -200,14 +254,21 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
         # With FUSED_DQ they are masked all the same: dQ sums over the keys, and a P that overflows the 16-bit
         # dS (lse below about -11) would reach dQ as inf * 0 = NaN through the zero-filled K rows.
         if MASK and (HAS_LEFT or HAS_RIGHT):
-            diag = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout)), 0)
-            diag = diag + (seqlen_k - seqlen_q)
-            if HAS_RIGHT and HAS_LEFT:
-                keep = (cols <= diag + window_right) & (cols >= diag - window_left)
-            elif HAS_RIGHT:
-                keep = cols <= diag + window_right
+            if LEAN_MASK:
+                # the block's query offsets from shared memory, loaded in the step: an arange in the wgmma
+                # layout is hoisted out of the loop by LLVM and holds 16-32 registers through every step (ptxas
+                # spilled); compared relative to start_m, so the step's own work is on the per-key thresholds
+                q_offs = gl.expand_dims(q_offs_smem.load(gl.SliceLayout(0, s_layout)), 0)
+                keep = window_keep(q_offs, first_q - start_m, last_q - start_m, HAS_RIGHT, HAS_LEFT)
             else:
-                keep = cols >= diag - window_left
+                diag = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout)), 0)
+                diag = diag + (seqlen_k - seqlen_q)
+                if HAS_RIGHT and HAS_LEFT:
+                    keep = (cols <= diag + window_right) & (cols >= diag - window_left)
+                elif HAS_RIGHT:
+                    keep = cols <= diag + window_right
+                else:
+                    keep = cols >= diag - window_left
             if FUSED_DQ:
                 keep = keep & (cols < seqlen_k)
             pt = gl.where(keep, pt, 0.0)
@@ -247,6 +308,8 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
             dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), op_layout), q_tile, dk, is_async=True)
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
             mbarrier.arrive(bars.index(2 * STAGES + s), count=1)
+        if LEAN_MASK:
+            off_h, start_m = next_step(off_h, start_m, off_h0, off_h0 + group_size, BLOCK_M)
         t += 1
     return dk, dv, t
 
@@ -255,10 +318,10 @@ def _steps(dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_
 def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lb, stride_lh, stride_dkb,
               stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, start_n, lo, full_lo, full_hi, hi,
               off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale,
-              ds_smem, dq_smem, dq_desc,
+              ds_smem, dq_smem, dq_desc, q_offs_smem,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-              FUSED_DQ: gl.constexpr):  # fmt: skip
+              FUSED_DQ: gl.constexpr, LEAN_MASK: gl.constexpr):  # fmt: skip
     """The math partition (num_warps warps; each warpgroup owns 64 keys of the block): the four matmuls,
     P and dS, and the epilogue. The pointers are the kernel's own: offsets to this program's batch and head
     are taken here, the output ones after the loop, so that no register carries them through it (the
@@ -280,13 +343,19 @@ def _consumer(k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_
     off_b = gl.program_id(2)
     LSE += off_b.to(gl.int64) * stride_lb
     Delta += off_b.to(gl.int64) * stride_lb
+    if LEAN_MASK:
+        # written once, read by every masked step; plain 32-bit stores from a 1-D blocked layout (Triton's
+        # membar pass puts the barrier between them and the first load)
+        q_offs_smem.store(gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [num_warps], [0])))
     t = 0
     for seg in gl.static_range(3):
         start, end = _segment(seg, lo, full_lo, full_hi, hi)
         dk, dv, t = _steps(
             dk, dv, t, k_tile, v_tile, q_bufs, do_bufs, bars, LSE, Delta, stride_lh, start, end, off_h0, group_size,
             offs_n, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_smem, dq_smem, dq_desc, dk_scale,
-            s_layout, acc_layout, BLOCK_M, HEAD_DIM, STAGES, seg != 1, HAS_LEFT, HAS_RIGHT, FUSED_DQ,
+            q_offs_smem, s_layout, acc_layout, BLOCK_M, HEAD_DIM, STAGES, seg != 1,
+            checked_bounds(seg, HAS_LEFT, HAS_RIGHT, LEAN_MASK)[0],
+            checked_bounds(seg, HAS_LEFT, HAS_RIGHT, LEAN_MASK)[1], FUSED_DQ, LEAN_MASK,
         )  # fmt: skip
     if FUSED_DQ:
         tma.store_wait(0)  # the last reduce has read dq_smem before the program's shared memory goes
@@ -315,6 +384,7 @@ def attention_bwd_dkdv_hopper_kernel(
     seqlen_q, seqlen_k, group_size, window_left, window_right, qk_scale, dk_scale,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, FUSED_DQ: gl.constexpr = False,
+    LEAN_MASK: gl.constexpr = False,
 ):  # fmt: skip
     """q_desc, do_desc: TMA descriptors over (batch, seqlen_q, nheads, headdim), boxes [1, BLOCK_M, 1, d];
     k_desc, v_desc over (batch, seqlen_k, nheads_k, headdim), boxes [1, BLOCK_N, 1, d]. LSE (natural log)
@@ -324,7 +394,12 @@ def attention_bwd_dkdv_hopper_kernel(
     FUSED_DQ (deterministic=False only): dq_desc is a TMA descriptor over dq_accum, (batch, seqlen_q, nheads,
     headdim) fp32 zero-filled by the launcher, box [1, BLOCK_M, 1, d]; every step adds its dS K *
     softmax_scale into it (TMA reduce-add, so the summation order over key blocks varies from run to run).
-    Without FUSED_DQ, dq_desc is None and the kernel is the deterministic dK/dV one."""
+    Without FUSED_DQ, dq_desc is None and the kernel is the deterministic dK/dV one.
+    LEAN_MASK (opt-in, a candidate tile's: launch_hopper.CANDIDATE_BWD_TILES) builds the window mask with fewer
+    registers live through the steps, against the masked kernels' spills: the query offsets from a shared int32
+    buffer, per-key thresholds, per segment only the bounds its blocks can cross (checked_bounds), and the
+    (head, query block) of a step as counters (next_step) instead of divisions by group_size. Without a window
+    mask the kernel is the default one."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     gl.static_assert(q_desc.block_type.shape[1] == BLOCK_M)
     gl.static_assert(k_desc.block_type.shape[1] == BLOCK_N)
@@ -351,6 +426,16 @@ def attention_bwd_dkdv_hopper_kernel(
     else:
         ds_smem = k_bufs  # unused: placeholders, so that the partition's arguments are the same
         dq_smem = k_bufs
+    # without a window mask LEAN_MASK would change only the step counters, which cost the unmasked kernel stack
+    # (8 bytes at d128): that kernel stays the default one
+    LEAN_WINDOW: gl.constexpr = LEAN_MASK and (HAS_LEFT or HAS_RIGHT)
+    if LEAN_WINDOW:
+        # a padded layout (no padding within the buffer) makes Triton store it with st.shared.b32; a swizzled
+        # one got an stmatrix .b16 for the int32 tensor
+        q_offs_layout: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[BLOCK_M, 1]], [BLOCK_M], [0])
+        q_offs_smem = gl.allocate_shared_memory(gl.int32, [BLOCK_M], q_offs_layout)
+    else:
+        q_offs_smem = k_bufs  # unused placeholder, as ds_smem
     bars = gl.allocate_shared_memory(gl.int64, [3 * STAGES + 1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(3 * STAGES + 1):  # every barrier has one arrive (or one expect) per phase
         mbarrier.init(bars.index(i), count=1)
@@ -366,11 +451,12 @@ def attention_bwd_dkdv_hopper_kernel(
             k_bufs, v_bufs, q_bufs, do_bufs, bars, LSE, Delta, DK, DV, stride_lb, stride_lh, stride_dkb,
             stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, start_n, lo, full_lo, full_hi, hi,
             off_h0, group_size, seqlen_q, seqlen_k, window_left, window_right, qk_scale, dk_scale, ds_smem,
-            dq_smem, dq_desc, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, FUSED_DQ,
+            dq_smem, dq_desc, q_offs_smem, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, FUSED_DQ,
+            LEAN_WINDOW,
         )),
         (_loader, (
             q_desc, do_desc, q_bufs, do_bufs, bars, lo, full_lo, full_hi, hi, off_b, off_h0, group_size,
-            BLOCK_M, STAGES,
+            BLOCK_M, STAGES, LEAN_WINDOW,
         )),
     ], [1], [24])  # fmt: skip
 
