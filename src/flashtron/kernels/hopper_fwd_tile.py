@@ -103,10 +103,11 @@ def softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left,
     or past seqlen_k are excluded. HAS_SOFTCAP: the scores are softcap * tanh(qk * softmax_scale / softcap),
     in log2 units, before the mask, as kernels/common.scores_log2 (qk_scale = softmax_scale / softcap,
     softcap_log2 = softcap * log2(e)); without it softcap_log2 is not read."""
+    # Without softcap the scores stay raw and qk_scale goes into exp2's argument, one FFMA an element instead of a
+    # multiply and a subtract (FA3's folded scale); the row max is taken raw and scaled after, which is exact:
+    # qk_scale > 0 (checks.check_options) and rounding is monotonic, so max(qk) * s == max(qk * s).
     if HAS_SOFTCAP:
         qk = tanh(qk * qk_scale) * softcap_log2
-    else:
-        qk = qk * qk_scale
     if MASK:
         offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         rows = gl.expand_dims(offs_m, 1)
@@ -118,13 +119,19 @@ def softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left,
         if HAS_LEFT:
             keep = keep & (cols >= diag - window_left)
         qk = gl.where(keep, qk, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(qk, 1))
+    row_max = gl.max(qk, 1)
+    if not HAS_SOFTCAP:
+        row_max = row_max * qk_scale
+    m_new = gl.maximum(m_i, row_max)
+    if MASK:
         # a row that has seen no key yet keeps m = -inf: subtract 0 instead of inf - inf
         m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = gl.maximum(m_i, gl.max(qk, 1))
         m_sub = m_new
-    p = gl.exp2(qk - gl.expand_dims(m_sub, 1))  # [BLOCK_M, BLOCK_N]
+    if HAS_SOFTCAP:
+        p = gl.exp2(qk - gl.expand_dims(m_sub, 1))  # [BLOCK_M, BLOCK_N]
+    else:
+        p = gl.exp2(qk * qk_scale - gl.expand_dims(m_sub, 1))
     alpha = gl.exp2(m_i - m_sub)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
