@@ -2,7 +2,7 @@
 # One device call: the GPU work in phases, a short summary last, full logs and results under $OUT.
 #   PHASES (default "tests,bench"), comma-separated; they run in this order, whatever order is given:
 #     fa4    make FlashAttention-4 importable for the bench (scripts/fa4_peer.sh install; carry .fa4b,
-#            after a call that ran `bash scripts/fa4_peer.sh unpack` with .fa4a on the same warm machine)
+#            after a call that ran `bash scripts/fa4_peer.sh stash` with .fa4a on the same warm machine)
 #     serial pytest -m gpu on SERIAL_TESTS, one process, CUDA_LAUNCH_BLOCKING=1, long tracebacks
 #            SERIAL_TIMEOUT=s
 #     tune   (1) scripts/tune.py check, started alongside the tests   TUNE_TIMEOUT=s TUNE_WORKERS=n
