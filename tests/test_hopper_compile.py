@@ -258,10 +258,11 @@ def test_persistent_forward_softcap_compiles_and_refuses_varlen(d):
     tile = launch_hopper.CANDIDATE_TILES["persist"][d]
     compiled = _compile_features(d, torch.bfloat16, (-1, 0), True, False, False, tile=tile)
     assert "wgmma.mma_async" in compiled.asm["ptx"]
-    # the candidate (never dispatched) with causal softcap: d128 spills 8 bytes at this commit (triton 3.6.0;
-    # docs/perf-notes.md, 2026-12-02, softcap and varlen entry), d64 none; the bound catches a regression
+    # the candidate (never dispatched) with causal softcap: d128 spilled 8 bytes (triton 3.6.0; docs/perf-notes.md,
+    # 2026-12-02, softcap and varlen entry), 24 since P is packed two elements at a time (hopper_fwd_tile.pack_16bit;
+    # every dispatched forward kernel stays at 0), d64 none; the bound catches a regression
     spill = _spill_bytes(compiled)
-    assert spill is None or spill <= 16, f"stack {spill} bytes, bound 16"
+    assert spill is None or spill <= 24, f"stack {spill} bytes, bound 24"
     with pytest.raises(ValueError, match="varlen"):
         _compile_features(d, torch.bfloat16, (-1, 0), False, True, False, tile=tile)
 
