@@ -311,9 +311,9 @@ def test_descriptor_matches_a_validated_one(shape, block_rows):
     assert type(fast) is TensorDescriptor and fast.base is checked.base
     for field in ("shape", "strides", "block_shape", "layout", "padding"):
         assert getattr(fast, field) == getattr(checked, field), field
-    with pytest.raises(ValueError, match="16-byte"):
+    with pytest.raises(ValueError, match="aligned base and strides"):
         launch_hopper._descriptor(torch.empty(2, 300, 4, 129, dtype=torch.bfloat16)[..., :128], block_rows)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="no empty dim"):
         launch_hopper._descriptor(torch.empty(2, 0, 4, 128, dtype=torch.bfloat16), block_rows)
 
 
@@ -325,6 +325,31 @@ def test_covers_only_cuda_dense_supported_calls():
     # by default, only the head dims where it measured faster than the Triton forward
     assert launch_hopper.chosen("auto", 128) and launch_hopper.chosen("auto", 64) and launch_hopper.chosen("auto", 256)
     assert not launch_hopper.chosen("auto", 96) and not launch_hopper.chosen("auto", 192)
+
+
+def test_scales_that_vanish_in_fp32_stay_on_triton(monkeypatch):
+    """The Gluon forward multiplies the scale in after masking (hopper_fwd_tile.softmax_step); a softmax_scale whose
+    log2 scale is 0 or subnormal in fp32 would turn a masked -inf into NaN there, so such calls take the Triton
+    forward (which scales first). Softcap calls scale before masking and keep the Gluon forward."""
+    monkeypatch.setattr(launch_hopper, "_on_sm90", lambda device: True)  # CPU tensors stand in for sm_90 ones
+    q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert launch_hopper.covers(q, q, q, AttnOptions(softmax_scale=0.125), varlen=False)
+    assert launch_hopper.covers(q, q, q, AttnOptions(softmax_scale=1e-37), varlen=False)
+    for tiny in (1e-39, 1e-45, 5e-324):
+        assert not launch_hopper.covers(q, q, q, AttnOptions(softmax_scale=tiny), varlen=False), tiny
+    assert launch_hopper.covers(q, q, q, AttnOptions(softmax_scale=1e-45, softcap=5.0), varlen=False, backend="gluon")
+
+
+def test_lean_mask_has_no_fused_dq():
+    """LEAN_MASK drops the bounds a segment cannot cross, FUSED_DQ's keys < seqlen_k test with them: the launcher
+    refuses the pair instead of compiling a kernel that would add NaN into dQ."""
+    q = torch.empty(1, 300, 2, 128, dtype=torch.bfloat16)
+    lse = torch.empty(1, 2, 300)
+    opts = AttnOptions(softmax_scale=0.1, window_left=-1, window_right=0)
+    tile = launch_hopper.CANDIDATE_BWD_TILES["lean-mask"][128]
+    launch_hopper.backward_dkdv_launch(q, q, q, q, lse, lse, q, q, opts, tile)  # without dQ: fine
+    with pytest.raises(ValueError, match="FUSED_DQ"):
+        launch_hopper.backward_dkdv_launch(q, q, q, q, lse, lse, q, q, opts, tile, torch.zeros(q.shape))
 
 
 # The Gluon dK/dV kernel (kernels/hopper_bwd.py), every head dim and mask kind that covers_backward takes,

@@ -361,12 +361,15 @@ def test_default_dispatch_tiles(monkeypatch):
         launch_hopper, "dispatched_tile", lambda *a, **kw: tiles.append(original(*a, **kw)) or tiles[-1]
     )
     long_q = launch_hopper.PERSISTENT_CAUSAL_MAX_SEQLEN[128] + 100
-    for d, sq, causal, window, persistent in ((64, 1000, True, (-1, -1), True), (128, 700, False, (-1, -1), True),
-                                              (128, 700, True, (-1, -1), True), (128, long_q, True, (-1, -1), False),
-                                              (128, long_q, False, (-1, -1), True),
-                                              (128, long_q, True, (300, 0), True), (64, 3000, True, (-1, -1), True),
-                                              (256, 700, True, (-1, -1), False)):  # fmt: skip
+    # (head dim, rows, causal, window, persistent, dynamic schedule)
+    for d, sq, causal, window, persistent, dynamic in (
+        (64, 1000, True, (-1, -1), True, False), (128, 700, False, (-1, -1), True, True),
+        (128, 700, True, (-1, -1), True, True), (128, long_q, True, (-1, -1), False, False),
+        (128, long_q, False, (-1, -1), True, True), (128, long_q, True, (300, 0), True, True),
+        (64, 3000, True, (-1, -1), True, True), (256, 700, True, (-1, -1), False, False),
+    ):  # fmt: skip
         before = len(calls)
         check_attention(1, sq, sq, 2, 2, d, d, torch.bfloat16, "cuda", causal=causal, window=window, backward=False)
         assert len(calls) == before + 1, f"d{d} sq={sq} causal={causal}: not the Gluon forward"
         assert tiles[-1].persistent == persistent, f"d{d} sq={sq} causal={causal}: {tiles[-1]}"
+        assert tiles[-1].dynamic == dynamic, f"d{d} sq={sq} causal={causal}: {tiles[-1]}"

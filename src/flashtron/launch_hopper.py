@@ -22,6 +22,7 @@ from flashtron import configs
 from flashtron.options import AttnOptions
 
 LOG2E = math.log2(math.e)
+FP32_MIN_NORMAL = 2.0**-126
 
 # Head dims whose covered calls take the Gluon forward by default (FLASHTRON_BACKEND unset or "auto"), where
 # it measured correct and faster than the Triton forward at every size. H200, 2026-12-02, scripts/gluon_check.py
@@ -254,6 +255,10 @@ def _kernel_takes(q, k, v, opts: AttnOptions) -> bool:
         return False
     if opts.alibi_slopes is not None or opts.dropout_p > 0 or opts.learnable_sink is not None:
         return False
+    if opts.softcap <= 0 and not opts.softmax_scale * LOG2E >= FP32_MIN_NORMAL:
+        # the kernel scales inside exp2 after masking (hopper_fwd_tile.softmax_step): a scale that is 0 (or flushed
+        # to 0) in fp32 would make a masked -inf score -inf * 0 = NaN; the Triton forward scales first
+        return False
     return all(_tma_ok(t) for t in (q, k, v))
 
 
@@ -284,8 +289,10 @@ def _descriptor(t: torch.Tensor, block_rows: int):
     establish: ~4 us a descriptor, 3-5 of them per eager call (scripts/host_time.py)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    if not _tma_ok(t) or 0 in t.shape:
-        raise ValueError(f"a TMA descriptor needs 16-byte aligned strides and base and no empty dim, got {t.shape}")
+    if not _tma_ok(t):
+        raise ValueError(f"a TMA descriptor needs a 16-byte aligned base and strides, got strides {t.stride()}")
+    if 0 in t.shape:
+        raise ValueError(f"a TMA descriptor needs no empty dim, got shape {tuple(t.shape)}")
     block, layout = _box(block_rows, t.shape[-1], t.dtype, t.dim())
     desc = object.__new__(TensorDescriptor)
     desc.__dict__.update(
@@ -476,6 +483,8 @@ def backward_dkdv_launch(q, k, v, dout, lse, delta, dk, dv, opts: AttnOptions, t
     if fused:  # only then: the deterministic kernel's specialization stays what it was
         kwargs["FUSED_DQ"] = True
     if tile.lean_mask:  # likewise
+        if fused:  # LEAN_MASK drops bounds a segment cannot cross, and with them FUSED_DQ's keys < seqlen_k test
+            raise ValueError("the LEAN_MASK dK/dV tile has no FUSED_DQ variant")
         kwargs["LEAN_MASK"] = True
     return attention_bwd_dkdv_hopper_kernel, grid, args, kwargs
 
