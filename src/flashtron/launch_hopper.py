@@ -30,7 +30,7 @@ FP32_MIN_NORMAL = 2.0**-126
 # PERF.md's grid, peers in the same run: with `dispatched_tile`'s choice, d128 1.19-1.40x Triton (16k: 648 /
 # 474 full, 593 / 455 causal; cuDNN 630 / 632), d64 1.04-1.09x (16k: 439 / 404 full, 421 / 391 causal).
 # d256 joined on 2026-12-02 (fifth session, H200, gluon_check.py --variants persist-dyn,persist,pp,d256, then
-# three rounds of its timing child, same runs): 52/52 d256 cases passed; 1.44-1.95x Triton in every cell, e.g.
+# three rounds of its timing child, same runs): 52/52 d256 cases passed; 1.42-2.04x Triton in every cell, e.g.
 # 16k full 688-753 against Triton 367-394 (cuDNN 706-746), causal 16k 699-739 against 344-385 (cuDNN 632-651).
 GLUON_DEFAULT_HEAD_DIMS = frozenset({64, 128, 256})
 
