@@ -48,23 +48,21 @@ def box_coords(desc, off_b, row, off_h):
 # K free (2 STAGES + s), V free (3 STAGES + s); then Q ready (4 STAGES); then, with ping-pong, consumer c's
 # turn (4 STAGES + 1 + c). Ready barriers complete when TMA has written the bytes; free barriers when every
 # consumer is done reading the slot (warp-specialized only: count CONSUMERS, one arrive per consumer).
-@gluon.jit
-def load_k(k_desc, k_bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, pred=True):
-    """Start the TMA load of the K block at key row `row` into ring position t (slot t % STAGES). off_b: the
-    batch entry of a 4-D descriptor over (batch, seqlen, nheads, d), or, for a 3-D one over varlen's packed
-    (total, nheads, d), the sequence's first row (cu_seqlens[b]), added to row."""
-    s = t % STAGES
-    bar = bars.index(s)
-    mbarrier.expect(bar, k_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, box_coords(k_desc, off_b, row, off_hk), bar, k_bufs.index(s), pred=pred)
+# Which half of the K/V ring a helper acts on: its ready barriers start at KV * STAGES, its free ones at
+# (2 + KV) * STAGES (the layout above)
+K_BLOCK = gl.constexpr(0)
+V_BLOCK = gl.constexpr(1)
 
 
 @gluon.jit
-def load_v(v_desc, v_bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, pred=True):
+def load_block(desc, bufs, bars, t, row, off_b, off_hk, STAGES: gl.constexpr, KV: gl.constexpr, pred=True):
+    """Start the TMA load of the K (KV = K_BLOCK) or V (V_BLOCK) block at key row `row` into ring position t
+    (slot t % STAGES). off_b: the batch entry of a 4-D descriptor over (batch, seqlen, nheads, d), or, for a 3-D
+    one over varlen's packed (total, nheads, d), the sequence's first row (cu_seqlens[b]), added to row."""
     s = t % STAGES
-    bar = bars.index(STAGES + s)
-    mbarrier.expect(bar, v_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(v_desc, box_coords(v_desc, off_b, row, off_hk), bar, v_bufs.index(s), pred=pred)
+    bar = bars.index(KV * STAGES + s)
+    mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(desc, box_coords(desc, off_b, row, off_hk), bar, bufs.index(s), pred=pred)
 
 
 @gluon.jit
@@ -79,9 +77,9 @@ def load_kv(k_desc, v_desc, k_bufs, v_bufs, bars, t0, n_blocks, lo, off_b, off_h
         # a fresh mbarrier counts as having completed the phase before 0, so the first lap passes
         phase = ((t // STAGES) & 1) ^ 1
         mbarrier.wait(bars.index(2 * STAGES + s), phase)
-        load_k(k_desc, k_bufs, bars, t, lo + j * BLOCK_N, off_b, off_hk, STAGES)
+        load_block(k_desc, k_bufs, bars, t, lo + j * BLOCK_N, off_b, off_hk, STAGES, K_BLOCK)
         mbarrier.wait(bars.index(3 * STAGES + s), phase)
-        load_v(v_desc, v_bufs, bars, t, lo + j * BLOCK_N, off_b, off_hk, STAGES)
+        load_block(v_desc, v_bufs, bars, t, lo + j * BLOCK_N, off_b, off_hk, STAGES, V_BLOCK)
 
 
 @gluon.jit

@@ -43,12 +43,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from flashtron.kernels.hopper_common import (
+    K_BLOCK,
+    V_BLOCK,
     box_coords,
     kv_loader,
     kv_range,
-    load_k,
+    load_block,
     load_kv,
-    load_v,
     persistent_tiles,
     program_query_block,
     sequence_bounds,
@@ -71,8 +72,8 @@ def _consumer(q_smem, k_desc, v_desc, k_bufs, v_bufs, bars, Out, LSE, stride_ob,
     gl.static_assert(CONSUMERS == 1 or (WARP_SPECIALIZE and OVERLAP), "ping-pong needs the loader and overlap")
     if not WARP_SPECIALIZE:
         for i in gl.static_range(STAGES):
-            load_k(k_desc, k_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, pred=i < n_blocks)
-            load_v(v_desc, v_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, pred=i < n_blocks)
+            load_block(k_desc, k_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, K_BLOCK, pred=i < n_blocks)
+            load_block(v_desc, v_bufs, bars, i, lo + i * BLOCK_N, off_b, off_hk, STAGES, V_BLOCK, pred=i < n_blocks)
     q_tile = q_smem.index(CID).reshape([BLOCK_M // CONSUMERS, HEAD_DIM])
     t = 0  # assigned, so a value (a constexpr argument could not be carried through hopper_fwd_tile.attend's loop)
     tb = 0

@@ -14,31 +14,21 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from flashtron.kernels.hopper_common import load_k, load_v
+from flashtron.kernels.hopper_common import K_BLOCK, V_BLOCK, load_block
 
 LN2 = gl.constexpr(0.6931471805599453)  # lse (natural log) = log2-sum-exp * ln 2
 
 
 @gluon.jit
-def k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-            WARP_SPECIALIZE: gl.constexpr):  # fmt: skip
-    """The consumers are done reading K block t: free its slot (warp-specialized) or, with no loader,
-    start the K load that will use the slot STAGES blocks from now."""
+def block_done(desc, bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               WARP_SPECIALIZE: gl.constexpr, KV: gl.constexpr):  # fmt: skip
+    """The consumers are done reading K (KV = K_BLOCK) or V (V_BLOCK) block t: free its slot (warp-specialized)
+    or, with no loader, start the load that will use the slot STAGES blocks from now."""
     if WARP_SPECIALIZE:
-        mbarrier.arrive(bars.index(2 * STAGES + t % STAGES), count=1)
+        mbarrier.arrive(bars.index((2 + KV) * STAGES + t % STAGES), count=1)
     else:
         row = lo + (t + STAGES) * BLOCK_N
-        load_k(k_desc, k_bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, pred=t + STAGES < n_blocks)
-
-
-@gluon.jit
-def v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-            WARP_SPECIALIZE: gl.constexpr):  # fmt: skip
-    if WARP_SPECIALIZE:
-        mbarrier.arrive(bars.index(3 * STAGES + t % STAGES), count=1)
-    else:
-        row = lo + (t + STAGES) * BLOCK_N
-        load_v(v_desc, v_bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, pred=t + STAGES < n_blocks)
+        load_block(desc, bufs, bars, t + STAGES, row, off_b, off_hk, STAGES, KV, pred=t + STAGES < n_blocks)
 
 
 @gluon.jit
@@ -189,13 +179,15 @@ def attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, b
         else:
             qk = warpgroup_mma(q_smem, k_tile, zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))  # [BLOCK_M, BLOCK_N]
-        k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+        block_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE, K_BLOCK)
         p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i, offs_m, start_n, seqlen_q, seqlen_k, window_left,
                                            window_right, qk_scale, softcap_log2, s_layout, BLOCK_N, MASK, HAS_LEFT,
                                            HAS_RIGHT, HAS_SOFTCAP)  # fmt: skip
         if OVERLAP:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            v_done(v_desc, v_bufs, bars, t - 1, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+            block_done(
+                v_desc, v_bufs, bars, t - 1, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE, V_BLOCK
+            )
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p_op = gl.convert_layout(pack_16bit(p, dtype), p_layout)
         if not OVERLAP:
@@ -204,7 +196,7 @@ def attend(acc, m_i, l_i, p_op, t, tb, q_smem, k_desc, v_desc, k_bufs, v_bufs, b
                 zero_v_tail(v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), seqlen_k - start_n, BLOCK_N, HEAD_DIM)
             acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # [BLOCK_M, HEAD_DIM]
-            v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+            block_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE, V_BLOCK)
             t += 1
     return acc, m_i, l_i, p_op, t
 
@@ -250,7 +242,7 @@ def consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_buf
     qk = warpgroup_mma(q_tile, k_tile, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
     turn_pass(bars, STAGES, CID, CONSUMERS)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-    k_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+    block_done(k_desc, k_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE, K_BLOCK)
     p, _, m_i, l_i = softmax_step(qk, m_i, l_i, offs_m, lo, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
                                    softcap_log2,
                                    s_layout, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)  # fmt: skip
@@ -261,7 +253,7 @@ def consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_buf
             zero_v_tail(v_bufs.index(s0).reshape([BLOCK_N, HEAD_DIM]), seqlen_k - lo, BLOCK_N, HEAD_DIM)
         acc = warpgroup_mma(p_op, v_bufs.index(s0).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+        block_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE, V_BLOCK)
         t = t + 1
 
     first = lo + BLOCK_N
@@ -297,7 +289,7 @@ def consume_tile(q_tile, q_ready, q_phase, q_free, k_desc, v_desc, k_bufs, v_buf
         acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         turn_pass(bars, STAGES, CID, CONSUMERS)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        v_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE)
+        block_done(v_desc, v_bufs, bars, t, n_blocks, lo, off_b, off_hk, BLOCK_N, STAGES, WARP_SPECIALIZE, V_BLOCK)
         t = t + 1
 
     # rows that saw nothing have l_i == 0: out 0, lse -inf
